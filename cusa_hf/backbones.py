@@ -54,6 +54,9 @@ class BackboneAdapter:
     scores_pairs_itself: bool = False
     #: True when ``pair_scores`` gives fusion-encoder match scores for reranking.
     supports_reranking: bool = False
+    #: True when ``original_loss`` returns the backbone's own loss terms; CUSA then adds no InfoNCE temperature and,
+    #: unless configured otherwise, no cross projector (CSA works on the backbone's own retrieval features).
+    has_original_loss: bool = False
 
     def __init__(self, backbone: PreTrainedModel):
         self.backbone = backbone
@@ -142,3 +145,88 @@ def adapter_class_for(model_type: str) -> type[BackboneAdapter]:
 
 def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
+
+
+def _pooled(output: Any) -> torch.Tensor:
+    """The pooled tensor of a transformers ``get_*_features`` result (an output object in transformers 5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+@register_backbone_adapter
+class ClipAdapter(BackboneAdapter):
+    """``transformers.CLIPModel``: projected pooled features from ``get_image_features``/``get_text_features``."""
+
+    model_types = ("clip", "chinese_clip")
+
+    def __init__(self, backbone: PreTrainedModel):
+        super().__init__(backbone)
+        # CUSA scores with its own learnable InfoNCE temperature; the backbone's logit_scale would be a parameter
+        # without gradient, which DDP rejects, so it is frozen.
+        if getattr(backbone, "logit_scale", None) is not None:
+            backbone.logit_scale.requires_grad_(False)
+
+    @property
+    def image_feature_dim(self) -> int:
+        return self.backbone.config.projection_dim
+
+    @property
+    def text_feature_dim(self) -> int:
+        return self.backbone.config.projection_dim
+
+    def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return _pooled(self.backbone.get_image_features(pixel_values=pixel_values))
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> torch.Tensor:
+        return _pooled(self.backbone.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+
+
+@register_backbone_adapter
+class DualEncoderAdapter(ClipAdapter):
+    """``transformers.VisionTextDualEncoderModel``: any vision tower (ViT, CLIP vision, a timm network through
+    ``TimmWrapperModel``) with any text tower (BERT, MiniLM, ...), each followed by a linear projection."""
+
+    model_types = ("vision-text-dual-encoder",)
+
+
+def _timm_num_features(architecture: str) -> int:
+    import timm
+
+    return timm.create_model(architecture, pretrained=False, num_classes=0).num_features
+
+
+def with_vision_hidden_size(vision_config: PreTrainedConfig) -> PreTrainedConfig:
+    """Give a timm tower's config the ``hidden_size`` that ``VisionTextDualEncoderModel`` reads.
+
+    ``TimmWrapperConfig`` has no ``hidden_size``; the pooled width of a timm network is its ``num_features``.
+    """
+    if getattr(vision_config, "hidden_size", None) is None:
+        if vision_config.model_type != "timm_wrapper":
+            raise ValueError(f"vision config of type {vision_config.model_type!r} has no hidden_size")
+        vision_config.hidden_size = _timm_num_features(vision_config.architecture)
+    return vision_config
+
+
+def dual_encoder_config(
+    vision_config: PreTrainedConfig, text_config: PreTrainedConfig, projection_dim: int = 512
+) -> PreTrainedConfig:
+    """A ``VisionTextDualEncoderConfig`` for any vision and text tower configs, timm towers included."""
+    from transformers import VisionTextDualEncoderConfig
+
+    return VisionTextDualEncoderConfig(
+        vision_config=with_vision_hidden_size(vision_config).to_dict(),
+        text_config=text_config.to_dict(),
+        projection_dim=projection_dim,
+    )
+
+
+def dual_encoder_from_towers(
+    vision_model: PreTrainedModel, text_model: PreTrainedModel, projection_dim: int = 512
+) -> PreTrainedModel:
+    """A ``VisionTextDualEncoderModel`` around pretrained towers (their weights kept; new random projections)."""
+    from transformers import VisionTextDualEncoderModel
+
+    with_vision_hidden_size(vision_model.config)
+    config = dual_encoder_config(vision_model.config, text_model.config, projection_dim)
+    return VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model)

@@ -1,0 +1,130 @@
+"""CUSA model configuration: a nested backbone config plus the CUSA fields, with the authors' defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .losses import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES
+
+#: (initial value field, min field, max field) of every learnable temperature.
+TEMPERATURE_FIELDS = (
+    ("itc_temperature", "itc_temperature_min", "itc_temperature_max"),
+    ("csa_temperature", "csa_temperature_min", "csa_temperature_max"),
+    ("usa_image_temperature", "usa_temperature_min", "usa_temperature_max"),
+    ("usa_text_temperature", "usa_temperature_min", "usa_temperature_max"),
+)
+
+
+class CusaConfig(PreTrainedConfig):
+    r"""Configuration of a [`CusaModel`]: a vision-text backbone wrapped with CUSA's projectors, heads and losses.
+
+    Defaults are the authors' published settings for CLIP ViT-B/32 and ViT-L/14@336 (see ``docs/model.md``).
+
+    Args:
+        backbone_config (`PreTrainedConfig` or `dict`, *optional*):
+            The backbone's configuration (e.g. a `CLIPConfig`), or a dict with a `"model_type"` key. Defaults to a
+            default `CLIPConfig`. It is nested and serialised in `config.json`.
+        csa_weight (`float`, defaults to 0.1): alpha, the weight of the cross-modal soft-label alignment loss.
+        usa_weight (`float`, defaults to 0.5): beta, the weight of the uni-modal soft-label alignment loss.
+        use_csa (`bool`, defaults to `True`): switch CSA off (ablation rows / the InfoNCE baseline).
+        use_usa (`bool`, defaults to `True`): switch USA off; without it the model has no USA heads.
+        itc_temperature (`float`, defaults to 0.05): initial InfoNCE temperature tau, clamped to
+            [`itc_temperature_min`=0.01, `itc_temperature_max`=0.10].
+        csa_temperature (`float`, defaults to 0.45): initial CSA temperature tau_c (both directions), clamped to
+            [`csa_temperature_min`=0.10, `csa_temperature_max`=0.99].
+        usa_image_temperature, usa_text_temperature (`float`, defaults to 0.45): initial USA temperatures, clamped
+            to [`usa_temperature_min`=0.10, `usa_temperature_max`=1.00].
+        learnable_temperatures (`bool`, defaults to `True`): train the four temperatures (the authors do).
+        softlabel_temperature (`float`, defaults to 1.0): kappa, the frozen temperature of the teacher soft labels.
+        softlabel_mode (`str`, defaults to `"each"`): `"each"`, `"add"` or `"dot"` (see `cusa_hf.losses`).
+        softlabel_loss (`str`, defaults to `"kl"`): `"kl"` or `"contrastive"` (soft-target cross-entropy).
+        itc_reduction (`str`, defaults to `"all_entries_mean"`): the authors' InfoNCE scale (mean over all B x B
+            entries) or `"row_mean"` (the usual InfoNCE); see `cusa_hf.losses.REDUCTIONS`.
+        cross_projection (`bool`, *optional*): add the cross-modal projectors (LayerNorm + Linear) on the backbone's
+            pooled features. `None` means: yes, unless the backbone scores pairs itself or trains with its own loss.
+        projection_dim (`int`, *optional*): output width of the cross-modal projectors; defaults to the backbone's
+            feature width (the authors' d -> d).
+        gather_features (`bool`, defaults to `False`): all-gather features across processes so InfoNCE and the soft
+            labels see the global batch (the authors compute them per GPU).
+        teacher_image_dim, teacher_text_dim (`int`, *optional*): widths of the teacher features the model was trained
+            with; recorded by the trainer and checked against the data.
+        teacher_info (`dict`, *optional*): provenance of the teacher features (model, revision, pooling, dimension).
+    """
+
+    model_type = "cusa"
+    sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="clip")}
+
+    backbone_config: PreTrainedConfig | dict | None = None
+    csa_weight: float = 0.1
+    usa_weight: float = 0.5
+    use_csa: bool = True
+    use_usa: bool = True
+    itc_temperature: float = 0.05
+    itc_temperature_min: float = 0.01
+    itc_temperature_max: float = 0.10
+    csa_temperature: float = 0.45
+    csa_temperature_min: float = 0.10
+    csa_temperature_max: float = 0.99
+    usa_image_temperature: float = 0.45
+    usa_text_temperature: float = 0.45
+    usa_temperature_min: float = 0.10
+    usa_temperature_max: float = 1.00
+    learnable_temperatures: bool = True
+    softlabel_temperature: float = 1.0
+    softlabel_mode: str = "each"
+    softlabel_loss: str = "kl"
+    itc_reduction: str = "all_entries_mean"
+    cross_projection: bool | None = None
+    projection_dim: int | None = None
+    gather_features: bool = False
+    teacher_image_dim: int | None = None
+    teacher_text_dim: int | None = None
+    teacher_info: dict | None = None
+
+    def __post_init__(self, **kwargs: Any):
+        super().__post_init__(**kwargs)
+        self._validate_cusa_fields()
+
+    def _validate_cusa_fields(self) -> None:
+        for name, allowed in (
+            ("softlabel_mode", SOFTLABEL_MODES),
+            ("softlabel_loss", SOFTLABEL_LOSSES),
+            ("itc_reduction", REDUCTIONS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CusaConfig.{name}={getattr(self, name)!r} is not supported; allowed: {list(allowed)}")
+        for name in ("csa_weight", "usa_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"CusaConfig.{name} must be a number >= 0, got {value!r}")
+        if self.softlabel_temperature <= 0:
+            raise ValueError(f"CusaConfig.softlabel_temperature must be > 0, got {self.softlabel_temperature!r}")
+        for value_name, min_name, max_name in TEMPERATURE_FIELDS:
+            value, low, high = getattr(self, value_name), getattr(self, min_name), getattr(self, max_name)
+            if not 0 < low <= high:
+                raise ValueError(
+                    f"CusaConfig.{min_name}={low!r} and {max_name}={high!r} must satisfy 0 < {min_name} <= {max_name}"
+                )
+            if not low <= value <= high:
+                raise ValueError(
+                    f"CusaConfig.{value_name}={value!r} lies outside its clamp range [{min_name}={low}, {max_name}={high}]"
+                )
+        if self.projection_dim is not None and self.projection_dim <= 0:
+            raise ValueError(f"CusaConfig.projection_dim must be a positive integer, got {self.projection_dim!r}")
+
+    @property
+    def csa_active(self) -> bool:
+        """CSA contributes to the loss (switched on and weighted above 0)."""
+        return bool(self.use_csa) and self.csa_weight > 0
+
+    @property
+    def usa_active(self) -> bool:
+        """USA contributes to the loss (switched on and weighted above 0)."""
+        return bool(self.use_usa) and self.usa_weight > 0
+
+    @property
+    def needs_teachers(self) -> bool:
+        return self.csa_active or self.usa_active

@@ -1,0 +1,211 @@
+"""CUSA losses as pure functions over similarity / logit matrices.
+
+Nothing here knows about models or datasets, so every term can be checked against hand-computed values.
+Formulas and defaults follow ``docs/method.md`` (Huang et al., AAAI 2024, and the authors' released code):
+
+* multi-positive InfoNCE (``info_nce``),
+* teacher soft labels from uni-modal teacher features in modes ``each`` / ``add`` / ``dot`` (``teacher_soft_labels``),
+* soft-label alignment, KL or soft-target cross-entropy (``soft_label_loss``),
+* CSA (``csa_loss``) and USA (``usa_loss``), each returning both directional terms and their mean.
+
+All softmax / log-softmax / KL arithmetic runs in float32 with autocast disabled, whatever the input dtype, so bf16 or
+fp16 training cannot overflow them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+#: Reductions of (soft-)cross-entropy terms.
+#: ``"all_entries_mean"`` (the authors' ``contrastive_loss_mode: mean``) averages target-weighted log-probabilities over
+#: all B x B entries, i.e. the usual InfoNCE divided by the number of columns; the published CSA/USA weights were tuned
+#: against this scale. ``"row_mean"`` is the usual InfoNCE: sum over each row, mean over rows.
+REDUCTIONS = ("all_entries_mean", "row_mean")
+SOFTLABEL_MODES = ("each", "add", "dot")
+SOFTLABEL_LOSSES = ("kl", "contrastive")
+
+
+class DirectionalLoss(NamedTuple):
+    """A two-direction loss: both terms and their mean (the value that enters the total loss)."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    mean: torch.Tensor
+
+
+class TeacherSoftLabels(NamedTuple):
+    """Row-stochastic soft-label matrices built from teacher features, each `(batch_size, batch_size)`.
+
+    Attributes:
+        image: softmax over image-teacher cosine similarities (USA image target).
+        text: softmax over text-teacher cosine similarities (USA text target).
+        image_to_text: CSA target of the image-to-text rows (``image`` in mode "each").
+        text_to_image: CSA target of the text-to-image rows (``text`` in mode "each").
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+    image_to_text: torch.Tensor
+    text_to_image: torch.Tensor
+
+
+def _float32_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return F.log_softmax(logits.float(), dim=1)
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+def multi_positive_targets(image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
+    """`(batch_size, batch_size)` InfoNCE targets: identity, or uniform over every pair that shares an image id.
+
+    Args:
+        image_ids: `(batch_size,)` integer ids of each pair's image, or ``None`` when every pair is its own positive.
+    """
+    if image_ids is None:
+        return torch.eye(batch_size, device=device, dtype=torch.float32)
+    image_ids = image_ids.reshape(-1)
+    if image_ids.numel() != batch_size:
+        raise ValueError(f"image_ids has {image_ids.numel()} entries but the batch has {batch_size} pairs")
+    positives = (image_ids[:, None] == image_ids[None, :]).to(device=device, dtype=torch.float32)
+    return positives / positives.sum(dim=1, keepdim=True)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "all_entries_mean") -> torch.Tensor:
+    """Cross-entropy of ``softmax(logits)`` (rows) against row-stochastic ``targets``, both `(rows, columns)`."""
+    _check_choice("reduction", reduction, REDUCTIONS)
+    weighted = _float32_log_softmax(logits) * targets.float()
+    if reduction == "all_entries_mean":
+        return -weighted.mean(dim=1).mean()
+    return -weighted.sum(dim=1).mean()
+
+
+def info_nce(
+    logits_per_image: torch.Tensor, image_ids: torch.Tensor | None = None, reduction: str = "all_entries_mean"
+) -> torch.Tensor:
+    """Symmetric multi-positive InfoNCE: ``1/2 [CE(i2t) + CE(t2i)]``.
+
+    Args:
+        logits_per_image: `(batch_size, batch_size)` image-by-text similarities already divided by the temperature.
+        image_ids: `(batch_size,)` image id of each pair; pairs sharing an id are all positives (uniform targets).
+        reduction: ``"all_entries_mean"`` (authors, the default scale of the published weights) or ``"row_mean"``.
+    """
+    if logits_per_image.shape[0] != logits_per_image.shape[1]:
+        raise ValueError(f"info_nce needs a square image-by-text matrix, got {tuple(logits_per_image.shape)}")
+    targets = multi_positive_targets(image_ids, logits_per_image.shape[0], logits_per_image.device)
+    image_to_text = soft_cross_entropy(logits_per_image, targets, reduction)
+    text_to_image = soft_cross_entropy(logits_per_image.t(), targets.t(), reduction)
+    return (image_to_text + text_to_image) / 2
+
+
+def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
+    """`(n, n)` cosine similarities of the rows of a `(n, d)` feature matrix, in float32."""
+    normalized = F.normalize(features.float(), dim=-1)
+    return normalized @ normalized.t()
+
+
+@torch.no_grad()
+def teacher_soft_labels(
+    teacher_image_embeds: torch.Tensor,
+    teacher_text_embeds: torch.Tensor,
+    mode: str = "each",
+    temperature: float = 1.0,
+) -> TeacherSoftLabels:
+    """Soft labels from frozen uni-modal teacher features (no gradient flows into them).
+
+    ``q = softmax(cos(teacher_i, teacher_j) / temperature)`` per row. CSA targets depend on ``mode``:
+    "each": image-teacher targets for image-to-text rows, text-teacher targets for text-to-image rows;
+    "add": both directions use the mean of the two teachers' cosine similarities;
+    "dot": both use ``sqrt(max(cos_img, 0) * max(cos_txt, 0))``.
+    USA always uses each modality's own teacher.
+
+    Args:
+        teacher_image_embeds: `(batch_size, image_teacher_dim)`; teacher dims need not match the student's.
+        teacher_text_embeds: `(batch_size, text_teacher_dim)`.
+    """
+    _check_choice("softlabel_mode", mode, SOFTLABEL_MODES)
+    if temperature <= 0:
+        raise ValueError(f"softlabel temperature must be > 0, got {temperature}")
+    with torch.autocast(device_type=teacher_image_embeds.device.type, enabled=False):
+        image_similarity = cosine_similarity_matrix(teacher_image_embeds)
+        text_similarity = cosine_similarity_matrix(teacher_text_embeds)
+        image_targets = F.softmax(image_similarity / temperature, dim=1)
+        text_targets = F.softmax(text_similarity / temperature, dim=1)
+        if mode == "each":
+            return TeacherSoftLabels(image_targets, text_targets, image_targets, text_targets)
+        if mode == "add":
+            joint_similarity = (image_similarity + text_similarity) / 2
+        else:
+            joint_similarity = torch.sqrt(image_similarity.clamp(min=0) * text_similarity.clamp(min=0))
+        joint_targets = F.softmax(joint_similarity / temperature, dim=1)
+        return TeacherSoftLabels(image_targets, text_targets, joint_targets, joint_targets)
+
+
+def soft_label_loss(
+    logits: torch.Tensor, targets: torch.Tensor, loss: str = "kl", reduction: str = "all_entries_mean"
+) -> torch.Tensor:
+    """Align ``softmax(logits)`` rows with soft ``targets``, both `(rows, columns)`.
+
+    ``loss="kl"``: ``KL(targets || softmax(logits))``, summed over each row and averaged over rows ("batchmean").
+    ``loss="contrastive"``: soft-target cross-entropy with the given ``reduction`` (the authors' alternative).
+    """
+    _check_choice("softlabel_loss", loss, SOFTLABEL_LOSSES)
+    if logits.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and soft-label targets {tuple(targets.shape)} differ in shape")
+    if loss == "contrastive":
+        return soft_cross_entropy(logits, targets, reduction)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return F.kl_div(_float32_log_softmax(logits), targets.float(), reduction="batchmean")
+
+
+def csa_loss(
+    similarity: torch.Tensor,
+    soft_labels: TeacherSoftLabels,
+    temperature: torch.Tensor | float,
+    loss: str = "kl",
+    reduction: str = "all_entries_mean",
+) -> DirectionalLoss:
+    """Cross-modal soft-label alignment.
+
+    Args:
+        similarity: `(batch_size, batch_size)` student image-by-text cosine similarities ``s_ij``.
+        soft_labels: teacher targets from :func:`teacher_soft_labels`.
+        temperature: CSA temperature ``tau_c`` (shared by both directions).
+
+    Returns:
+        ``DirectionalLoss(image_to_text, text_to_image, mean)``.
+    """
+    image_to_text = soft_label_loss(similarity / temperature, soft_labels.image_to_text, loss, reduction)
+    text_to_image = soft_label_loss(similarity.t() / temperature, soft_labels.text_to_image, loss, reduction)
+    return DirectionalLoss(image_to_text, text_to_image, (image_to_text + text_to_image) / 2)
+
+
+def usa_loss(
+    uni_image_embeds: torch.Tensor,
+    uni_text_embeds: torch.Tensor,
+    soft_labels: TeacherSoftLabels,
+    image_temperature: torch.Tensor | float,
+    text_temperature: torch.Tensor | float,
+    loss: str = "kl",
+    reduction: str = "all_entries_mean",
+) -> DirectionalLoss:
+    """Uni-modal soft-label alignment of the USA heads' image-image and text-text distributions.
+
+    Args:
+        uni_image_embeds: `(batch_size, dim)` L2-normalised outputs of the image USA head.
+        uni_text_embeds: `(batch_size, dim)` L2-normalised outputs of the text USA head.
+
+    Returns:
+        ``DirectionalLoss(image, text, mean)``.
+    """
+    image_logits = uni_image_embeds @ uni_image_embeds.t() / image_temperature
+    text_logits = uni_text_embeds @ uni_text_embeds.t() / text_temperature
+    image_term = soft_label_loss(image_logits, soft_labels.image, loss, reduction)
+    text_term = soft_label_loss(text_logits, soft_labels.text, loss, reduction)
+    return DirectionalLoss(image_term, text_term, (image_term + text_term) / 2)

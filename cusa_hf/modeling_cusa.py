@@ -1,0 +1,370 @@
+"""CusaModel: a vision-text backbone with CUSA's cross-modal projectors, USA heads, temperatures and losses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .backbones import BackboneAdapter, BackboneFeatures, adapter_class_for
+from .configuration_cusa import TEMPERATURE_FIELDS, CusaConfig
+from .distributed import gather_with_grad, is_distributed
+from .losses import csa_loss, info_nce, teacher_soft_labels, usa_loss
+
+
+@dataclass
+class CusaOutput(ModelOutput):
+    """Output of [`CusaModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, returned with `return_loss=True`):
+            `loss_itc + csa_weight * loss_csa + usa_weight * loss_usa`.
+        loss_itc (`torch.FloatTensor` of shape `()`): the backbone's original loss (multi-positive InfoNCE unless the
+            backbone brings its own, e.g. ITC + ITM for X2VLM).
+        loss_csa (`torch.FloatTensor` of shape `()`): mean of the two CSA directions (0 when CSA is inactive).
+        loss_usa (`torch.FloatTensor` of shape `()`): mean of the two USA terms (0 when USA is inactive).
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`): cross-modal
+            similarities divided by the InfoNCE temperature (the global batch when `gather_features` is on).
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`): the transpose.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised cross-modal image
+            embeddings of this process's batch.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised cross-modal text
+            embeddings.
+        uni_image_embeds (`torch.FloatTensor` of shape `(batch_size, feature_dim)`): L2-normalised USA-head image
+            embeddings (`None` without USA heads).
+        uni_text_embeds (`torch.FloatTensor` of shape `(batch_size, feature_dim)`): L2-normalised USA-head text
+            embeddings (`None` without USA heads).
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_itc: torch.FloatTensor | None = None
+    loss_csa: torch.FloatTensor | None = None
+    loss_usa: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    uni_image_embeds: torch.FloatTensor | None = None
+    uni_text_embeds: torch.FloatTensor | None = None
+
+
+class CusaProjection(nn.Module):
+    """LayerNorm followed by Linear, the authors' projector for both the cross-modal projectors and the USA heads."""
+
+    def __init__(self, input_dim: int, output_dim: int):
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(input_dim)
+        self.linear = nn.Linear(input_dim, output_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.layer_norm(features))
+
+
+class CusaPreTrainedModel(PreTrainedModel):
+    config_class = CusaConfig
+    base_model_prefix = "cusa"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, CusaProjection):
+            init.normal_(module.linear.weight, mean=0.0, std=0.02)
+            init.zeros_(module.linear.bias)
+            init.ones_(module.layer_norm.weight)
+            init.zeros_(module.layer_norm.bias)
+        elif isinstance(module, CusaModel):
+            for name, _, _ in TEMPERATURE_FIELDS:
+                parameter = getattr(module, name, None)
+                if parameter is not None:
+                    init.constant_(parameter, getattr(self.config, name))
+
+
+class CusaModel(CusaPreTrainedModel):
+    """A retrieval backbone fine-tuned with CUSA.
+
+    ``backbone`` is the wrapped vision-text model (e.g. ``CLIPModel``); the adapter chosen by its ``model_type``
+    gives pooled features. On top sit the cross-modal projectors (retrieval embeddings), the USA heads (uni-modal
+    embeddings) and the learnable temperatures. See ``docs/model.md`` for every formula.
+    """
+
+    def __init__(self, config: CusaConfig, backbone: PreTrainedModel | None = None):
+        super().__init__(config)
+        adapter_class = adapter_class_for(config.backbone_config.model_type)
+        self.backbone = backbone if backbone is not None else adapter_class.build_backbone(config.backbone_config)
+        self.adapter: BackboneAdapter = adapter_class(self.backbone)
+
+        image_dim, text_dim = self.adapter.image_feature_dim, self.adapter.text_feature_dim
+        self.uses_cross_projection = (
+            config.cross_projection
+            if config.cross_projection is not None
+            else not (self.adapter.scores_pairs_itself or self.adapter.has_original_loss)
+        )
+        if self.uses_cross_projection and self.adapter.scores_pairs_itself:
+            raise ValueError(
+                f"cross_projection=True cannot be used with a {config.backbone_config.model_type!r} backbone: "
+                "it scores image-text pairs itself, so there are no pooled features to project for retrieval"
+            )
+        if self.uses_cross_projection:
+            projection_dim = config.projection_dim or image_dim
+            self.cross_image_projection = CusaProjection(image_dim, projection_dim)
+            self.cross_text_projection = CusaProjection(text_dim, projection_dim)
+        elif image_dim != text_dim and not self.adapter.scores_pairs_itself:
+            raise ValueError(
+                f"the backbone's image features ({image_dim}-d) and text features ({text_dim}-d) differ in width; "
+                "set cross_projection=True (and optionally projection_dim) to compare them"
+            )
+        if config.use_usa:
+            self.usa_image_head = CusaProjection(image_dim, image_dim)
+            self.usa_text_head = CusaProjection(text_dim, text_dim)
+
+        # Temperatures exist only where they are used, so DDP never sees a parameter without a gradient.
+        temperature_names = []
+        if not self.adapter.has_original_loss:
+            temperature_names.append("itc_temperature")
+        if config.use_csa:
+            temperature_names.append("csa_temperature")
+        if config.use_usa:
+            temperature_names += ["usa_image_temperature", "usa_text_temperature"]
+        for name in temperature_names:
+            parameter = nn.Parameter(torch.tensor(float(getattr(config, name))))
+            parameter.requires_grad_(config.learnable_temperatures)
+            self.register_parameter(name, parameter)
+        self.post_init()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(
+        cls, backbone: PreTrainedModel | str | os.PathLike, backbone_kwargs: dict | None = None, **cusa_fields: Any
+    ) -> "CusaModel":
+        """Wrap a pretrained backbone (a model, a Hub name such as ``openai/clip-vit-base-patch32``, or a local
+        folder) with freshly initialised CUSA projectors and heads, keeping the backbone's pretrained weights.
+
+        Args:
+            backbone: the backbone model or its name/path.
+            backbone_kwargs: passed to the backbone's ``from_pretrained`` when ``backbone`` is a name/path.
+            **cusa_fields: any [`CusaConfig`] field (``csa_weight=0.1``, ``use_usa=False``, ...).
+        """
+        if isinstance(backbone, (str, os.PathLike)):
+            backbone_config = AutoConfig.from_pretrained(backbone, **(backbone_kwargs or {}))
+            adapter_class = adapter_class_for(backbone_config.model_type)
+            backbone = adapter_class.load_backbone(str(backbone), **(backbone_kwargs or {}))
+        pretrained_state = {name: tensor.detach().clone() for name, tensor in backbone.state_dict().items()}
+        model = cls(CusaConfig(backbone_config=backbone.config, **cusa_fields), backbone=backbone)
+        # post_init may re-initialise the backbone's weights; put the pretrained ones back.
+        model.backbone.load_state_dict(pretrained_state)
+        return model
+
+    # ------------------------------------------------------------------ temperatures
+    @torch.no_grad()
+    def clamp_temperatures_(self) -> None:
+        """Clamp every learnable temperature to its configured bounds (in place), as the authors do every step."""
+        for name, min_name, max_name in TEMPERATURE_FIELDS:
+            parameter = getattr(self, name, None)
+            if parameter is not None:
+                parameter.clamp_(getattr(self.config, min_name), getattr(self.config, max_name))
+
+    def temperatures(self) -> dict[str, float]:
+        """Current values of the temperatures this model has, by config field name."""
+        return {
+            name: float(getattr(self, name).detach())
+            for name, _, _ in TEMPERATURE_FIELDS
+            if getattr(self, name, None) is not None
+        }
+
+    # ------------------------------------------------------------------ embeddings
+    def _cross_embeds(self, features: torch.Tensor, projection: str) -> torch.Tensor:
+        if self.uses_cross_projection:
+            features = getattr(self, projection)(features)
+        return F.normalize(features, dim=-1)
+
+    def _uni_embeds(self, features: torch.Tensor, head: str) -> torch.Tensor:
+        if self.config.use_usa:
+            features = getattr(self, head)(features)
+        return F.normalize(features, dim=-1)
+
+    def get_image_features(self, pixel_values: torch.Tensor, head: str = "cross", **kwargs) -> torch.Tensor:
+        """L2-normalised image embeddings, `(batch_size, dim)`.
+
+        Args:
+            pixel_values: `(batch_size, channels, height, width)` processed images.
+            head: ``"cross"`` for image-text retrieval, ``"uni"`` for image-image similarity (the USA head; a model
+                without USA heads returns its backbone's normalised pooled features).
+        """
+        features = self.adapter.encode_image(pixel_values, **kwargs)
+        return self._select_head(head, features, "cross_image_projection", "usa_image_head")
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, head: str = "cross", **kwargs
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings, `(batch_size, dim)`; ``head`` as in :meth:`get_image_features`."""
+        features = self.adapter.encode_text(input_ids, attention_mask, **kwargs)
+        return self._select_head(head, features, "cross_text_projection", "usa_text_head")
+
+    def _select_head(self, head: str, features: torch.Tensor, cross_projection: str, uni_head: str) -> torch.Tensor:
+        if head == "cross":
+            if self.adapter.scores_pairs_itself:
+                raise ValueError(
+                    f"a {self.config.backbone_config.model_type!r} backbone scores image-text pairs itself; "
+                    "use its pairwise scorer for cross-modal retrieval (head='uni' gives uni-modal embeddings)"
+                )
+            return self._cross_embeds(features, cross_projection)
+        if head == "uni":
+            return self._uni_embeds(features, uni_head)
+        raise ValueError(f"head={head!r} is not supported; use 'cross' or 'uni'")
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        teacher_image_embeds: torch.Tensor | None = None,
+        teacher_text_embeds: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        **backbone_kwargs: Any,
+    ) -> CusaOutput:
+        r"""
+        Args:
+            pixel_values (`(batch_size, channels, height, width)`): images of the aligned image-text pairs.
+            input_ids (`(batch_size, sequence_length)`), attention_mask (`(batch_size, sequence_length)`): captions.
+            image_ids (`(batch_size,)` long, *optional*): image id of each pair; pairs sharing an id are all positives
+                of each other in InfoNCE (COCO/Flickr have ~5 captions per image).
+            teacher_image_embeds (`(batch_size, image_teacher_dim)`, *optional*): frozen image-teacher features,
+                required for the loss while CSA or USA is active.
+            teacher_text_embeds (`(batch_size, text_teacher_dim)`, *optional*): frozen text-teacher features.
+            return_loss (`bool`, *optional*): compute the loss (defaults to `True` in training mode).
+        """
+        if return_loss is None:
+            return_loss = self.training
+        if pixel_values is None or input_ids is None:
+            raise ValueError("CusaModel.forward needs both pixel_values and input_ids (a batch of image-text pairs)")
+        if self.training:
+            self.clamp_temperatures_()
+
+        features: BackboneFeatures = self.adapter.forward_features(
+            pixel_values, input_ids, attention_mask, **backbone_kwargs
+        )
+        batch_size = features.image_features.shape[0]
+        if features.text_features.shape[0] != batch_size:
+            raise ValueError(
+                f"got {batch_size} images but {features.text_features.shape[0]} captions: CUSA trains on aligned pairs"
+            )
+        if return_loss:
+            self._check_loss_inputs(batch_size, image_ids, teacher_image_embeds, teacher_text_embeds)
+
+        if self.adapter.scores_pairs_itself:
+            image_embeds = F.normalize(features.image_features, dim=-1)
+            text_embeds = F.normalize(features.text_features, dim=-1)
+        else:
+            image_embeds = self._cross_embeds(features.image_features, "cross_image_projection")
+            text_embeds = self._cross_embeds(features.text_features, "cross_text_projection")
+        uni_image_embeds = uni_text_embeds = None
+        if self.config.use_usa:
+            uni_image_embeds = self._uni_embeds(features.image_features, "usa_image_head")
+            uni_text_embeds = self._uni_embeds(features.text_features, "usa_text_head")
+
+        gather = gather_with_grad if self.config.gather_features and is_distributed() else _identity
+        if gather is not _identity and self.adapter.scores_pairs_itself:
+            raise ValueError(
+                "gather_features=True is not supported for backbones that score pairs themselves (e.g. SGRAF): "
+                "their B x B scores need every process's token features"
+            )
+        global_image_embeds, global_text_embeds = gather(image_embeds), gather(text_embeds)
+        if features.similarity is not None:
+            similarity = features.similarity
+        else:
+            similarity = global_image_embeds @ global_text_embeds.t()
+        itc_temperature = getattr(self, "itc_temperature", None)
+        logits_per_image = similarity / itc_temperature if itc_temperature is not None else similarity
+
+        output = CusaOutput(
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+            uni_image_embeds=uni_image_embeds,
+            uni_text_embeds=uni_text_embeds,
+        )
+        if not return_loss:
+            return output
+
+        global_image_ids = gather(image_ids) if image_ids is not None else None
+        original_terms = self.adapter.original_loss(features, image_ids, gather)
+        if original_terms is None:
+            loss_itc = info_nce(logits_per_image, global_image_ids, self.config.itc_reduction)
+        else:
+            loss_itc = sum(original_terms.values())
+        zero = similarity.new_zeros((), dtype=torch.float32)
+        loss_csa = loss_usa = zero
+        if self.config.needs_teachers:
+            soft_labels = teacher_soft_labels(
+                gather(teacher_image_embeds),
+                gather(teacher_text_embeds),
+                mode=self.config.softlabel_mode,
+                temperature=self.config.softlabel_temperature,
+            )
+            if self.config.csa_active:
+                loss_csa = csa_loss(
+                    similarity, soft_labels, self.csa_temperature, self.config.softlabel_loss, self.config.itc_reduction
+                ).mean
+            if self.config.usa_active:
+                loss_usa = usa_loss(
+                    gather(uni_image_embeds),
+                    gather(uni_text_embeds),
+                    soft_labels,
+                    self.usa_image_temperature,
+                    self.usa_text_temperature,
+                    self.config.softlabel_loss,
+                    self.config.itc_reduction,
+                ).mean
+        output.loss_itc, output.loss_csa, output.loss_usa = loss_itc, loss_csa, loss_usa
+        output.loss = loss_itc + self.config.csa_weight * loss_csa + self.config.usa_weight * loss_usa
+        return output
+
+    def _check_loss_inputs(
+        self,
+        batch_size: int,
+        image_ids: torch.Tensor | None,
+        teacher_image_embeds: torch.Tensor | None,
+        teacher_text_embeds: torch.Tensor | None,
+    ) -> None:
+        if image_ids is not None and image_ids.reshape(-1).shape[0] != batch_size:
+            raise ValueError(f"image_ids has {image_ids.reshape(-1).shape[0]} entries for a batch of {batch_size} pairs")
+        if not self.config.needs_teachers:
+            return
+        active = " and ".join(
+            term
+            for term, on in (
+                (f"CSA (csa_weight={self.config.csa_weight})", self.config.csa_active),
+                (f"USA (usa_weight={self.config.usa_weight})", self.config.usa_active),
+            )
+            if on
+        )
+        for name, embeds in (("teacher_image_embeds", teacher_image_embeds), ("teacher_text_embeds", teacher_text_embeds)):
+            if embeds is None:
+                raise ValueError(
+                    f"{active} needs {name}, but it was not given. Add the teacher-feature columns to the dataset "
+                    "with cusa_hf.add_teacher_features(...) (or the cusa-extract-teachers CLI), or switch the terms "
+                    "off with use_csa=False / use_usa=False (or weight 0) to train the plain baseline."
+                )
+            if embeds.ndim != 2 or embeds.shape[0] != batch_size:
+                raise ValueError(
+                    f"{name} has shape {tuple(embeds.shape)} but the batch has {batch_size} pairs: expected "
+                    f"({batch_size}, teacher_dim)"
+                )
+            if not torch.isfinite(embeds).all():
+                bad_rows = (~torch.isfinite(embeds).all(dim=1)).nonzero().flatten().tolist()
+                raise ValueError(f"{name} contains NaN or inf values in batch rows {bad_rows[:10]}")
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
