@@ -1,0 +1,27 @@
+"""X2-VLM (Zeng et al. 2023) as a native transformers-style backbone, registered with the Auto classes and CUSA."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_x2vlm import X2VLM_PRESETS, X2VlmConfig, X2VlmTextConfig, X2VlmVisionConfig
+from .modeling_x2vlm import (
+    X2VlmModel,
+    X2VlmOutput,
+    X2VlmPreTrainedModel,
+    sample_hard_negatives,
+    x2vlm_contrastive_loss,
+)
+
+AutoConfig.register(X2VlmConfig.model_type, X2VlmConfig, exist_ok=True)
+AutoModel.register(X2VlmConfig, X2VlmModel, exist_ok=True)
+
+__all__ = [
+    "X2VLM_PRESETS",
+    "X2VlmConfig",
+    "X2VlmModel",
+    "X2VlmOutput",
+    "X2VlmPreTrainedModel",
+    "X2VlmTextConfig",
+    "X2VlmVisionConfig",
+    "sample_hard_negatives",
+    "x2vlm_contrastive_loss",
+]
