@@ -1,0 +1,234 @@
+"""CusaTrainer: ``transformers.Trainer`` that feeds teacher-feature columns to ``CusaModel`` and logs CUSA's terms."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .data import load_image
+
+logger = logging.getLogger(__name__)
+
+LOSS_COMPONENTS = ("loss_itc", "loss_csa", "loss_usa")
+
+
+def stable_image_id(value: Any) -> int:
+    """A 63-bit integer id for an image id value, identical in every process (so multi-positive targets stay
+    correct when features are gathered): integers pass through, anything else is hashed from its string form."""
+    if isinstance(value, bool):
+        raise ValueError(f"image id must be an int or a string, got the bool {value!r}")
+    if isinstance(value, int):
+        return value
+    if hasattr(value, "item") and not isinstance(value, str):
+        return stable_image_id(value.item())
+    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class CusaDataCollator:
+    """Turns dataset rows (image, caption, image id, teacher features) into ``CusaModel`` inputs.
+
+    Args:
+        processor: a transformers processor with ``image_processor`` and ``tokenizer`` attributes (``CLIPProcessor``,
+            ``VisionTextDualEncoderProcessor``, ...).
+        image_column, caption_column, image_id_column: dataset column names. The image column may hold
+            ``PIL.Image``/``datasets.Image`` values or file paths (relative ones resolved against ``image_root``).
+        teacher_image_column, teacher_text_column: teacher-feature columns; copied into the batch when present.
+        max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        image_id_column: str = "image_id",
+        teacher_image_column: str = "teacher_image_embeds",
+        teacher_text_column: str = "teacher_text_embeds",
+        image_root: str | None = None,
+        max_length: int | None = None,
+    ):
+        for attribute in ("image_processor", "tokenizer"):
+            if getattr(processor, attribute, None) is None:
+                raise ValueError(
+                    f"the processor {type(processor).__name__} has no {attribute}; pass a processor that bundles an "
+                    "image processor and a tokenizer (e.g. CLIPProcessor or VisionTextDualEncoderProcessor)"
+                )
+        self.processor = processor
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.image_id_column = image_id_column
+        self.teacher_image_column = teacher_image_column
+        self.teacher_text_column = teacher_text_column
+        self.image_root = image_root
+        tokenizer_limit = getattr(processor.tokenizer, "model_max_length", None)
+        if max_length is None:
+            max_length = tokenizer_limit if tokenizer_limit and tokenizer_limit < 100_000 else 77
+        self.max_length = max_length
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("the collator got an empty batch")
+        for column in (self.image_column, self.caption_column):
+            if column not in rows[0]:
+                raise ValueError(
+                    f"dataset rows have no {column!r} column (columns: {sorted(rows[0])}); set the collator's column "
+                    "names or rename the column"
+                )
+        captions = []
+        for position, row in enumerate(rows):
+            caption = row[self.caption_column]
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(
+                    f"empty or non-text caption {caption!r} at batch position {position} "
+                    f"(image {row.get(self.image_column)!r}); clean the data or load it with skip_invalid=True"
+                )
+            captions.append(caption)
+        images = [
+            load_image(row[self.image_column], self.image_root, where=f"batch position {position}")
+            for position, row in enumerate(rows)
+        ]
+        batch = dict(self.processor.image_processor(images=images, return_tensors="pt"))
+        text = self.processor.tokenizer(
+            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        batch["input_ids"] = text["input_ids"]
+        if "attention_mask" in text:
+            batch["attention_mask"] = text["attention_mask"]
+        if self.image_id_column in rows[0]:
+            batch["image_ids"] = torch.tensor(
+                [stable_image_id(row[self.image_id_column]) for row in rows], dtype=torch.long
+            )
+        for column, key in (
+            (self.teacher_image_column, "teacher_image_embeds"),
+            (self.teacher_text_column, "teacher_text_embeds"),
+        ):
+            if column in rows[0]:
+                batch[key] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
+        return batch
+
+
+class TemperatureClampCallback(TrainerCallback):
+    """Clamps CUSA's learnable temperatures to their configured bounds after every optimiser step."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and hasattr(model, "clamp_temperatures_"):
+            model.clamp_temperatures_()
+
+
+def cusa_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """``TrainingArguments`` with the authors' optimisation: AdamW, lr 1e-5, weight decay 1e-4, cosine schedule to
+    1e-6, 30 epochs, batch 128 per device, no warm-up. Any field can be overridden."""
+    settings: dict[str, Any] = dict(
+        output_dir=output_dir,
+        optim="adamw_torch",
+        learning_rate=1e-5,
+        weight_decay=1e-4,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": 1e-6},
+        warmup_steps=0,
+        num_train_epochs=30,
+        per_device_train_batch_size=128,
+        remove_unused_columns=False,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+class CusaTrainer(Trainer):
+    """``Trainer`` for [`CusaModel`]: batches carry teacher features, logs carry CUSA's terms and temperatures.
+
+    Everything else (optimiser, schedule, accelerate/DDP, checkpointing, ``push_to_hub``) is the stock Trainer.
+    When ``data_collator`` is not given, a [`CusaDataCollator`] is built from ``processing_class`` and
+    ``collator_kwargs`` (column names, ``image_root``, ``max_length``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        collator_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        if args is not None and args.remove_unused_columns:
+            # The Trainer would otherwise drop the image and teacher columns before the collator sees them.
+            logger.warning("CusaTrainer sets remove_unused_columns=False: the collator needs the raw columns")
+            args.remove_unused_columns = False
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError("CusaTrainer needs a data_collator or a processing_class (the backbone's processor)")
+            data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
+        if model is not None and train_dataset is not None:
+            check_teacher_columns(model.config, train_dataset, data_collator)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            **kwargs,
+        )
+        self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        self._component_steps = 0
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+        **kwargs: Any,
+    ):
+        outputs = model(**inputs, return_loss=True)
+        if model.training:
+            for name in LOSS_COMPONENTS:
+                self._component_sums[name] += getattr(outputs, name).detach().double().cpu()
+            self._component_steps += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_steps:
+            steps = self._component_steps
+            for name in LOSS_COMPONENTS:
+                mean = (self._component_sums[name] / steps).to(self.args.device, torch.float32)
+                logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
+            logs.update(
+                {name: round(value, 6) for name, value in self.accelerator.unwrap_model(self.model).temperatures().items()}
+            )
+            self._component_sums.clear()
+            self._component_steps = 0
+        super().log(logs, start_time)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
+        return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:
+    """Fail before training when CSA/USA are active but the dataset lacks the teacher-feature columns."""
+    if not getattr(config, "needs_teachers", False):
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        return
+    for attribute in ("teacher_image_column", "teacher_text_column"):
+        column = getattr(collator, attribute, None)
+        if column is not None and column not in columns:
+            raise ValueError(
+                f"CSA/USA are on but the training dataset has no {column!r} column (columns: {columns}). Compute the "
+                "teacher features once with cusa_hf.add_teacher_features(dataset, image_teacher=..., text_teacher=...) "
+                "or the cusa-extract-teachers CLI, or train the baseline with use_csa=False, use_usa=False."
+            )
