@@ -1,11 +1,26 @@
-"""Image-text retrieval data: loading images, and the evaluation view the metrics need."""
+"""Image-text retrieval data: loading datasets as one row per caption, loading images, and the evaluation view.
+
+Every loader returns a ``datasets.Dataset`` with one row per caption and three columns:
+
+* ``image``: an absolute file path (JSON and path-based datasets) or a ``datasets.Image`` (Hub / imagefolder);
+* ``caption``: a non-empty string;
+* ``image_id``: the same value on every caption row of one image. Ids are kept as integers when every id is an integer
+  and turned into strings otherwise (Arrow columns hold one type), so ``trainer.stable_image_id`` maps them to the
+  same integer in every process.
+
+Row order follows the source: records in file order, and for an image with a caption list its captions in list order.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
+import datasets
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -118,3 +133,427 @@ class RetrievalEvalView:
     @property
     def num_texts(self) -> int:
         return len(self.captions)
+
+
+# Column names tried, in order, when a Hub dataset's columns are not given explicitly.
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "image_path", "filepath", "file_name", "filename")
+CAPTION_COLUMN_CANDIDATES = ("caption", "captions", "sentences", "text", "raw")
+IMAGE_ID_COLUMN_CANDIDATES = ("image_id", "img_id", "imgid", "cocoid")
+
+
+class InvalidRecordError(ValueError):
+    """A record with an empty caption or a missing image; the message names the record and the field."""
+
+
+class _RowBuilder:
+    """Collects validated one-row-per-caption columns; a bad record raises or, when skipping, is recorded."""
+
+    def __init__(self, skip_invalid: bool, check_files: bool):
+        self.skip_invalid = skip_invalid
+        self.check_files = check_files
+        self.source_rows: list[int] = []
+        self.images: list[Any] = []
+        self.captions: list[str] = []
+        self.image_ids: list[Any] = []
+        self.skipped: list[str] = []
+
+    def problem(self, message: str) -> None:
+        if not self.skip_invalid:
+            raise InvalidRecordError(message + " (pass skip_invalid=True to skip such records and report them)")
+        self.skipped.append(message)
+
+    def add(
+        self,
+        source_row: int,
+        where: str,
+        image: Any,
+        image_id: Any,
+        caption_value: Any,
+        image_field: str,
+        caption_field: str,
+        image_path: str | None = None,
+    ) -> None:
+        """Add one record. ``image_path`` is the resolved file to check, for path-based images."""
+        if image is None or (isinstance(image, str) and not image.strip()):
+            self.problem(f"{where}: field {image_field!r} is missing or empty")
+            return
+        if image_path is not None and self.check_files and not os.path.isfile(image_path):
+            self.problem(f"{where}: field {image_field!r} names a file that does not exist: {image_path}")
+            return
+        if image_id is None:
+            self.problem(f"{where}: image id is missing")
+            return
+        if isinstance(caption_value, str):
+            captions, labels = [caption_value], [caption_field]
+        elif isinstance(caption_value, (list, tuple)) and caption_value:
+            captions = list(caption_value)
+            labels = [f"{caption_field}[{k}]" for k in range(len(captions))]
+        else:
+            self.problem(f"{where}: field {caption_field!r} must be a non-empty string or list of strings, got {caption_value!r}")
+            return
+        for caption, label in zip(captions, labels):
+            if not isinstance(caption, str) or not caption.strip():
+                self.problem(f"{where}: field {label!r} is empty or not text: {caption!r}")
+                continue
+            self.source_rows.append(source_row)
+            self.images.append(image)
+            self.captions.append(caption)
+            self.image_ids.append(image_id)
+
+    def finish(self, source: str) -> None:
+        if self.skipped:
+            shown = "; ".join(self.skipped[:5]) + ("; ..." if len(self.skipped) > 5 else "")
+            warnings.warn(f"{source}: skipped {len(self.skipped)} invalid record(s) or caption(s): {shown}", stacklevel=3)
+        if not self.captions:
+            raise InvalidRecordError(f"{source}: no valid (image, caption) rows")
+        self.image_ids = normalize_image_ids(self.image_ids)
+
+
+def normalize_image_ids(values: Iterable[Any]) -> list[Any]:
+    """Image ids as one Arrow-storable type: all integers stay integers, anything else becomes its string form.
+
+    ``numpy`` integers count as integers; booleans are rejected (``True == 1`` would merge two images).
+    """
+    values = list(values)
+    for value in values:
+        if isinstance(value, bool):
+            raise ValueError(f"image ids must be integers or strings, got the boolean {value!r}")
+    as_ints = [value.item() if hasattr(value, "item") and not isinstance(value, str) else value for value in values]
+    if all(isinstance(value, int) for value in as_ints):
+        return as_ints
+    return [str(value) for value in as_ints]
+
+
+def _resolve_path(path: str, image_root: str | os.PathLike | None) -> str:
+    if image_root is None or os.path.isabs(path):
+        return path
+    return os.path.join(os.fspath(image_root), path)
+
+
+def _read_json_records(path: Path) -> list[Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {line_number} is not valid JSON ({error})") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if isinstance(records, dict) and isinstance(records.get("annotations"), list):
+        records = records["annotations"]
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records (Karpathy/ALBEF format), got {type(records).__name__}")
+    return records
+
+
+def load_json_dataset(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    check_files: bool = True,
+) -> datasets.Dataset:
+    """Load a Karpathy/ALBEF-style JSON file (what the CUSA authors and ``coco_mini`` use) as one row per caption.
+
+    Accepted records (a JSON list, or JSON Lines for ``.jsonl``):
+
+    * train: ``{"image": "val2014/x.jpg", "caption": "a dog ...", "image_id": "coco_123"}``;
+    * eval: ``{"image": "val2014/x.jpg", "caption": ["a dog ...", "a puppy ...", ...]}`` (one row per caption is
+      produced; a missing ``image_id`` defaults to the record's image path).
+
+    Args:
+        path: the JSON file.
+        image_root: folder that relative image paths are resolved against; defaults to the JSON file's folder.
+            Rows hold the resolved absolute paths.
+        skip_invalid: skip records with a missing image or an empty caption (empty captions in a list are dropped
+            one by one) and report them in one warning, instead of raising.
+        check_files: also treat a path that does not exist as a missing image.
+
+    Returns:
+        ``datasets.Dataset`` with columns ``image`` (str path), ``caption`` (str), ``image_id`` (int or str), in file
+        order.
+
+    Raises:
+        InvalidRecordError: naming the file, record index and field of the first bad record.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent.resolve()
+    builder = _RowBuilder(skip_invalid, check_files)
+    for index, record in enumerate(_read_json_records(path)):
+        where = f"{path.name} record {index}"
+        if not isinstance(record, dict):
+            builder.problem(f"{where}: expected an object with 'image' and 'caption', got {type(record).__name__}")
+            continue
+        image = record.get("image")
+        resolved = _resolve_path(image, root) if isinstance(image, str) and image.strip() else None
+        builder.add(
+            index,
+            where,
+            image=resolved,
+            image_id=record.get("image_id", image),
+            caption_value=record.get("caption"),
+            image_field="image",
+            caption_field="caption",
+            image_path=resolved,
+        )
+    builder.finish(str(path))
+    return datasets.Dataset.from_dict(
+        {"image": builder.images, "caption": builder.captions, "image_id": builder.image_ids}
+    )
+
+
+def _find_column(dataset: datasets.Dataset, given: str | None, candidates: Sequence[str], role: str) -> str | None:
+    if given is not None:
+        if given not in dataset.column_names:
+            raise ValueError(f"the dataset has no {role} column {given!r}; its columns are {dataset.column_names}")
+        return given
+    if role == "image":
+        for name, feature in dataset.features.items():
+            if isinstance(feature, datasets.Image):
+                return name
+    return next((name for name in candidates if name in dataset.column_names), None)
+
+
+def flatten_captions(
+    dataset: datasets.Dataset,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    image_id_column: str | None = None,
+    image_root: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    check_files: bool = True,
+    source: str = "dataset",
+) -> datasets.Dataset:
+    """One row per caption from a dataset with one row per image and a caption list (or one caption) per row.
+
+    Args:
+        dataset: e.g. a Flickr30k / COCO-Karpathy Hub dataset or an ``imagefolder`` with a metadata file.
+        image_column: defaults to the first ``datasets.Image`` column, else the first of
+            ``IMAGE_COLUMN_CANDIDATES`` present.
+        caption_column: defaults to the first of ``CAPTION_COLUMN_CANDIDATES`` present.
+        image_id_column: defaults to the first of ``IMAGE_ID_COLUMN_CANDIDATES`` present; without one the image's
+            file path identifies it (``datasets.Image`` path, or the path string), else its source row number.
+        image_root: folder that relative path strings are resolved against (path-string image columns only).
+        skip_invalid, check_files: as in :func:`load_json_dataset`.
+        source: a name for the dataset in error messages.
+
+    Returns:
+        columns ``image`` (the source's image values: ``datasets.Image`` or resolved path strings), ``caption``,
+        ``image_id``, in source row order. Image bytes are copied once per caption row (Arrow has no shared rows).
+    """
+    image_column = _find_column(dataset, image_column, IMAGE_COLUMN_CANDIDATES, "image")
+    caption_column = _find_column(dataset, caption_column, CAPTION_COLUMN_CANDIDATES, "caption")
+    if image_column is None or caption_column is None:
+        raise ValueError(
+            f"{source}: cannot tell which columns hold the {'image' if image_column is None else 'caption'}s; "
+            f"columns are {dataset.column_names}; pass image_column= and caption_column="
+        )
+    image_id_column = _find_column(dataset, image_id_column, IMAGE_ID_COLUMN_CANDIDATES, "image id")
+    image_feature = dataset.features[image_column]
+    is_image_feature = isinstance(image_feature, datasets.Image)
+    if is_image_feature:
+        # Only paths and presence are needed here: read the Arrow struct, never decode or copy image bytes.
+        struct = dataset.with_format("arrow").select_columns([image_column])[image_column]
+        paths = [path for chunk in struct.chunks for path in chunk.field("path").to_pylist()]
+        present = [
+            valid and (has_bytes or bool(path))
+            for chunk in struct.chunks
+            for valid, has_bytes, path in zip(
+                chunk.is_valid().to_pylist(), chunk.field("bytes").is_valid().to_pylist(), chunk.field("path").to_pylist()
+            )
+        ]
+        # A present image without a path (bytes only) still counts as present; its row number identifies it.
+        image_values = [(path or f"row {row}") if ok else None for row, (path, ok) in enumerate(zip(paths, present))]
+        resolved_paths = [None] * len(paths)
+    else:
+        image_values = [
+            _resolve_path(value, image_root) if isinstance(value, str) and value.strip() else None
+            for value in dataset[image_column]
+        ]
+        resolved_paths = image_values
+    captions = dataset[caption_column]
+    if image_id_column is not None:
+        ids = dataset[image_id_column]
+    else:
+        ids = [value if value is not None else row for row, value in enumerate(image_values)]
+    builder = _RowBuilder(skip_invalid, check_files)
+    for row, (image, image_id, caption_value, path) in enumerate(zip(image_values, ids, captions, resolved_paths)):
+        builder.add(
+            row,
+            f"{source} row {row}",
+            image=image,
+            image_id=image_id,
+            caption_value=caption_value,
+            image_field=image_column,
+            caption_field=caption_column,
+            image_path=path,
+        )
+    builder.finish(source)
+    flat_captions, flat_ids = builder.captions, builder.image_ids
+
+    base = dataset.select_columns([image_column])
+    if is_image_feature:
+        base = base.cast_column(image_column, datasets.Image(decode=False))
+    base = base.select(builder.source_rows)
+    fingerprint = datasets.fingerprint.Hasher.hash(
+        [dataset._fingerprint, image_column, caption_column, image_id_column, str(image_root), skip_invalid, check_files]
+    )
+
+    def add_caption_rows(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        rows = {"caption": [flat_captions[i] for i in indices], "image_id": [flat_ids[i] for i in indices]}
+        if not is_image_feature:
+            rows[image_column] = [builder.images[i] for i in indices]
+        return rows
+
+    flat = base.map(
+        add_caption_rows, batched=True, with_indices=True, new_fingerprint=fingerprint, desc="Flattening captions"
+    )
+    if image_column != "image":
+        flat = flat.rename_column(image_column, "image")
+    if is_image_feature:
+        flat = flat.cast_column("image", datasets.Image(decode=image_feature.decode))
+    return flat.select_columns(["image", "caption", "image_id"])
+
+
+def load_hub_dataset(
+    name_or_path: str,
+    split: str = "train",
+    *,
+    config_name: str | None = None,
+    revision: str | None = None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    image_id_column: str | None = None,
+    image_root: str | os.PathLike | None = None,
+    karpathy_split: str | None = None,
+    split_column: str = "split",
+    skip_invalid: bool = False,
+    check_files: bool = True,
+    **load_kwargs: Any,
+) -> datasets.Dataset:
+    """Load a Hugging Face dataset (Hub name, local script/folder, or a builder such as ``"imagefolder"``) and flatten
+    it to one row per caption with :func:`flatten_captions`.
+
+    Args:
+        name_or_path, split, config_name, revision, load_kwargs: passed to ``datasets.load_dataset``.
+        karpathy_split: keep only rows whose ``split_column`` equals this value (e.g. ``"test"`` for
+            ``nlphuji/flickr30k``, which ships the Karpathy splits as one split with a ``split`` column).
+        image_column, caption_column, image_id_column, image_root, skip_invalid, check_files: see
+            :func:`flatten_captions`.
+    """
+    dataset = datasets.load_dataset(name_or_path, config_name, split=split, revision=revision, **load_kwargs)
+    if karpathy_split is not None:
+        if split_column not in dataset.column_names:
+            raise ValueError(f"{name_or_path}: no {split_column!r} column to select karpathy_split={karpathy_split!r}")
+        dataset = dataset.filter(lambda value: value == karpathy_split, input_columns=[split_column])
+    return flatten_captions(
+        dataset,
+        image_column=image_column,
+        caption_column=caption_column,
+        image_id_column=image_id_column,
+        image_root=image_root,
+        skip_invalid=skip_invalid,
+        check_files=check_files,
+        source=f"{name_or_path}[{split}]",
+    )
+
+
+def load_imagefolder_dataset(folder: str | os.PathLike, split: str = "train", **kwargs: Any) -> datasets.Dataset:
+    """An ``imagefolder`` whose ``metadata.jsonl``/``metadata.csv`` gives ``file_name`` and a caption (or caption
+    list) per image, as one row per caption; ``kwargs`` as in :func:`load_hub_dataset`."""
+    return load_hub_dataset("imagefolder", split=split, data_dir=os.fspath(folder), **kwargs)
+
+
+def load_retrieval_dataset(
+    source: str | os.PathLike,
+    split: str = "train",
+    image_root: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    **kwargs: Any,
+) -> datasets.Dataset:
+    """Load whatever ``source`` names, as one row per caption.
+
+    * a ``.json``/``.jsonl`` file: :func:`load_json_dataset`;
+    * a folder written by ``Dataset.save_to_disk``: ``datasets.load_from_disk`` (flattened if captions are lists);
+    * another folder: :func:`load_imagefolder_dataset`;
+    * anything else: a Hub dataset name, :func:`load_hub_dataset`.
+    """
+    path = Path(source)
+    if path.suffix in (".json", ".jsonl") and path.is_file():
+        return load_json_dataset(path, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
+    if path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
+        dataset = datasets.load_from_disk(os.fspath(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+        caption_feature = dataset.features.get(kwargs.get("caption_column") or "caption")
+        if isinstance(caption_feature, datasets.Value) and image_root is None:
+            return dataset
+        return flatten_captions(dataset, image_root=image_root, skip_invalid=skip_invalid, source=str(path), **kwargs)
+    if path.is_dir():
+        return load_imagefolder_dataset(path, split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
+    return load_hub_dataset(os.fspath(source), split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
+
+
+def build_eval_view(
+    dataset: datasets.Dataset,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    image_id_column: str = "image_id",
+    image_root: str | os.PathLike | None = None,
+) -> RetrievalEvalView:
+    """The evaluation view (unique images, all captions, caption->image and image->captions maps), built once.
+
+    Accepts one row per caption or one row per image with a caption list. Images are grouped by ``image_id``
+    (by the image path when the dataset has no id column). Only the first row's image of each id is read, and
+    ``datasets.Image`` values are kept undecoded (``{"path", "bytes"}``), so building the view decodes nothing.
+
+    Raises:
+        ValueError: a column is missing, or one image id maps to two different image paths.
+    """
+    for column in (image_column, caption_column):
+        if column not in dataset.column_names:
+            raise ValueError(f"the evaluation dataset has no {column!r} column; its columns are {dataset.column_names}")
+    is_image_feature = isinstance(dataset.features[image_column], datasets.Image)
+    if is_image_feature:
+        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    path_images = None if is_image_feature else dataset[image_column]
+    if image_id_column in dataset.column_names:
+        row_ids = normalize_image_ids(dataset[image_id_column])
+    elif path_images is not None:
+        row_ids = list(path_images)
+    else:
+        raise ValueError(
+            f"the evaluation dataset has no {image_id_column!r} column and its images are not paths, so captions "
+            "cannot be grouped by image; add an image id column"
+        )
+    first_row: dict[Any, int] = {}
+    for row, image_id in enumerate(row_ids):
+        if image_id not in first_row:
+            first_row[image_id] = row
+        elif path_images is not None and path_images[row] != path_images[first_row[image_id]]:
+            raise ValueError(
+                f"image id {image_id!r} names two different images: {path_images[first_row[image_id]]!r} "
+                f"(row {first_row[image_id]}) and {path_images[row]!r} (row {row})"
+            )
+    if path_images is not None:
+        unique_images = [path_images[row] for row in first_row.values()]
+    else:
+        unique_images = dataset.select(list(first_row.values()))[image_column]
+    image_of_id = dict(zip(first_row, unique_images))
+    images, captions, ids = [], [], []
+    for row, caption_value in enumerate(dataset[caption_column]):
+        row_captions = caption_value if isinstance(caption_value, (list, tuple)) else [caption_value]
+        for caption in row_captions:
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"evaluation row {row}: empty or non-text caption {caption!r} in {caption_column!r}")
+            images.append(image_of_id[row_ids[row]])
+            captions.append(caption)
+            ids.append(row_ids[row])
+    return RetrievalEvalView.from_rows(
+        images, captions, ids, image_root=os.fspath(image_root) if image_root is not None else None
+    )
