@@ -1,12 +1,14 @@
 """SGR / SAF / SGRAF (Diao et al., AAAI 2021) as native cusa-hf backbones."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .configuration_sgraf import SgrafConfig
 from .modeling_sgraf import SgrafEnsemble, SgrafModel, SgrafOutput, SgrafPreTrainedModel, hinge_triplet_loss
+from .tokenization_sgraf import SgrafTokenizer
 
 AutoConfig.register("sgraf", SgrafConfig)
 AutoModel.register(SgrafConfig, SgrafModel)
+AutoTokenizer.register(SgrafConfig, slow_tokenizer_class=SgrafTokenizer)
 
 __all__ = [
     "SgrafConfig",
@@ -14,5 +16,6 @@ __all__ = [
     "SgrafModel",
     "SgrafOutput",
     "SgrafPreTrainedModel",
+    "SgrafTokenizer",
     "hinge_triplet_loss",
 ]
