@@ -454,19 +454,19 @@ def test_features_and_sequences_match_reference(converted):
     torch.testing.assert_close(out.logits_per_image, img @ txt.t() / sd["temp"], **tol)
 
 
-def test_itm_logits_match_reference_and_single_image_broadcast(converted):
+def test_itm_logits_match_reference_and_indexed_images(converted):
     model, sd, _ = converted
     pixels, ids, mask = batch_inputs()
     image_seq, text_seq = ref_vision(sd, pixels), ref_text(sd, ids, mask)
     with torch.no_grad():
         logits = model.itm_logits(image_seq, text_seq, mask)
         scores = model.itm_score(image_seq, text_seq, mask)
-        one_image = model.itm_score(image_seq[1:2], text_seq, mask)
+        indexed = model.itm_score(image_seq[1:3], text_seq, mask, image_index=torch.tensor([0, 1, 1, 0]))
     expected = ref_itm_logits(sd, image_seq, text_seq, mask)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores, expected[:, 1], atol=1e-5, rtol=1e-5)
-    repeated = ref_itm_logits(sd, image_seq[1:2].expand(4, -1, -1), text_seq, mask)[:, 1]
-    torch.testing.assert_close(one_image, repeated, atol=1e-5, rtol=1e-5)
+    paired = ref_itm_logits(sd, image_seq[torch.tensor([1, 2, 2, 1])], text_seq, mask)[:, 1]
+    torch.testing.assert_close(indexed, paired, atol=1e-5, rtol=1e-5)
 
 
 def test_losses_match_reference_with_repeated_image_ids(converted):

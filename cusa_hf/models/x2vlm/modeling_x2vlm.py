@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from ...distributed import gather_with_grad
 from .configuration_x2vlm import X2VlmConfig, X2VlmTextConfig, X2VlmVisionConfig
 
 # xbert turns padding into an additive -10000 (not -inf): a fully padded row then stays finite.
@@ -211,13 +212,15 @@ class X2VlmTextSelfAttention(nn.Module):
         hidden_states: torch.Tensor,
         additive_mask: torch.Tensor | None,
         key_value_states: torch.Tensor | None = None,
+        key_value_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         source = hidden_states if key_value_states is None else key_value_states
         query = self._heads(self.query(hidden_states))
         key, value = self._heads(self.key(source)), self._heads(self.value(source))
-        if key.shape[0] != query.shape[0]:
-            # One image sequence scored against many texts: keys/values are computed once and broadcast.
-            key, value = key.expand(query.shape[0], -1, -1, -1), value.expand(query.shape[0], -1, -1, -1)
+        if key_value_index is not None:
+            # Keys/values of each distinct image are computed once, then indexed per pair (reranking scores one
+            # image against k texts; the 577-token K/V projections dominate the fusion cost).
+            key, value = key[key_value_index], value[key_value_index]
         context = F.scaled_dot_product_attention(
             query, key, value, attn_mask=additive_mask, dropout_p=self.dropout_prob if self.training else 0.0
         )
@@ -241,8 +244,8 @@ class X2VlmTextAttention(nn.Module):
         self.self = X2VlmTextSelfAttention(config, key_width)
         self.output = X2VlmTextSelfOutput(config, config.hidden_size)
 
-    def forward(self, hidden_states, additive_mask, key_value_states=None) -> torch.Tensor:
-        return self.output(self.self(hidden_states, additive_mask, key_value_states), hidden_states)
+    def forward(self, hidden_states, additive_mask, key_value_states=None, key_value_index=None) -> torch.Tensor:
+        return self.output(self.self(hidden_states, additive_mask, key_value_states, key_value_index), hidden_states)
 
 
 class X2VlmTextIntermediate(nn.Module):
@@ -274,11 +277,12 @@ class X2VlmTextLayer(nn.Module):
         hidden_states: torch.Tensor,
         additive_mask: torch.Tensor,
         image_sequence: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden_states = self.attention(hidden_states, additive_mask)
         if self.crossattention is not None:
             # The image mask is all ones in X2-VLM, so cross-attention is unmasked.
-            hidden_states = self.crossattention(hidden_states, None, image_sequence)
+            hidden_states = self.crossattention(hidden_states, None, image_sequence, image_index)
         return self.output(self.intermediate(hidden_states), hidden_states)
 
 
@@ -306,19 +310,20 @@ class X2VlmTextModel(nn.Module):
 class X2VlmFusionModel(nn.Module):
     """The fusion layers: text hidden states attend to themselves and to the image sequence.
 
-    ``forward(text_sequence (B, L, D_text), attention_mask (B, L), image_sequence (B or 1, 1+N, D_vision))
-    -> (B, L, D_text)``.
+    ``forward(text_sequence (B, L, D_text), attention_mask (B, L), image_sequence (M, 1+N, D_vision),
+    image_index (B,) or None) -> (B, L, D_text)``; text b attends to ``image_sequence[image_index[b]]`` (to
+    ``image_sequence[b]`` when ``image_index`` is None).
     """
 
     def __init__(self, config: X2VlmTextConfig):
         super().__init__()
         self.layer = nn.ModuleList(X2VlmTextLayer(config, cross_attention=True) for _ in range(config.num_fusion_layers))
 
-    def forward(self, text_sequence, attention_mask, image_sequence) -> torch.Tensor:
+    def forward(self, text_sequence, attention_mask, image_sequence, image_index=None) -> torch.Tensor:
         additive_mask = text_additive_mask(attention_mask, text_sequence.dtype)
         hidden_states = text_sequence
         for layer in self.layer:
-            hidden_states = layer(hidden_states, additive_mask, image_sequence)
+            hidden_states = layer(hidden_states, additive_mask, image_sequence, image_index)
         return hidden_states
 
 
@@ -365,8 +370,11 @@ def sample_hard_negatives(
     temp: torch.Tensor,
     image_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    smoothing: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ITM hard negative per row, drawn with probability ``softmax(sim / temp) + 1e-5``, same-image pairs at 0.
+    """One ITM hard negative per row, drawn with weight ``softmax(sim / temp) + smoothing``, same-image pairs at 0.
+
+    X2-VLM adds ``smoothing=1e-5``; BLIP adds nothing.
 
     Returns:
         ``(negative_image_for_text, negative_text_for_image)``, two `(B,)` long tensors of batch indices.
@@ -379,20 +387,11 @@ def sample_hard_negatives(
             "ITM hard negatives need, for every pair, another pair of a different image in the batch; "
             f"image_ids={image_ids.view(-1).tolist() if image_ids is not None else None}"
         )
-    weights_i2t = (F.softmax(similarity, dim=1) + 1e-5).masked_fill(same_image, 0)
-    weights_t2i = (F.softmax(similarity.t(), dim=1) + 1e-5).masked_fill(same_image, 0)
+    weights_i2t = (F.softmax(similarity, dim=1) + smoothing).masked_fill(same_image, 0)
+    weights_t2i = (F.softmax(similarity.t(), dim=1) + smoothing).masked_fill(same_image, 0)
     negative_image_for_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     negative_text_for_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     return negative_image_for_text, negative_text_for_image
-
-
-def gather_across_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 with gradients to every rank's slice; identity without an initialised process group."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return tensor
-    if torch.distributed.get_world_size() == 1:
-        return tensor
-    return torch.cat(torch.distributed.nn.functional.all_gather(tensor), dim=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,28 +525,37 @@ class X2VlmModel(X2VlmPreTrainedModel):
         return F.normalize(features, dim=-1) if normalize else features
 
     def fuse(
-        self, image_sequence: torch.Tensor, text_sequence: torch.Tensor, text_attention_mask: torch.Tensor
+        self,
+        image_sequence: torch.Tensor,
+        text_sequence: torch.Tensor,
+        text_attention_mask: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fusion-encoder output `(B, L, D_text)` of image-text pairs.
 
         Args:
-            image_sequence: `(B, 1 + N, D_vision)`, or `(1, 1 + N, D_vision)` to score one image against B texts.
+            image_sequence: `(B, 1 + N, D_vision)` aligned with the texts, or `(M, 1 + N, D_vision)` with
+                ``image_index``.
             text_sequence: `(B, L, D_text)` text-encoder outputs.
             text_attention_mask: `(B, L)` 1 for tokens, 0 for padding.
+            image_index: `(B,)` long, text b is paired with ``image_sequence[image_index[b]]``; each distinct image's
+                cross-attention keys/values are then computed once.
         """
-        if image_sequence.shape[0] not in (1, text_sequence.shape[0]):
+        expected = text_sequence.shape[0] if image_index is None else image_index.shape[0]
+        if image_index is None and image_sequence.shape[0] != expected or text_sequence.shape[0] != expected:
             raise ValueError(
-                f"fuse: image_sequence batch {image_sequence.shape[0]} must be 1 or the text batch {text_sequence.shape[0]}"
+                f"fuse: {image_sequence.shape[0]} image sequences, {text_sequence.shape[0]} texts and "
+                f"image_index of {None if image_index is None else image_index.shape[0]} entries do not pair up"
             )
-        return self.fusion_model(text_sequence, text_attention_mask, image_sequence)
+        return self.fusion_model(text_sequence, text_attention_mask, image_sequence, image_index)
 
-    def itm_logits(self, image_sequence, text_sequence, text_attention_mask) -> torch.Tensor:
-        """`(B, 2)` ITM logits of the fusion [CLS] token; column 1 is "match"."""
-        return self.itm_head(self.fuse(image_sequence, text_sequence, text_attention_mask)[:, 0])
+    def itm_logits(self, image_sequence, text_sequence, text_attention_mask, image_index=None) -> torch.Tensor:
+        """`(B, 2)` ITM logits of the fusion [CLS] token; column 1 is "match". Arguments as in :meth:`fuse`."""
+        return self.itm_head(self.fuse(image_sequence, text_sequence, text_attention_mask, image_index)[:, 0])
 
-    def itm_score(self, image_sequence, text_sequence, text_attention_mask) -> torch.Tensor:
+    def itm_score(self, image_sequence, text_sequence, text_attention_mask, image_index=None) -> torch.Tensor:
         """`(B,)` raw match logit ``itm_logits[:, 1]``, the score X2-VLM reranks with (no softmax, no ITC added)."""
-        return self.itm_logits(image_sequence, text_sequence, text_attention_mask)[:, 1]
+        return self.itm_logits(image_sequence, text_sequence, text_attention_mask, image_index)[:, 1]
 
     # -- losses -----------------------------------------------------------------------------------------------
 
@@ -561,7 +569,7 @@ class X2VlmModel(X2VlmPreTrainedModel):
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         image_ids: torch.Tensor | None = None,
-        gather: Callable[[torch.Tensor], torch.Tensor] = gather_across_processes,
+        gather: Callable[[torch.Tensor], torch.Tensor] = gather_with_grad,
     ) -> torch.Tensor:
         """ITC over the global batch (features and ids gathered across processes), see :func:`x2vlm_contrastive_loss`."""
         gathered_ids = gather(image_ids.view(-1)) if image_ids is not None else None
@@ -586,11 +594,12 @@ class X2VlmModel(X2VlmPreTrainedModel):
         if negatives is None:
             negatives = sample_hard_negatives(image_embeds, text_embeds, self.temp, image_ids, generator)
         negative_image_for_text, negative_text_for_image = negatives
-        images = torch.cat([image_sequence, image_sequence[negative_image_for_text], image_sequence])
+        batch = image_sequence.shape[0]
+        rows = torch.arange(batch, device=image_sequence.device)
+        image_index = torch.cat([rows, negative_image_for_text.to(rows.device), rows])
         texts = torch.cat([text_sequence, text_sequence, text_sequence[negative_text_for_image]])
         masks = torch.cat([text_attention_mask, text_attention_mask, text_attention_mask[negative_text_for_image]])
-        logits = self.itm_logits(images, texts, masks).float()
-        batch = image_sequence.shape[0]
+        logits = self.itm_logits(image_sequence, texts, masks, image_index).float()
         labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
         labels[:batch] = 1
         return F.cross_entropy(logits, labels)
