@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
+from .adapter import X2VlmAdapter, X2VlmItmScorer, x2vlm_rerank_config
 from .configuration_x2vlm import X2VLM_PRESETS, X2VlmConfig, X2VlmTextConfig, X2VlmVisionConfig
 from .modeling_x2vlm import (
     X2VlmModel,
@@ -10,18 +11,24 @@ from .modeling_x2vlm import (
     sample_hard_negatives,
     x2vlm_contrastive_loss,
 )
+from .processing_x2vlm import X2VlmProcessor, pre_caption
 
 AutoConfig.register(X2VlmConfig.model_type, X2VlmConfig, exist_ok=True)
 AutoModel.register(X2VlmConfig, X2VlmModel, exist_ok=True)
 
 __all__ = [
     "X2VLM_PRESETS",
+    "X2VlmAdapter",
     "X2VlmConfig",
+    "X2VlmItmScorer",
     "X2VlmModel",
     "X2VlmOutput",
     "X2VlmPreTrainedModel",
+    "X2VlmProcessor",
     "X2VlmTextConfig",
     "X2VlmVisionConfig",
+    "pre_caption",
     "sample_hard_negatives",
     "x2vlm_contrastive_loss",
+    "x2vlm_rerank_config",
 ]

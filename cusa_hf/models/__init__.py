@@ -1,0 +1,4 @@
+"""Native backbones absent from transformers and adapters for transformers models; importing this package
+registers their Auto classes and CUSA backbone adapters."""
+
+from . import blip_adapter, x2vlm  # noqa: F401

@@ -1,0 +1,188 @@
+"""CUSA backbone adapter for transformers' ``BlipForImageTextRetrieval`` (ITC projections + ITM head), and its
+ITM scorer for reranking an evaluation split.
+
+Features handed to ``CusaModel`` are the unnormalised 256-d ITC projections ``vision_proj(vision[:, 0])`` and
+``text_proj(text[:, 0])`` (text encoded without the image). The original loss is BLIP's retrieval fine-tuning loss
+without its momentum encoder and queue (``docs/fusion_backbones.md``): ITC with image-id soft targets, plus ITM on one
+hard negative image and text per pair drawn from ``softmax(sim / temp)`` with same-image pairs excluded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import BlipConfig, BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
+
+from ..backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
+from ..data import RetrievalEvalView, load_image
+from .x2vlm.modeling_x2vlm import sample_hard_negatives, x2vlm_contrastive_loss
+
+#: BLIP's ITC temperature at initialisation (``temp: 0.07`` in its retrieval configs). BLIP learns it, but the
+#: transformers checkpoints of ``BlipForImageTextRetrieval`` do not carry it, so the adapter keeps it fixed; a
+#: backbone config attribute ``itc_temperature`` overrides it.
+BLIP_ITC_TEMPERATURE = 0.07
+
+
+@register_backbone_adapter
+class BlipAdapter(BackboneAdapter):
+    """Wraps ``BlipForImageTextRetrieval``: ITC features for CUSA, ITC + ITM as the original loss, ITM reranking."""
+
+    model_types = ("blip",)
+    supports_reranking = True
+    has_original_loss = True
+    backbone: BlipForImageTextRetrieval
+
+    @classmethod
+    def build_backbone(cls, config: PreTrainedConfig) -> PreTrainedModel:
+        # AutoModel would build BlipModel, which has no ITM head.
+        return BlipForImageTextRetrieval(config)
+
+    @classmethod
+    def load_backbone(cls, name_or_path: str, **kwargs) -> PreTrainedModel:
+        return BlipForImageTextRetrieval.from_pretrained(name_or_path, **kwargs)
+
+    @property
+    def temperature(self) -> float:
+        return float(getattr(self.backbone.config, "itc_temperature", BLIP_ITC_TEMPERATURE))
+
+    @property
+    def image_feature_dim(self) -> int:
+        return self.backbone.config.image_text_hidden_size
+
+    @property
+    def text_feature_dim(self) -> int:
+        return self.backbone.config.image_text_hidden_size
+
+    def image_sequence(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, 1 + N, D_vision)` vision-encoder output (CLS first), what the ITM text encoder attends to."""
+        return self.backbone.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    def text_sequence(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """`(B, L, D_text)` unimodal text-encoder output (no image)."""
+        return self.backbone.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        return self.backbone.vision_proj(self.image_sequence(pixel_values)[:, 0])
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.backbone.text_proj(self.text_sequence(input_ids, attention_mask)[:, 0])
+
+    def forward_features(self, pixel_values, input_ids, attention_mask=None, **kwargs) -> BackboneFeatures:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_sequence = self.image_sequence(pixel_values)
+        return BackboneFeatures(
+            image_features=self.backbone.vision_proj(image_sequence[:, 0]),
+            text_features=self.encode_text(input_ids, attention_mask),
+            extras={"image_sequence": image_sequence, "input_ids": input_ids, "attention_mask": attention_mask},
+        )
+
+    def itm_logits(self, image_sequence, input_ids, attention_mask) -> torch.Tensor:
+        """`(B, 2)` ITM logits of aligned pairs, exactly ``BlipForImageTextRetrieval(use_itm_head=True)``'s."""
+        image_mask = torch.ones(image_sequence.shape[:-1], dtype=torch.long, device=image_sequence.device)
+        fused = self.backbone.text_encoder(
+            input_ids=input_ids, attention_mask=attention_mask,
+            encoder_hidden_states=image_sequence, encoder_attention_mask=image_mask,
+        ).last_hidden_state
+        return self.backbone.itm_head(fused[:, 0])
+
+    def original_loss(
+        self, features: BackboneFeatures, image_ids: torch.Tensor | None, gather: Callable[[torch.Tensor], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        temperature = torch.tensor(self.temperature, device=features.image_features.device)
+        image_embeds = F.normalize(features.image_features, dim=-1)
+        text_embeds = F.normalize(features.text_features, dim=-1)
+        gathered_ids = gather(image_ids.view(-1)) if image_ids is not None else None
+        loss_itc = x2vlm_contrastive_loss(gather(image_embeds), gather(text_embeds), temperature, gathered_ids)
+        negative_image, negative_text = sample_hard_negatives(
+            image_embeds, text_embeds, temperature, image_ids, smoothing=0.0
+        )
+        extras = features.extras
+        images, ids, mask = extras["image_sequence"], extras["input_ids"], extras["attention_mask"]
+        logits = self.itm_logits(
+            torch.cat([images, images[negative_image], images]),
+            torch.cat([ids, ids, ids[negative_text]]),
+            torch.cat([mask, mask, mask[negative_text]]),
+        ).float()
+        batch = images.shape[0]
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+        return {"loss_itc": loss_itc, "loss_itm": F.cross_entropy(logits, labels)}
+
+    def pair_scores(self, image_inputs: dict[str, torch.Tensor], text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """`(n,)` ITM match logits of aligned pairs; ``image_inputs``: ``{"pixel_values"}`` or ``{"image_sequence"}``,
+        ``text_inputs``: ``{"input_ids", "attention_mask"}``."""
+        image_sequence = image_inputs.get("image_sequence")
+        if image_sequence is None:
+            image_sequence = self.image_sequence(image_inputs["pixel_values"])
+        input_ids = text_inputs["input_ids"]
+        attention_mask = text_inputs.get("attention_mask")
+        return self.itm_logits(image_sequence, input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))[:, 1]
+
+
+class BlipItmScorer:
+    """ITM scores of (image index, text index) pairs of an evaluation split: BLIP's ``itm[:, 1] + cosine`` (its
+    retrieval evaluation adds the ITC similarity of the candidate to the ITM logit)."""
+
+    def __init__(self, adapter: BlipAdapter, image_sequences, image_features, input_ids, attention_mask, text_features):
+        self.adapter = adapter
+        self.image_sequences, self.image_features = image_sequences, image_features
+        self.input_ids, self.attention_mask, self.text_features = input_ids, attention_mask, text_features
+
+    @classmethod
+    @torch.inference_mode()
+    def from_eval_view(
+        cls,
+        model: torch.nn.Module,
+        processor: Any,
+        eval_view: RetrievalEvalView,
+        batch_size: int = 64,
+        text_batch_size: int = 256,
+        max_length: int = 35,
+        device: torch.device | str | None = None,
+        show_progress: bool = True,
+    ) -> "BlipItmScorer":
+        """Encode every image sequence and tokenise every caption (BLIP's ``max_length`` 35) once."""
+        backbone = getattr(model, "backbone", model)
+        if not isinstance(backbone, BlipForImageTextRetrieval):
+            raise TypeError(f"expected BlipForImageTextRetrieval or a CusaModel wrapping one, got {type(backbone).__name__}")
+        adapter = BlipAdapter(backbone.eval())
+        device = torch.device(device) if device is not None else next(backbone.parameters()).device
+        sequences = []
+        for start in tqdm(range(0, len(eval_view.images), batch_size), desc="ITM image sequences", disable=not show_progress):
+            pil = [load_image(value, eval_view.image_root, where=f"image {start + i}")
+                   for i, value in enumerate(eval_view.images[start : start + batch_size])]
+            pixels = processor.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(device, backbone.dtype)
+            sequences.append(adapter.image_sequence(pixels))
+        sequences = torch.cat(sequences)
+        tokens = processor.tokenizer(list(eval_view.captions), padding="longest", truncation=True,
+                                     max_length=max_length, return_tensors="pt").to(device)
+        text_features = torch.cat([
+            adapter.encode_text(tokens["input_ids"][s : s + text_batch_size], tokens["attention_mask"][s : s + text_batch_size])
+            for s in range(0, len(eval_view.captions), text_batch_size)
+        ])
+        image_features = backbone.vision_proj(sequences[:, 0])
+        return cls(adapter, sequences, F.normalize(image_features.float(), dim=-1), tokens["input_ids"],
+                   tokens["attention_mask"], F.normalize(text_features.float(), dim=-1))
+
+    @torch.inference_mode()
+    def __call__(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        device = self.image_sequences.device
+        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
+        itm = self.adapter.itm_logits(self.image_sequences[image_idx], self.input_ids[text_idx],
+                                      self.attention_mask[text_idx])[:, 1].float()
+        return itm + (self.image_features[image_idx] * self.text_features[text_idx]).sum(-1)
+
+
+def blip_rerank_config(model, processor, eval_view, k_test: int = 256, batch_size: int = 128, **scorer_kwargs):
+    """A ``cusa_hf.evaluation.RerankConfig`` for BLIP's evaluation: ``k_test`` candidates each way (256 COCO,
+    128 Flickr30K), rescored by ``itm[:, 1] + cosine``."""
+    from ..evaluation import RerankConfig
+
+    scorer = BlipItmScorer.from_eval_view(model, processor, eval_view, **scorer_kwargs)
+    return RerankConfig(itm_score=scorer, k_i2t=k_test, k_t2i=k_test, batch_size=batch_size)
+
+
+__all__ = ["BLIP_ITC_TEMPERATURE", "BlipAdapter", "BlipItmScorer", "blip_rerank_config"]
