@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from .adapter import SgrafAdapter
 from .configuration_sgraf import SgrafConfig
 from .modeling_sgraf import SgrafEnsemble, SgrafModel, SgrafOutput, SgrafPreTrainedModel, hinge_triplet_loss
 from .tokenization_sgraf import SgrafTokenizer
@@ -11,6 +12,7 @@ AutoModel.register(SgrafConfig, SgrafModel)
 AutoTokenizer.register(SgrafConfig, slow_tokenizer_class=SgrafTokenizer)
 
 __all__ = [
+    "SgrafAdapter",
     "SgrafConfig",
     "SgrafEnsemble",
     "SgrafModel",
