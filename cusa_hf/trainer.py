@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import defaultdict
 from typing import Any, Sequence
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import load_image
+from .data import RetrievalEvalView, build_eval_view, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,11 @@ class CusaTrainer(Trainer):
     Everything else (optimiser, schedule, accelerate/DDP, checkpointing, ``push_to_hub``) is the stock Trainer.
     When ``data_collator`` is not given, a [`CusaDataCollator`] is built from ``processing_class`` and
     ``collator_kwargs`` (column names, ``image_root``, ``max_length``).
+
+    ``evaluate()`` runs image-text retrieval on the evaluation split (a one-row-per-caption ``datasets.Dataset`` or a
+    ``RetrievalEvalView``) and reports ``eval_i2t_r1`` ... ``eval_t2i_r10`` and ``eval_rsum``, so
+    ``metric_for_best_model="rsum"`` keeps the best checkpoint. ``rerank`` (an ``evaluation.RerankConfig``) adds
+    fusion-encoder ITM reranking.
     """
 
     def __init__(
@@ -158,6 +164,7 @@ class CusaTrainer(Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         collator_kwargs: dict[str, Any] | None = None,
+        rerank: Any = None,
         **kwargs: Any,
     ):
         if args is not None and args.remove_unused_columns:
@@ -183,6 +190,8 @@ class CusaTrainer(Trainer):
         )
         self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
         self._component_steps = 0
+        self.rerank = rerank
+        self._eval_views: dict[str, RetrievalEvalView] = {}
 
     def compute_loss(
         self,
@@ -211,6 +220,51 @@ class CusaTrainer(Trainer):
             self._component_sums.clear()
             self._component_steps = 0
         super().log(logs, start_time)
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        from .evaluation import evaluate_retrieval
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("CusaTrainer.evaluate needs an eval_dataset (one row per caption) or a RetrievalEvalView")
+        if isinstance(dataset, dict):
+            metrics: dict[str, float] = {}
+            for name, split in dataset.items():
+                metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        start = time.time()
+        retrieval = evaluate_retrieval(
+            self.model,
+            self.processing_class,
+            self._eval_view(dataset),
+            batch_size=self.args.per_device_eval_batch_size,
+            text_batch_size=max(self.args.per_device_eval_batch_size, 64),
+            accelerator=self.accelerator,
+            rerank=self.rerank,
+            show_progress=not self.args.disable_tqdm,
+        )
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in retrieval.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _eval_view(self, dataset: Any) -> RetrievalEvalView:
+        if isinstance(dataset, RetrievalEvalView):
+            return dataset
+        key = getattr(dataset, "_fingerprint", None) or str(id(dataset))
+        if key not in self._eval_views:
+            collator = self.data_collator
+            self._eval_views[key] = build_eval_view(
+                dataset,
+                image_column=getattr(collator, "image_column", "image"),
+                caption_column=getattr(collator, "caption_column", "caption"),
+                image_id_column=getattr(collator, "image_id_column", "image_id"),
+                image_root=getattr(collator, "image_root", None),
+            )
+        return self._eval_views[key]
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
