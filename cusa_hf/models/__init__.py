@@ -2,3 +2,4 @@
 registers their Auto classes and CUSA backbone adapters."""
 
 from . import blip_adapter, x2vlm  # noqa: F401
+from . import sgraf  # noqa: F401
