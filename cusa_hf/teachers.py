@@ -50,6 +50,8 @@ PROVENANCE_COLUMN = "teacher_provenance"
 # Bumped when the stored layout or the meaning of a recorded field changes; part of the cache fingerprint.
 PROVENANCE_FORMAT = "cusa-teacher-features/1"
 STORAGE_DTYPES = ("float32", "float16")
+# Cached-table column naming why a row's image failed (null when it did not); never part of the returned dataset.
+_ERROR_COLUMN = "_cusa_image_error"
 IMAGE_POOLINGS = ("auto", "projected", "pooler", "cls", "mean")
 
 
@@ -551,19 +553,20 @@ def add_teacher_features(
         table = _write_feature_table(columns, dropped, provenance, provenance_column, cache_file, state)
 
     base = dataset.remove_columns([provenance_column]) if provenance_column in dataset.column_names else dataset
-    kept_mask = table.with_format("arrow")["_cusa_keep"] if "_cusa_keep" in table.column_names else None
-    table = table.remove_columns([name for name in ["_cusa_keep"] if name in table.column_names])
+    errors = list(table[_ERROR_COLUMN]) if _ERROR_COLUMN in table.column_names else None
+    if errors is not None:
+        table = table.remove_columns([_ERROR_COLUMN])
     result = datasets.concatenate_datasets([base, table], axis=1)
-    if kept_mask is not None:
-        dropped_rows = [row for row, keep in enumerate(kept_mask.to_pylist()) if not keep]
-        if dropped_rows:
-            warnings.warn(
-                f"skipped {len(dropped_rows)} row(s) whose image could not be read (rows "
-                f"{dropped_rows[:10]}{' ...' if len(dropped_rows) > 10 else ''}); the other {len(result) - len(dropped_rows)} "
-                "rows keep their order",
-                stacklevel=2,
-            )
-            result = result.select([row for row, keep in enumerate(kept_mask.to_pylist()) if keep])
+    if errors is not None:
+        dropped_rows = [row for row, error in enumerate(errors) if error is not None]
+        shown = "; ".join(dict.fromkeys(errors[row] for row in dropped_rows[:50]))
+        warnings.warn(
+            f"skipped {len(dropped_rows)} row(s) whose image could not be read (rows {dropped_rows[:10]}"
+            f"{' ...' if len(dropped_rows) > 10 else ''}): {shown}. The other {len(result) - len(dropped_rows)} rows "
+            "keep their order.",
+            stacklevel=2,
+        )
+        result = result.select([row for row, error in enumerate(errors) if error is None])
     return result
 
 
@@ -659,7 +662,7 @@ def _write_feature_table(
     )
     features[provenance_column] = datasets.ClassLabel(names=[json.dumps(provenance, sort_keys=True)])
     if dropped:
-        features["_cusa_keep"] = datasets.Value("bool")
+        features[_ERROR_COLUMN] = datasets.Value("string")
     # A shared cache file is written by the main process; without one, each process writes its own temporary copy.
     writes_here = state.is_main_process or cache_file is None
     if cache_file is None:
@@ -679,8 +682,8 @@ def _write_feature_table(
                 arrays.append(pa.array(np.zeros(stop - start, dtype=np.int64)))
                 names.append(provenance_column)
                 if dropped:
-                    arrays.append(pa.array([row not in dropped for row in range(start, stop)]))
-                    names.append("_cusa_keep")
+                    arrays.append(pa.array([dropped.get(row) for row in range(start, stop)], type=pa.string()))
+                    names.append(_ERROR_COLUMN)
                 writer.write_table(pa.Table.from_arrays(arrays, names=names))
             writer.finalize()
         os.replace(scratch, cache_file)

