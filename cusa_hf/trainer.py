@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections import defaultdict
 from typing import Any, Sequence
@@ -266,23 +267,41 @@ class CusaTrainer(Trainer):
             )
         return self._eval_views[key]
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Keep a CUSA model card written by ``cusa_hf.model_card`` (the stock card would replace it on push)."""
+        card = os.path.join(self.args.output_dir, "README.md")
+        if os.path.isfile(card) and "cusa-hf" in open(card, encoding="utf-8").read():
+            return
+        super().create_model_card(*args, **kwargs)
+
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
 
 
 def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:
-    """Fail before training when CSA/USA are active but the dataset lacks the teacher-feature columns."""
-    if not getattr(config, "needs_teachers", False):
+    """Fail before training when CSA/USA are active but the teacher columns are missing, malformed (NaN, ragged) or
+    of another teacher than the model was trained with; record their provenance and widths in the model config."""
+    if not getattr(config, "needs_teachers", False) or getattr(dataset, "column_names", None) is None:
         return
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:
-        return
-    for attribute in ("teacher_image_column", "teacher_text_column"):
-        column = getattr(collator, attribute, None)
-        if column is not None and column not in columns:
+    from .teachers import check_teacher_features
+
+    image_column = getattr(collator, "teacher_image_column", "teacher_image_embeds")
+    text_column = getattr(collator, "teacher_text_column", "teacher_text_embeds")
+    for column in (image_column, text_column):
+        if column not in dataset.column_names:
             raise ValueError(
-                f"CSA/USA are on but the training dataset has no {column!r} column (columns: {columns}). Compute the "
-                "teacher features once with cusa_hf.add_teacher_features(dataset, image_teacher=..., text_teacher=...) "
-                "or the cusa-extract-teachers CLI, or train the baseline with use_csa=False, use_usa=False."
+                f"CSA/USA are on but the training dataset has no {column!r} column (columns: {dataset.column_names}). "
+                "Compute the teacher features once with cusa_hf.add_teacher_features(dataset, image_teacher=..., "
+                "text_teacher=...) or the cusa-extract-teachers CLI, or train the baseline with use_csa=False, "
+                "use_usa=False."
             )
+    expected = {
+        modality: {"dim": dim}
+        for modality, dim in (("image", config.teacher_image_dim), ("text", config.teacher_text_dim))
+        if dim is not None
+    }
+    provenance = check_teacher_features(dataset, image_column, text_column, expected=expected or None)
+    config.teacher_image_dim = len(dataset[0][image_column])
+    config.teacher_text_dim = len(dataset[0][text_column])
+    config.teacher_info = {column: info for column, info in provenance.items() if info} or None
