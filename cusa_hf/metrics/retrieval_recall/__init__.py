@@ -1,0 +1,1 @@
+"""The ``retrieval_recall`` evaluate module (load its folder with ``evaluate.load``)."""
