@@ -18,16 +18,6 @@ from cusa_hf.data import (
     normalize_image_ids,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def coco_mini_dir() -> Path:
-    folder = Path(os.environ.get("CUSA_COCO_MINI", REPO_ROOT.parent / "shared" / "data" / "coco_mini"))
-    if not (folder / "train.json").is_file():
-        pytest.skip(f"coco_mini not found at {folder} (set $CUSA_COCO_MINI to its folder)")
-    return folder
-
-
 @pytest.fixture
 def image_files(tmp_path):
     """Three small distinct images on disk."""
@@ -45,8 +35,8 @@ def write_json(path: Path, records) -> Path:
     return path
 
 
-def test_coco_mini_train_rows_keep_file_order_and_ids():
-    folder = coco_mini_dir()
+def test_coco_mini_train_rows_keep_file_order_and_ids(coco_mini):
+    folder = coco_mini
     records = json.loads((folder / "train.json").read_text())
     dataset = load_json_dataset(folder / "train.json")
     assert dataset.column_names == ["image", "caption", "image_id"]
@@ -181,8 +171,8 @@ def test_eval_view_rejects_an_id_with_two_images(image_files):
         build_eval_view(rows)
 
 
-def test_coco_mini_eval_view_uses_all_captions():
-    folder = coco_mini_dir()
+def test_coco_mini_eval_view_uses_all_captions(coco_mini):
+    folder = coco_mini
     view = build_eval_view(load_json_dataset(folder / "test.json"))
     assert (view.num_images, view.num_texts) == (201, 1000)
     assert sorted(index for texts in view.image_to_texts for index in texts) == list(range(1000))

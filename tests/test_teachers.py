@@ -1,7 +1,6 @@
 """Tests of cusa_hf.teachers: offline teacher features on coco_mini, caching, bad images, provenance, sharding, CLI."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from PIL import Image
 
 import cusa_hf.teachers as teachers
+from conftest import coco_mini_path
 from cusa_hf.data import BadImageError, load_json_dataset
 from cusa_hf.teachers import (
     add_teacher_features,
@@ -21,22 +21,17 @@ from cusa_hf.teachers import (
     shard_batches,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT_TEACHER = "offline:all-MiniLM-L6-v2"
 IMAGE_TEACHER = "offline:efficientnet-lite0"
-
-
-def coco_mini_dir() -> Path:
-    folder = Path(os.environ.get("CUSA_COCO_MINI", REPO_ROOT.parent / "shared" / "data" / "coco_mini"))
-    if not (folder / "test.json").is_file():
-        pytest.skip(f"coco_mini not found at {folder} (set $CUSA_COCO_MINI to its folder)")
-    return folder
 
 
 @pytest.fixture(scope="module")
 def coco_rows():
     """The first 30 caption rows of coco_mini's test split (7 images)."""
-    return load_json_dataset(coco_mini_dir() / "test.json").select(range(30)).flatten_indices()
+    folder = coco_mini_path()
+    if folder is None:
+        pytest.skip("coco_mini not found at ../shared/data/coco_mini; set CUSA_COCO_MINI to its folder")
+    return load_json_dataset(folder / "test.json").select(range(30)).flatten_indices()
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +138,8 @@ def test_second_call_is_a_cache_hit(coco_rows, tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def rows_with_truncated_image(tmp_path):
-    folder = coco_mini_dir()
+def rows_with_truncated_image(tmp_path, coco_mini):
+    folder = coco_mini
     records = json.loads((folder / "test.json").read_text())[:12]
     (tmp_path / "images").mkdir()
     for record in records:
@@ -255,14 +250,14 @@ def test_two_processes_match_one_process(coco_rows, tmp_path):
         np.testing.assert_array_equal(np.load(tmp_path / f"out.{process}.npy"), expected)
 
 
-def test_cli_help_explains_every_option_and_extracts(tmp_path, capsys):
+def test_cli_help_explains_every_option_and_extracts(tmp_path, capsys, coco_mini):
     parser = teachers._build_parser()
     for action in parser._actions:
         assert action.help, f"option {action.option_strings or action.dest} has no help"
     with pytest.raises(SystemExit):
         teachers.main(["--help"])
     assert "--skip-bad-images" in capsys.readouterr().out
-    folder = coco_mini_dir()
+    folder = coco_mini
     records = json.loads((folder / "test.json").read_text())[:6]
     for record in records:
         record["image"] = str(folder / record["image"])
