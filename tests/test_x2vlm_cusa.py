@@ -181,3 +181,14 @@ def test_processor_cleans_captions_and_resizes_like_the_original(processor):
     resized = np.asarray(image.resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255.0
     mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
     np.testing.assert_allclose(out["pixel_values"][0].permute(1, 2, 0).numpy(), (resized - mean) / std, atol=1e-5)
+
+
+def test_processor_round_trip_through_auto_processor(processor, tmp_path):
+    from transformers import AutoProcessor
+
+    processor.save_pretrained(tmp_path)
+    X2VlmModel(tiny_config()).save_pretrained(tmp_path)
+    reloaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "X2VlmProcessor" and reloaded.clean_captions
+    assert type(reloaded.image_processor).__name__ == "BlipImageProcessorPil"  # the original's PIL resize
+    assert reloaded(text=["A dog!"])["input_ids"] == processor(text=["a dog"])["input_ids"]

@@ -1,6 +1,6 @@
 """X2-VLM (Zeng et al. 2023) as a native transformers-style backbone, registered with the Auto classes and CUSA."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from .adapter import X2VlmAdapter, X2VlmItmScorer, x2vlm_rerank_config
 from .configuration_x2vlm import X2VLM_PRESETS, X2VlmConfig, X2VlmTextConfig, X2VlmVisionConfig
@@ -15,6 +15,7 @@ from .processing_x2vlm import X2VlmProcessor, pre_caption
 
 AutoConfig.register(X2VlmConfig.model_type, X2VlmConfig, exist_ok=True)
 AutoModel.register(X2VlmConfig, X2VlmModel, exist_ok=True)
+AutoProcessor.register(X2VlmConfig, X2VlmProcessor, exist_ok=True)
 
 __all__ = [
     "X2VLM_PRESETS",

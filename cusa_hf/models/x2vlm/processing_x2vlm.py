@@ -32,6 +32,10 @@ class X2VlmProcessor(ProcessorMixin):
         max_words: words kept by the cleaning.
     """
 
+    # The PIL backend resizes exactly as the original torchvision-on-PIL transform; keep it on reload.
+    image_processor_class = "BlipImageProcessorPil"
+    tokenizer_class = ("BertTokenizer", "BertTokenizerFast")
+
     def __init__(self, image_processor, tokenizer, clean_captions: bool = True, max_words: int = 30, **kwargs):
         self.clean_captions = clean_captions
         self.max_words = max_words
