@@ -233,7 +233,8 @@ def load_image_teacher(
               with the transform of its ``pretrained_cfg``;
             * a ``(model, image_processor)`` pair of transformers objects;
             * an ``"offline:efficientnet-liteN"`` alias (see ``OFFLINE_TEACHERS``);
-            * a callable ``f(list_of_PIL_images) -> Tensor (n, dim)``.
+            * a callable ``f(list_of_PIL_images) -> Tensor (n, dim)``;
+            * a :class:`TeacherEncoder` from an earlier call (reused as is, e.g. across splits).
         pooling: transformers models only: ``"projected"`` (``get_image_features``, e.g. CLIP's image embedding),
             ``"pooler"`` (``pooler_output``), ``"cls"`` (first token of ``last_hidden_state``), ``"mean"`` (mean of
             ``last_hidden_state`` over tokens or spatial positions), or ``"auto"`` (projected when the model has
@@ -241,6 +242,8 @@ def load_image_teacher(
         name: recorded in the provenance instead of the detected name (e.g. the path of a callable's checkpoint).
         revision: Hub revision to load (names) and to record.
     """
+    if isinstance(teacher, TeacherEncoder):
+        return teacher
     device = torch.device(device)
     if isinstance(teacher, str) and teacher.startswith("offline:"):
         return load_image_teacher(_offline_teacher(teacher), device, pooling, name or teacher, revision)
@@ -282,9 +285,11 @@ def load_text_teacher(
     teacher: Any, device: str | torch.device = "cpu", name: str | None = None, revision: str | None = None
 ) -> TeacherEncoder:
     """Turn a sentence-transformers model (instance, Hub name, local path or ``"offline:..."`` alias) into a
-    :class:`TeacherEncoder`. The recorded pooling is the model's own (e.g. ``"mean"`` for all-mpnet-base-v2)."""
+    :class:`TeacherEncoder` (a ``TeacherEncoder`` is returned as is). The recorded pooling is the model's own (e.g. ``"mean"`` for all-mpnet-base-v2)."""
     from sentence_transformers import SentenceTransformer
 
+    if isinstance(teacher, TeacherEncoder):
+        return teacher
     device = torch.device(device)
     if isinstance(teacher, str) and teacher.startswith("offline:"):
         return load_text_teacher(_offline_teacher(teacher), device, name or teacher, revision)

@@ -270,3 +270,16 @@ def test_cli_help_explains_every_option_and_extracts(tmp_path, capsys, coco_mini
     saved = datasets.load_from_disk(tmp_path / "out")
     assert saved.features["teacher_text_embeds"] == datasets.List(datasets.Value("float16"), length=384)
     assert check_teacher_features(saved, image_column=None)["teacher_text_embeds"]["name_or_path"] == TEXT_TEACHER
+
+
+def test_benchmark_quick_mode(coco_mini):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("teacher_extraction", Path(__file__).parents[1] / "benchmarks" / "teacher_extraction.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    report = benchmark.main(["--quick", "--coco-mini", str(coco_mini), "--batch-size", "8", "--threads", "1"])
+    assert report["image_inputs_encoded"] == report["unique_images"] < report["rows"] == 40
+    assert report["image_forward_passes"] == -(-report["unique_images"] // 8) < report["per_row_image_forward_passes"] == 5
+    assert report["warm_forward_passes"] == 0
+    assert report["images_per_s"] > 0 and report["captions_per_s"] > 0
