@@ -1,0 +1,59 @@
+"""examples/evaluate_cusa.py on a tiny saved CusaModel: table, JSON, PNG and HTML top-5 pictures, uni-modal extras."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("evaluate_cusa", REPO_ROOT / "examples" / "evaluate_cusa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_data(tmp_path_factory):
+    from tiny_models import synthetic_pairs, tiny_clip_processor, tiny_cusa_model
+
+    folder = tmp_path_factory.mktemp("eval_example")
+    tiny_cusa_model().save_pretrained(folder / "model")
+    tiny_clip_processor().save_pretrained(folder / "model")
+    records = []
+    for index, row in enumerate(synthetic_pairs(num_images=7, captions_per_image=2)):
+        name = f"{row['image_id']}.png"
+        row["image"].save(folder / name)
+        records.append({"image": name, "caption": row["caption"], "image_id": row["image_id"]})
+    (folder / "test.json").write_text(json.dumps(records))
+    return folder
+
+
+@pytest.mark.parametrize("picture", ["top5.png", "top5.html"])
+def test_example_writes_table_json_and_picture(checkpoint_and_data, picture, capsys):
+    folder = checkpoint_and_data
+    example = load_example()
+    result = example.main([
+        "--model", str(folder / "model"), "--data", str(folder / "test.json"), "--device", "cpu", "--quiet",
+        "--max-images", "5", "--output-json", str(folder / "metrics.json"), "--save-grid", str(folder / picture),
+        "--grid-captions", "3",
+        "--sts", str(FIXTURES / "sts_tiny.csv"), "--labelled-images", str(FIXTURES / "labelled_images"),
+    ])
+    printed = capsys.readouterr().out
+    assert "5 images x 10 captions" in printed and "rsum" in printed
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["metrics"] == result["metrics"]
+    assert set(saved["metrics"]) >= {"i2t_r1", "t2i_r10", "rsum", "sts_spearman", "image_r1"}
+    if picture.endswith(".png"):
+        with Image.open(folder / picture) as grid:
+            assert grid.size == (5 * 168, 3 * (168 + 28))
+    else:
+        page = (folder / picture).read_text()
+        assert page.count("<img") == 15 and page.count("<th") == 3
