@@ -130,3 +130,20 @@ def test_trainer_evaluate_reports_retrieval_metrics_for_model_selection(tmp_path
     assert len(evaluations) == 2  # one per epoch
     assert trainer.state.best_metric == max(entry["eval_rsum"] for entry in evaluations)
     assert trainer.evaluate()["eval_rsum"] == trainer.state.best_metric  # the best checkpoint was loaded at the end
+
+
+def test_teacher_features_of_another_width_than_the_model_was_trained_with(tmp_path):
+    model = tiny_cusa_model()
+    model.config.teacher_image_dim = 99
+    with pytest.raises(ValueError, match="dim"):
+        CusaTrainer(model=model, args=training_args(tmp_path), train_dataset=synthetic_dataset(), processing_class=tiny_clip_processor())
+
+
+def test_nan_teacher_features_fail_before_training(tmp_path):
+    rows = synthetic_dataset().to_list()
+    rows[3]["teacher_text_embeds"][0] = float("nan")
+    import datasets
+
+    dataset = datasets.Dataset.from_list(rows, features=synthetic_dataset().features)
+    with pytest.raises(ValueError, match="NaN"):
+        CusaTrainer(model=tiny_cusa_model(), args=training_args(tmp_path), train_dataset=dataset, processing_class=tiny_clip_processor())

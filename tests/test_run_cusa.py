@@ -1,0 +1,145 @@
+"""The main job, examples/run_cusa.py, end to end on tiny local models and generated data (no network)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_clip_config, tiny_clip_processor
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
+
+import run_cusa  # noqa: E402
+from synthetic_data import write_shapes_dataset  # noqa: E402
+
+from cusa_hf import CusaModel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> Path:
+    from transformers import CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    CLIPModel(tiny_clip_config()).save_pretrained(folder)
+    tiny_clip_processor().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), train_images=12, test_images=6)
+
+
+def tiny_run_args(backbone, data, output_dir, *extra):
+    return [
+        "--backbone", str(backbone),
+        "--train_file", str(data / "train.json"),
+        "--test_file", str(data / "test.json"),
+        "--validation_images", "3",
+        "--image_teacher", "offline:efficientnet-lite0",
+        "--text_teacher", "offline:all-MiniLM-L6-v2",
+        "--teacher_cache_dir", str(Path(output_dir).parent / "teacher_cache"),
+        "--output_dir", str(output_dir),
+        "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "8",
+        "--learning_rate", "0.001",
+        "--eval_strategy", "epoch",
+        "--save_strategy", "epoch",
+        "--load_best_model_at_end", "true",
+        "--metric_for_best_model", "rsum",
+        "--report_to", "none",
+        "--use_cpu", "true",
+        "--disable_tqdm", "true",
+        "--seed", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("clip_*.yaml")), ids=lambda p: p.stem)
+def test_paper_configs_parse_with_the_authors_settings(config, tiny_backbone, tmp_path):
+    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments(
+        [str(config), "--backbone", str(tiny_backbone), "--output_dir", str(tmp_path), "--use_cpu", "true"]
+    )
+    assert model_args.backbone == str(tiny_backbone)
+    assert (training_args.learning_rate, training_args.weight_decay, training_args.num_train_epochs) == (1e-5, 1e-4, 30)
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-6}
+    assert training_args.per_device_train_batch_size == (128 if "vitb32" in config.stem else 16)
+    assert (cusa_args.csa_weight, cusa_args.usa_weight, cusa_args.itc_temperature) == (0.1, 0.5, 0.05)
+    assert cusa_args.cusa == config.stem.endswith("_cusa")
+    assert training_args.metric_for_best_model == "rsum"
+    run_cusa.check_backbone(model_args)
+    model = CusaModel.from_backbone(run_cusa.build_backbone(model_args), **run_cusa.cusa_fields(cusa_args, cusa_args.cusa))
+    assert model.config.use_csa == cusa_args.cusa
+
+
+def test_builtin_default_config_parses():
+    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments([])
+    assert model_args.backbone == run_cusa.BUILTIN_BACKBONE and cusa_args.compare_with_baseline
+    assert data_args.image_teacher == "offline:efficientnet-lite2" and data_args.text_teacher == "offline:all-mpnet-base-v2"
+
+
+def test_train_compare_save_and_reload(tiny_backbone, shapes, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    results = run_cusa.main(tiny_run_args(tiny_backbone, shapes, output_dir, "--compare_with_baseline", "true"))
+    assert set(results) == {"baseline", "cusa"}
+    for run in ("baseline", "cusa"):
+        metrics = results[run]
+        assert 0 <= metrics["test_rsum"] <= 600 and "validation_rsum" in metrics
+        folder = output_dir / run
+        card = (folder / "README.md").read_text()
+        assert "test" in card and f"{metrics['test_rsum']:.2f}" in card and "csa_weight" in card
+        model = CusaModel.from_pretrained(folder)
+        assert model.config.use_csa == (run == "cusa") and hasattr(model, "usa_image_head") == (run == "cusa")
+    cusa_config = CusaModel.from_pretrained(output_dir / "cusa").config
+    assert cusa_config.teacher_text_dim == 384 and cusa_config.teacher_image_dim == 1280
+    assert json.loads((output_dir / "results.json").read_text()) == results
+    printed = capsys.readouterr().out
+    assert "baseline" in printed and "cusa" in printed and "rsum" in printed
+
+
+def test_resume_from_checkpoint_reaches_the_same_weights(tiny_backbone, shapes, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    common = ["--cusa", "true", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+              "--eval_strategy", "no", "--load_best_model_at_end", "false"]  # fmt: skip
+    full = tmp_path / "full"
+    run_cusa.main(tiny_run_args(tiny_backbone, shapes, full, *common))
+
+    class KilledAfterStepTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    class InterruptedTrainer(run_cusa.CusaTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, callbacks=[KilledAfterStepTwo()], **kwargs)
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(run_cusa, "CusaTrainer", InterruptedTrainer)
+        run_cusa.main(tiny_run_args(tiny_backbone, shapes, interrupted, *common))
+    assert (interrupted / "checkpoint-2").is_dir() and not (interrupted / "checkpoint-4").exists()
+    run_cusa.main(tiny_run_args(tiny_backbone, shapes, interrupted, *common, "--resume_from_checkpoint", "last"))
+    reference = CusaModel.from_pretrained(full).state_dict()
+    resumed = CusaModel.from_pretrained(interrupted).state_dict()
+    for name, tensor in reference.items():
+        assert torch.allclose(resumed[name], tensor, atol=1e-6), name
+
+
+def test_bad_input_stops_before_training(tiny_backbone, shapes, tmp_path):
+    with pytest.raises(Exception, match="does_not_exist.json"):
+        run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "a", "--train_file", str(tmp_path / "does_not_exist.json")))
+    with pytest.raises(ValueError, match="cannot load backbone 'no-such/model-anywhere'"):
+        run_cusa.main(tiny_run_args("no-such/model-anywhere", shapes, tmp_path / "b"))
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("csa_wieght: 0.2\n")
+    with pytest.raises(ValueError, match="unknown key 'csa_wieght'.*did you mean 'csa_weight'"):
+        run_cusa.parse_arguments([str(typo)])
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="empty"):
+        run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "c", "--test_file", str(empty)))
