@@ -53,6 +53,7 @@ setup(
     entry_points={
         "console_scripts": [
             "cusa-extract-teachers=cusa_hf.teachers:main",
+            "cusa-convert-x2vlm=cusa_hf.models.x2vlm.convert:main",
         ],
     },
 )

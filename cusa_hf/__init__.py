@@ -13,6 +13,7 @@ from .backbones import (
 )
 from .configuration_cusa import CusaConfig
 from .modeling_cusa import CusaModel, CusaOutput
+from . import models  # noqa: E402,F401  registers the X2VLM, BLIP and SGR/SAF adapters and Auto classes
 
 __version__ = "0.1.0"
 

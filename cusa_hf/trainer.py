@@ -152,8 +152,9 @@ class CusaTrainer(Trainer):
 
     ``evaluate()`` runs image-text retrieval on the evaluation split (a one-row-per-caption ``datasets.Dataset`` or a
     ``RetrievalEvalView``) and reports ``eval_i2t_r1`` ... ``eval_t2i_r10`` and ``eval_rsum``, so
-    ``metric_for_best_model="rsum"`` keeps the best checkpoint. ``rerank`` (an ``evaluation.RerankConfig``) adds
-    fusion-encoder ITM reranking.
+    ``metric_for_best_model="rsum"`` keeps the best checkpoint. ``rerank`` adds fusion-encoder ITM reranking: an
+    ``evaluation.RerankConfig``, or a factory ``rerank(model, processor, eval_view) -> RerankConfig`` (such as
+    ``x2vlm_rerank_config`` or ``blip_rerank_config``) called for each evaluation split.
     """
 
     def __init__(
@@ -225,7 +226,7 @@ class CusaTrainer(Trainer):
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        from .evaluation import evaluate_retrieval
+        from .evaluation import RerankConfig, evaluate_retrieval
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
@@ -236,14 +237,18 @@ class CusaTrainer(Trainer):
                 metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         start = time.time()
+        view = self._eval_view(dataset)
+        rerank = self.rerank
+        if rerank is not None and not isinstance(rerank, RerankConfig):
+            rerank = rerank(self.accelerator.unwrap_model(self.model), self.processing_class, view)
         retrieval = evaluate_retrieval(
             self.model,
             self.processing_class,
-            self._eval_view(dataset),
+            view,
             batch_size=self.args.per_device_eval_batch_size,
             text_batch_size=max(self.args.per_device_eval_batch_size, 64),
             accelerator=self.accelerator,
-            rerank=self.rerank,
+            rerank=rerank,
             show_progress=not self.args.disable_tqdm,
         )
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in retrieval.items()}

@@ -57,6 +57,11 @@ class ModelArguments:
         default=False, metadata={"help": "Freeze the image tower (weights and BatchNorm statistics); CPU-friendly."}
     )
     freeze_text_tower: bool = field(default=False, metadata={"help": "Freeze the text tower's weights."})
+    rerank: bool = field(
+        default=False,
+        metadata={"help": "Evaluate fusion backbones (X2VLM, BLIP) by ITM reranking of the ITC top-k, as their papers do."},
+    )
+    rerank_k_test: int = field(default=256, metadata={"help": "Candidates reranked per query (256 COCO, 128 Flickr30K)."})
 
 
 @dataclass
@@ -85,6 +90,7 @@ class DataArguments:
     )
     teacher_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher forward passes."})
     teacher_cache_dir: str | None = field(default=None, metadata={"help": "Where cached teacher features are kept."})
+    max_text_length: int | None = field(default=None, metadata={"help": "Truncate captions to this many tokens."})
 
 
 #: CusaConfig fields exposed on the command line (their defaults and types come from CusaConfig itself).
@@ -247,6 +253,22 @@ def freeze(module) -> None:
         module.timm_model = freeze_batch_norm_2d(timm_model)
 
 
+def rerank_factory(model_args: ModelArguments, model: CusaModel):
+    """The ITM reranking of a fusion backbone, or ``None`` when ``--rerank`` is off."""
+    if not model_args.rerank:
+        return None
+    from functools import partial
+
+    from cusa_hf.models.blip_adapter import blip_rerank_config
+    from cusa_hf.models.x2vlm import x2vlm_rerank_config
+
+    factories = {"x2vlm": x2vlm_rerank_config, "blip": blip_rerank_config}
+    model_type = model.config.backbone_config.model_type
+    if model_type not in factories:
+        raise ValueError(f"--rerank needs a fusion backbone ({sorted(factories)}); {model_type!r} has no ITM head")
+    return partial(factories[model_type], k_test=model_args.rerank_k_test)
+
+
 def cusa_fields(cusa_args, enabled: bool) -> dict[str, Any]:
     fields = {name: getattr(cusa_args, name) for name in CUSA_FLAGS}
     if not enabled:
@@ -275,7 +297,8 @@ def train_one(name, enabled, model_args, data_args, cusa_args, training_args, sp
         train_dataset=splits["train"],
         eval_dataset=splits.get("validation"),
         processing_class=processor,
-        collator_kwargs={"image_root": data_args.image_root},
+        collator_kwargs={"image_root": data_args.image_root, "max_length": data_args.max_text_length},
+        rerank=rerank_factory(model_args, model),
     )
     trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, float] = {}

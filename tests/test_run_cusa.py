@@ -143,3 +143,40 @@ def test_bad_input_stops_before_training(tiny_backbone, shapes, tmp_path):
     empty.write_text("[]")
     with pytest.raises(ValueError, match="empty"):
         run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "c", "--test_file", str(empty)))
+
+
+@pytest.fixture(scope="module")
+def tiny_x2vlm(tmp_path_factory) -> Path:
+    from test_x2vlm_cusa import WORDS, tiny_config
+
+    from cusa_hf.models.x2vlm import X2VlmModel, X2VlmProcessor
+
+    folder = tmp_path_factory.mktemp("tiny_x2vlm")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    torch.manual_seed(0)
+    X2VlmModel(tiny_config()).save_pretrained(folder)
+    X2VlmProcessor.from_vocab(str(vocab), image_size=32, max_length=8).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("x2vlm_*.yaml")), ids=lambda p: p.stem)
+def test_x2vlm_configs_parse_and_build(config, tiny_x2vlm, tmp_path):
+    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments(
+        [str(config), "--backbone", str(tiny_x2vlm), "--processor_name", str(tiny_x2vlm), "--output_dir", str(tmp_path),
+         "--use_cpu", "true"]
+    )  # fmt: skip
+    assert model_args.rerank and model_args.rerank_k_test == (256 if "coco" in config.stem else 128)
+    run_cusa.check_backbone(model_args)
+    model = CusaModel.from_backbone(run_cusa.build_backbone(model_args), **run_cusa.cusa_fields(cusa_args, cusa_args.cusa))
+    assert model.config.backbone_config.model_type == "x2vlm" and not model.uses_cross_projection
+    assert run_cusa.rerank_factory(model_args, model) is not None
+
+
+def test_x2vlm_with_cusa_trains_and_reranks_through_the_script(tiny_x2vlm, shapes, tmp_path):
+    results = run_cusa.main(
+        tiny_run_args(tiny_x2vlm, shapes, tmp_path / "x2vlm", "--rerank", "true", "--rerank_k_test", "4",
+                      "--cross_projection", "false", "--num_train_epochs", "1")
+    )  # fmt: skip
+    metrics = results["cusa"]
+    assert "test_itc_rsum" in metrics and 0 <= metrics["test_rsum"] <= 600
