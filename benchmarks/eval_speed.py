@@ -11,7 +11,7 @@ whatever `argsort` chose. So the check is: identical ranks on every query withou
 between the optimistic and pessimistic rank on the tied ones, and identical R@K / RSUM; the script exits non-zero
 otherwise.
 
-    python benchmarks/eval_speed.py                      # COCO 5K shape: 5000 x 25000, 2 threads
+    python benchmarks/eval_speed.py                      # COCO 5K shape: 5000 x 25000, 1 and 2 threads
     python benchmarks/eval_speed.py --quick              # 100 x 500, seconds (used by the tests)
     python benchmarks/eval_speed.py --device cuda        # fast path on a GPU (the loop stays on the CPU)
 """
@@ -21,9 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
+import os
 import statistics
 import sys
+import threading
 import time
 
 import numpy as np
@@ -61,8 +62,47 @@ def authors_loop_ranks(scores_i2t: np.ndarray, scores_t2i: np.ndarray, text_to_i
     return i2t, t2i
 
 
-def max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakRss:
+    """Peak resident memory above the level at entry, sampled every millisecond by a thread (Linux)."""
+
+    def __enter__(self):
+        self.start, self.peak, self._running = rss_mib(), 0.0, True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while self._running:
+            self.peak = max(self.peak, rss_mib() - self.start)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._running = False
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib() - self.start)
+
+
+def time_fast_path(scores, text_to_image, threads: int, repeats: int, chunk_size, device):
+    torch.set_num_threads(threads)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_before = torch.cuda.memory_allocated()
+    with PeakRss() as rss:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            ranks = retrieval_ranks(scores, text_to_image, chunk_size=chunk_size)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20 if device.type == "cuda" else rss.peak
+    return ranks, {"seconds_min": min(times), "seconds_median": statistics.median(times), "peak_extra_mib": peak}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--captions-per-image", type=int, default=5)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--noise", type=float, default=0.35, help="caption noise (0.35: R@1 in COCO's range)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the loop is single-threaded)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch intra-op thread counts to time the fast path with (the loop is single-threaded)")
     parser.add_argument("--repeats", type=int, default=7, help="fast-path repetitions (min and median reported)")
     parser.add_argument("--device", default="cpu", help="device of the fast path")
     parser.add_argument("--chunk-size", type=int, default=None)
@@ -82,26 +123,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.n_images, args.repeats = 100, 2
 
-    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     scores, text_to_image = build_scores(args.n_images, args.captions_per_image, args.dim, args.noise, args.seed)
     n_texts = len(text_to_image)
     device = torch.device(args.device)
     fast_scores = scores.to(device)
-    rss_before = max_rss_mib()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_before = torch.cuda.memory_allocated()
-
-    fast_times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        i2t_fast, t2i_fast = retrieval_ranks(fast_scores, text_to_image, chunk_size=args.chunk_size)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        fast_times.append(time.perf_counter() - start)
-    fast_peak_extra = (
-        (torch.cuda.max_memory_allocated() - cuda_before) / 2**20 if device.type == "cuda" else max_rss_mib() - rss_before
+    fast_timings, ranks_per_setting = {}, []
+    for threads in args.threads:
+        ranks, fast_timings[threads] = time_fast_path(
+            fast_scores, text_to_image, threads, args.repeats, args.chunk_size, device
+        )
+        ranks_per_setting.append(ranks)
+    i2t_fast, t2i_fast = ranks_per_setting[0]
+    same_across_threads = all(
+        torch.equal(i2t, i2t_fast) and torch.equal(t2i, t2i_fast) for i2t, t2i in ranks_per_setting
     )
 
     # The authors evaluate a separate, contiguous (n_texts, n_images) matrix for text queries; build it untimed.
@@ -121,24 +156,25 @@ def main(argv: list[str] | None = None) -> dict:
         tied_within_bounds &= bool(np.all((optimistic[tied] <= loop[tied]) & (loop[tied] <= fast[tied])))
     fast_metrics = recalls_from_ranks(i2t_fast.cpu(), t2i_fast.cpu())
     loop_metrics = recalls_from_ranks(torch.from_numpy(i2t_loop), torch.from_numpy(t2i_loop))
-    identical = identical_untied and tied_within_bounds and fast_metrics == loop_metrics
+    identical = identical_untied and tied_within_bounds and fast_metrics == loop_metrics and same_across_threads
     result = {
         "shape": [args.n_images, n_texts],
         "device": str(device),
-        "torch_threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_1min_before_after": [load_before, os.getloadavg()[0]],
         "loop_seconds": loop_time,
-        "fast_seconds_min": min(fast_times),
-        "fast_seconds_median": statistics.median(fast_times),
-        "speedup_min": loop_time / min(fast_times),
-        "speedup_median": loop_time / statistics.median(fast_times),
-        "fast_peak_extra_mib": fast_peak_extra,
+        "fast": {
+            f"threads={threads}": {**timing, "speedup_vs_loop_min": loop_time / timing["seconds_min"],
+                                   "speedup_vs_loop_median": loop_time / timing["seconds_median"]}
+            for threads, timing in fast_timings.items()
+        },
         "matrix_mib": scores.numel() * scores.element_size() / 2**20,
         "queries": args.n_images + n_texts,
         "queries_with_tied_positive": tied_queries,
         "identical_ranks_without_ties": identical_untied,
         "loop_rank_within_tie_bounds": tied_within_bounds,
         "identical_metrics": fast_metrics == loop_metrics,
+        "identical_ranks_across_thread_counts": same_across_threads,
         "metrics_fast": fast_metrics,
         "metrics_loop": loop_metrics,
     }

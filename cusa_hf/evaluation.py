@@ -96,38 +96,23 @@ def _auto_chunk(chunk_size: int | None, row_length: int) -> int:
 
 # ------------------------------------------------------------------------------------------------------- counting
 class _AtLeastCounter:
-    """Counts, per row or per column of a score matrix, the entries at or above (or strictly above) a threshold.
+    """Counts, per row or per column of a score block, the entries at or above (or strictly above) a threshold.
 
-    The counts come from float arithmetic, ``sign(score - threshold)`` clamped to {-1, 0} (or {0, 1}) and summed,
-    because vectorised float ops run several times faster than comparisons into bool tensors and their reduction.
-    ``a - b == 0`` exactly when ``a == b`` for finite IEEE floats (gradual underflow), so the counts are exact. An
-    infinity minus an equal infinity is NaN, which ``torch.sign`` maps to 0, i.e. "equal", which is right; should a
-    platform's ``sign`` return NaN instead, the NaN counts are recounted with comparisons (:meth:`exact`). NaN
-    *scores* are rejected before counting, since ``sign`` would silently treat them as ties.
+    The comparison writes 0/1 straight into a float buffer (``torch.ge(..., out=float_buffer)``) that is then summed:
+    on CPU this runs several times faster than comparing into a bool tensor and reducing it, which casts the bools
+    to int64 first. The counts are exact (sums of 0/1 below 2**24 in float32; larger matrices count in float64).
     """
 
-    def __init__(self, strict: bool, work_dtype: torch.dtype):
-        self.strict = strict
-        self.work_dtype = work_dtype
-
-    def _sign_counts(self, differences: torch.Tensor, dim: int) -> torch.Tensor:
-        differences.sign_()
-        if self.strict:  # entries above: sum of max(sign, 0)
-            return differences.clamp_(min=0).sum(dim)
-        # entries at or above: length + sum of min(sign, 0)
-        return differences.clamp_(max=0).sum(dim) + differences.shape[dim]
+    def __init__(self, strict: bool):
+        self.compare = torch.gt if strict else torch.ge
 
     def rows(self, block: torch.Tensor, thresholds: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """`(rows,)` counts of ``block[r] (>=|>) thresholds[r]``."""
-        return self._sign_counts(torch.sub(block, thresholds[:, None], out=buffer), 1)
+        return self.compare(block, thresholds[:, None], out=buffer).sum(1)
 
     def columns(self, block: torch.Tensor, thresholds: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
         """`(columns,)` counts of ``block[:, c] (>=|>) thresholds[c]``."""
-        return self._sign_counts(torch.sub(block, thresholds[None, :], out=buffer), 0)
-
-    def exact(self, values: torch.Tensor, thresholds: torch.Tensor, dim: int) -> torch.Tensor:
-        compare = torch.gt if self.strict else torch.ge
-        return compare(values, thresholds.unsqueeze(dim)).sum(dim).to(self.work_dtype)
+        return self.compare(block, thresholds[None, :], out=buffer).sum(0)
 
 
 def _raise_on_nan(matrix: torch.Tensor, name: str, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None):
@@ -189,11 +174,12 @@ def retrieval_ranks(
             "their image-to-text rank is undefined. Drop them from the score matrix."
         )
 
-    # Half precision is counted in float32; counts above 2**24 need float64 to stay exact.
+    # Half precision is compared in float32; counts above 2**24 need float64 to stay exact.
     work_dtype = torch.promote_types(i2t_matrix.dtype, torch.float32)
     if max(n_images, n_texts) >= _EXACT_FLOAT32_COUNT:
         work_dtype = torch.float64
-    counter = _AtLeastCounter(strict=ties == "optimistic", work_dtype=work_dtype)
+    strict = ties == "optimistic"
+    counter = _AtLeastCounter(strict)
 
     # Image queries: threshold = best score among the image's captions.
     i2t_positive = _positive_scores(i2t_matrix, mapping).to(work_dtype)
@@ -201,16 +187,13 @@ def retrieval_ranks(
     best.scatter_reduce_(0, mapping, i2t_positive, reduce="amax")
     # Text queries: threshold = score with its own image.
     t2i_positive = _positive_scores(t2i_matrix, mapping).to(work_dtype)
-    if torch.isnan(i2t_positive).any() or torch.isnan(t2i_positive).any():
-        name = "similarity" if torch.isnan(i2t_positive).any() else "t2i_similarity"
-        matrix = i2t_matrix if name == "similarity" else t2i_matrix
-        _raise_on_nan(matrix, name, rows=torch.unique(mapping))
 
     rows = _auto_chunk(chunk_size, n_texts)
     buffer = torch.empty((min(rows, n_images), n_texts), dtype=work_dtype, device=i2t_matrix.device)
     i2t_counts = torch.empty(n_images, dtype=work_dtype, device=i2t_matrix.device)
     t2i_counts = torch.zeros(n_texts, dtype=torch.float64, device=i2t_matrix.device)
-    # A NaN score makes its chunk's sum NaN (so may inf + -inf, which is checked exactly afterwards).
+    # NaN compares false everywhere, so it would pass silently: a chunk whose sum is NaN is checked for NaN scores
+    # (a NaN sum can also come from inf + -inf, which is fine).
     chunk_sums = torch.zeros((2, -(-n_images // rows)), dtype=work_dtype, device=i2t_matrix.device)
     for chunk, start in enumerate(range(0, n_images, rows)):
         stop = min(start + rows, n_images)
@@ -226,15 +209,7 @@ def retrieval_ranks(
         for chunk in torch.isnan(sums).nonzero().flatten().tolist():
             _raise_on_nan(matrix, name, rows=torch.arange(chunk * rows, min((chunk + 1) * rows, n_images)))
 
-    # Only where sign(NaN) is not 0 (see _AtLeastCounter) can a count be NaN: recount those exactly.
-    bad_rows = torch.isnan(i2t_counts).nonzero().flatten()
-    if len(bad_rows):
-        i2t_counts[bad_rows] = counter.exact(i2t_matrix[bad_rows].to(work_dtype), best[bad_rows], 1)
-    bad_cols = torch.isnan(t2i_counts).nonzero().flatten()
-    if len(bad_cols):
-        t2i_counts[bad_cols] = counter.exact(t2i_matrix[:, bad_cols].to(work_dtype), t2i_positive[bad_cols], 0).double()
-
-    if counter.strict:  # entries strictly above the best caption / the own image are all non-positives
+    if strict:  # entries strictly above the best caption / the own image are all non-positives
         i2t_ranks = i2t_counts.round().long()
         t2i_ranks = t2i_counts.round().long()
     else:  # at-or-above counts include the best caption(s) tied at the top / the own image
