@@ -170,3 +170,21 @@ def test_uni_modal_evaluation_with_tiny_cusa_model(tiny_setup):
     images = LabelledImages(view.images, [i % 2 for i in range(view.num_images)])
     r1 = evaluate_image_retrieval(model, processor.image_processor, images, show_progress=False)
     assert r1 in {100.0 * k / view.num_images for k in range(view.num_images + 1)}
+
+
+def test_head_none_accepts_plain_backbone_outputs():
+    """head=None: no head argument, and an output object's pooler_output is used (transformers 5 CLIPModel)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    class PlainModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(()))
+
+        def get_text_features(self, input_ids, attention_mask=None):
+            features = torch.stack([input_ids[:, 0].float() * self.weight, torch.ones(len(input_ids))], -1)
+            return BaseModelOutputWithPooling(pooler_output=features)
+
+    features = encode_texts(PlainModel(), ["item 2", "item 5"], IndexTokenizer(), head=None, show_progress=False)
+    expected = torch.nn.functional.normalize(torch.tensor([[2.0, 1.0], [5.0, 1.0]]), dim=-1)
+    torch.testing.assert_close(features, expected)
