@@ -73,6 +73,9 @@ class CusaPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    # forward takes **backbone_kwargs, not the Trainer's num_items_in_batch: without this the Trainer would assume the
+    # loss is already normalised for gradient accumulation and skip dividing it by the accumulation steps.
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, CusaProjection):
@@ -157,9 +160,14 @@ class CusaModel(CusaPreTrainedModel):
             adapter_class = adapter_class_for(backbone_config.model_type)
             backbone = adapter_class.load_backbone(str(backbone), **(backbone_kwargs or {}))
         pretrained_state = {name: tensor.detach().clone() for name, tensor in backbone.state_dict().items()}
+        attn_implementation = backbone.config._attn_implementation
         model = cls(CusaConfig(backbone_config=backbone.config, **cusa_fields), backbone=backbone)
         # post_init may re-initialise the backbone's weights; put the pretrained ones back.
         model.backbone.load_state_dict(pretrained_state)
+        # Wrapping resets the backbone config's attention implementation to None, with which CLIP's text tower
+        # attends to padding (features then depend on how a batch is padded); keep the backbone's own.
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
         return model
 
     # ------------------------------------------------------------------ temperatures

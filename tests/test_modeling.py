@@ -279,3 +279,27 @@ def test_checkpoint_loads_with_trust_remote_code_without_the_package(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.Size([1, 16])" in result.stdout
+
+
+def test_text_features_do_not_depend_on_padding_whichever_way_the_model_is_built(tmp_path):
+    """Wrapping a loaded backbone once reset its attention implementation, and CLIP's text tower then attended to
+    padding: a caption's embedding changed with the batch it was padded in."""
+    from tiny_models import tiny_clip_processor
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    CLIPModel(tiny_clip_config()).save_pretrained(tmp_path / "clip")
+    tiny_cusa_model().save_pretrained(tmp_path / "cusa")
+    tokenizer = tiny_clip_processor().tokenizer
+    short = tokenizer(["a red cat on the street"], return_tensors="pt")
+    padded = tokenizer(["a red cat on the street"], padding="max_length", max_length=16, return_tensors="pt")
+    for model in (
+        tiny_cusa_model(),
+        CusaModel.from_backbone(tmp_path / "clip"),
+        CusaModel.from_backbone(CLIPModel.from_pretrained(tmp_path / "clip")),
+        CusaModel.from_pretrained(tmp_path / "cusa"),
+    ):
+        model.eval()
+        assert model.backbone.config._attn_implementation is not None
+        difference = model.get_text_features(**short) - model.get_text_features(**padded)
+        assert difference.abs().max() < 1e-5

@@ -180,3 +180,33 @@ def test_x2vlm_with_cusa_trains_and_reranks_through_the_script(tiny_x2vlm, shape
     )  # fmt: skip
     metrics = results["cusa"]
     assert "test_itc_rsum" in metrics and 0 <= metrics["test_rsum"] <= 600
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_like_one(tiny_backbone, shapes, tmp_path):
+    """torchrun with 2 CPU processes (gloo), features gathered: the same losses and metrics as one process on the
+    same global batches (eval splits of 3 and 6 images do not divide evenly: no duplicated or dropped rows)."""
+    import os
+    import subprocess
+
+    common = ["--gather_features", "true", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",
+              "--load_best_model_at_end", "false", "--logging_steps", "1", "--dataloader_drop_last", "true"]  # fmt: skip
+    one = tmp_path / "one"
+    single = run_cusa.main(tiny_run_args(tiny_backbone, shapes, one, *common, "--per_device_train_batch_size", "8"))
+    two = tmp_path / "two"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+               str(REPO / "examples" / "run_cusa.py"),
+               *tiny_run_args(tiny_backbone, shapes, two, *common, "--per_device_train_batch_size", "4")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single_state = CusaModel.from_pretrained(one).state_dict()
+    double_state = CusaModel.from_pretrained(two).state_dict()
+    for name, tensor in single_state.items():
+        assert torch.allclose(double_state[name], tensor, atol=1e-4), name
+    double = json.loads((two / "results.json").read_text())
+    assert double.keys() == single.keys()
+    for name, value in single["cusa"].items():
+        if name.endswith(("_runtime",)):
+            continue
+        assert double["cusa"][name] == pytest.approx(value, abs=1e-3), name
