@@ -12,7 +12,22 @@ from .backbones import (
     supported_model_types,
 )
 from .configuration_cusa import CusaConfig
+from .data import build_eval_view, load_hub_dataset, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
+from .evaluation import (
+    RerankConfig,
+    eccv_metrics,
+    encode_images,
+    encode_texts,
+    evaluate_retrieval,
+    image_retrieval_r1,
+    pairwise_similarity,
+    rerank_with_itm,
+    retrieval_metrics,
+    sts_spearman,
+)
 from .modeling_cusa import CusaModel, CusaOutput
+from .teachers import add_teacher_features, check_teacher_features, read_teacher_provenance
+from .trainer import CusaDataCollator, CusaTrainer, cusa_training_arguments
 from . import models  # noqa: E402,F401  registers the X2VLM, BLIP and SGR/SAF adapters and Auto classes
 
 __version__ = "0.1.0"
@@ -27,11 +42,32 @@ __all__ = [
     "BackboneAdapter",
     "BackboneFeatures",
     "CusaConfig",
+    "CusaDataCollator",
     "CusaModel",
     "CusaOutput",
+    "CusaTrainer",
+    "RerankConfig",
     "adapter_class_for",
+    "add_teacher_features",
+    "build_eval_view",
+    "check_teacher_features",
+    "cusa_training_arguments",
     "dual_encoder_config",
     "dual_encoder_from_towers",
+    "eccv_metrics",
+    "encode_images",
+    "encode_texts",
+    "evaluate_retrieval",
+    "image_retrieval_r1",
+    "load_hub_dataset",
+    "load_imagefolder_dataset",
+    "load_json_dataset",
+    "load_retrieval_dataset",
+    "pairwise_similarity",
+    "read_teacher_provenance",
     "register_backbone_adapter",
+    "rerank_with_itm",
+    "retrieval_metrics",
+    "sts_spearman",
     "supported_model_types",
 ]

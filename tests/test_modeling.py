@@ -303,3 +303,19 @@ def test_text_features_do_not_depend_on_padding_whichever_way_the_model_is_built
         assert model.backbone.config._attn_implementation is not None
         difference = model.get_text_features(**short) - model.get_text_features(**padded)
         assert difference.abs().max() < 1e-5
+
+
+def test_loads_a_hub_repo_id_from_the_local_cache(tmp_path, monkeypatch):
+    """A Hub checkpoint laid out as huggingface_hub caches it loads by repo id with no network."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-cusa"
+    snapshot = repo / "snapshots" / commit
+    model = tiny_cusa_model(usa_weight=0.3)
+    model.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = CusaModel.from_pretrained("someone/tiny-cusa", cache_dir=tmp_path / "hub")
+    assert loaded.config.usa_weight == 0.3
+    state = model.state_dict()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in loaded.state_dict().items())
