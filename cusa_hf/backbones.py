@@ -77,7 +77,8 @@ class BackboneAdapter:
 
     @property
     def text_feature_dim(self) -> int:
-        raise NotImplementedError
+        """Width of the text features; the image width unless the backbone projects the towers differently."""
+        return self.image_feature_dim
 
     def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """`(batch_size, image_feature_dim)` pooled projected image features."""
@@ -167,10 +168,6 @@ class ClipAdapter(BackboneAdapter):
 
     @property
     def image_feature_dim(self) -> int:
-        return self.backbone.config.projection_dim
-
-    @property
-    def text_feature_dim(self) -> int:
         return self.backbone.config.projection_dim
 
     def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:

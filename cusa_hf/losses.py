@@ -147,6 +147,26 @@ def teacher_soft_labels(
         return TeacherSoftLabels(image_targets, text_targets, joint_targets, joint_targets)
 
 
+@torch.no_grad()
+def soft_label_diagnostics(soft_labels: TeacherSoftLabels, image_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What the teachers' soft labels look like, for the logs.
+
+    Returns the mean row entropy (nats) of the image and text targets (``log(B)`` is uniform, 0 is one-hot) and, when
+    ``image_ids`` are given, the mean mass the targets put on *other* pairs of the same image (captions of one image
+    should attract each other; pitfalls: same-image pairs are false negatives for plain InfoNCE).
+    """
+    stats = {}
+    for name, targets in (("image", soft_labels.image), ("text", soft_labels.text)):
+        stats[f"softlabel_entropy_{name}"] = -(targets * targets.clamp_min(1e-12).log()).sum(dim=1).mean()
+    if image_ids is not None:
+        image_ids = image_ids.reshape(-1).to(soft_labels.image.device)
+        same_image = image_ids[:, None] == image_ids[None, :]
+        same_image.fill_diagonal_(False)
+        for name, targets in (("image", soft_labels.image), ("text", soft_labels.text)):
+            stats[f"softlabel_same_image_mass_{name}"] = (targets * same_image).sum(dim=1).mean()
+    return stats
+
+
 def soft_label_loss(
     logits: torch.Tensor, targets: torch.Tensor, loss: str = "kl", reduction: str = "all_entries_mean"
 ) -> torch.Tensor:

@@ -16,7 +16,7 @@ from transformers.utils import ModelOutput
 from .backbones import BackboneAdapter, BackboneFeatures, adapter_class_for
 from .configuration_cusa import TEMPERATURE_FIELDS, CusaConfig
 from .distributed import gather_with_grad, is_distributed
-from .losses import csa_loss, info_nce, teacher_soft_labels, usa_loss
+from .losses import csa_loss, info_nce, soft_label_diagnostics, teacher_soft_labels, usa_loss
 
 
 @dataclass
@@ -41,6 +41,8 @@ class CusaOutput(ModelOutput):
             embeddings (`None` without USA heads).
         uni_text_embeds (`torch.FloatTensor` of shape `(batch_size, feature_dim)`): L2-normalised USA-head text
             embeddings (`None` without USA heads).
+        softlabel_stats (`dict[str, torch.FloatTensor]`): diagnostics of the teachers' soft labels (row entropy,
+            same-image mass; see `cusa_hf.losses.soft_label_diagnostics`), with the loss while CSA or USA is active.
     """
 
     loss: torch.FloatTensor | None = None
@@ -53,6 +55,7 @@ class CusaOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     uni_image_embeds: torch.FloatTensor | None = None
     uni_text_embeds: torch.FloatTensor | None = None
+    softlabel_stats: dict[str, torch.FloatTensor] | None = None
 
 
 class CusaProjection(nn.Module):
@@ -320,6 +323,7 @@ class CusaModel(CusaPreTrainedModel):
                 mode=self.config.softlabel_mode,
                 temperature=self.config.softlabel_temperature,
             )
+            output.softlabel_stats = soft_label_diagnostics(soft_labels, global_image_ids)
             if self.config.csa_active:
                 loss_csa = csa_loss(
                     similarity, soft_labels, self.csa_temperature, self.config.softlabel_loss, self.config.itc_reduction

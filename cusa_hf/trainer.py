@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import time
-from collections import defaultdict
 from typing import Any, Sequence
 
 import torch
@@ -190,7 +189,8 @@ class CusaTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
-        self._component_sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        # Running sums stay on the device: no host synchronisation per step.
+        self._component_sums: dict[str, torch.Tensor] = {}
         self._component_steps = 0
         self.rerank = rerank
         self._eval_views: dict[str, RetrievalEvalView] = {}
@@ -205,16 +205,18 @@ class CusaTrainer(Trainer):
     ):
         outputs = model(**inputs, return_loss=True)
         if model.training:
-            for name in LOSS_COMPONENTS:
-                self._component_sums[name] += getattr(outputs, name).detach().double().cpu()
+            components = {name: getattr(outputs, name) for name in LOSS_COMPONENTS}
+            components.update(outputs.softlabel_stats or {})
+            for name, value in components.items():
+                self._component_sums[name] = self._component_sums.get(name, 0.0) + value.detach().float()
             self._component_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_steps:
             steps = self._component_steps
-            for name in LOSS_COMPONENTS:
-                mean = (self._component_sums[name] / steps).to(self.args.device, torch.float32)
+            for name in sorted(self._component_sums):
+                mean = (self._component_sums[name] / steps).to(self.args.device)
                 logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
             logs.update(
                 {name: round(value, 6) for name, value in self.accelerator.unwrap_model(self.model).temperatures().items()}

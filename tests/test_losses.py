@@ -5,10 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from cusa_hf.losses import (
+    TeacherSoftLabels,
     csa_loss,
     info_nce,
     multi_positive_targets,
     soft_cross_entropy,
+    soft_label_diagnostics,
     soft_label_loss,
     teacher_soft_labels,
     usa_loss,
@@ -151,3 +153,14 @@ def test_batch_size_one_is_finite():
 def test_invalid_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_soft_label_diagnostics_by_hand():
+    image = torch.tensor([[0.5, 0.5, 0.0], [0.25, 0.5, 0.25], [0.0, 0.0, 1.0]])
+    labels = TeacherSoftLabels(image, torch.eye(3), image, torch.eye(3))
+    stats = soft_label_diagnostics(labels, torch.tensor([4, 4, 9]))
+    expected_entropy = (math.log(2) + (2 * 0.25 * math.log(4) + 0.5 * math.log(2)) + 0.0) / 3
+    assert stats["softlabel_entropy_image"].item() == pytest.approx(expected_entropy, rel=1e-6)
+    assert stats["softlabel_entropy_text"].item() == pytest.approx(0.0, abs=1e-6)
+    # other pairs of the same image: row 0 -> column 1 (0.5), row 1 -> column 0 (0.25), row 2 -> none
+    assert stats["softlabel_same_image_mass_image"].item() == pytest.approx(0.75 / 3, rel=1e-6)

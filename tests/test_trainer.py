@@ -29,8 +29,11 @@ def test_trainer_reduces_the_loss_and_logs_cusa_terms(tmp_path):
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) >= 4
-    for key in ("loss_itc", "loss_csa", "loss_usa", "itc_temperature", "csa_temperature", "usa_image_temperature"):
+    for key in ("loss_itc", "loss_csa", "loss_usa", "itc_temperature", "csa_temperature", "usa_image_temperature",
+                "softlabel_entropy_image", "softlabel_entropy_text", "softlabel_same_image_mass_text"):
         assert key in logs[-1], key
+    # 8-pair batches: a row entropy lies between one-hot (0) and uniform (log 8).
+    assert 0 < logs[-1]["softlabel_entropy_text"] <= torch.log(torch.tensor(8.0)).item() + 1e-6
     assert logs[-1]["loss"] < logs[0]["loss"]
     temperatures = model.temperatures()
     assert 0.01 <= temperatures["itc_temperature"] <= 0.10

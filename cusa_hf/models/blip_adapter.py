@@ -52,10 +52,6 @@ class BlipAdapter(BackboneAdapter):
     def image_feature_dim(self) -> int:
         return self.backbone.config.image_text_hidden_size
 
-    @property
-    def text_feature_dim(self) -> int:
-        return self.backbone.config.image_text_hidden_size
-
     def image_sequence(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, 1 + N, D_vision)` vision-encoder output (CLS first), what the ITM text encoder attends to."""
         return self.backbone.vision_model(pixel_values=pixel_values).last_hidden_state

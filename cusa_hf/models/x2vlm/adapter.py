@@ -31,10 +31,6 @@ class X2VlmAdapter(BackboneAdapter):
     def image_feature_dim(self) -> int:
         return self.backbone.config.embed_dim
 
-    @property
-    def text_feature_dim(self) -> int:
-        return self.backbone.config.embed_dim
-
     def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """`(B, embed_dim)` unnormalised ITC image features."""
         return self.backbone.get_image_features(pixel_values, normalize=False)
