@@ -1,0 +1,80 @@
+"""The cost and gain benchmarks: their measuring helpers on hand-checked cases and their ``--quick`` runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+step_cost = load_benchmark("step_cost")
+cusa_gain = load_benchmark("cusa_gain")
+
+
+def test_peak_tensor_memory_counts_new_storages_until_freed():
+    features = torch.randn(1024, 256)
+    with step_cost.PeakTensorMemory() as tracker:
+        similarity = features @ features.t()  # new 4 MiB; the transposed view of an input is not new memory
+        probabilities = similarity.softmax(dim=1)  # another 4 MiB while both live
+        del similarity
+        assert tracker.live_bytes == 4 * 2**20
+        probabilities.mul_(2)  # in place: no new memory
+        del probabilities
+    assert tracker.peak_bytes == 8 * 2**20
+    assert tracker.live_bytes == 0
+
+
+def test_same_label_map_hand_checked():
+    # Rows 0 and 1 share a label; row 2 is alone (skipped as a query). Row 0's nearest is row 2, then row 1: AP 1/2.
+    # Row 1's nearest is row 0: AP 1.
+    features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.9, -0.1]])
+    assert cusa_gain.same_label_map(features, ["a", "a", "b"]) == pytest.approx(100 * (0.5 + 1.0) / 2)
+
+
+@pytest.mark.slow  # a minute or more on 2 shared CPU cores: tiny CLIP steps plus two fresh memory subprocesses
+def test_step_cost_quick(tmp_path):
+    report = step_cost.main(["--quick", "--json", str(tmp_path / "cost.json")])
+    assert json.loads((tmp_path / "cost.json").read_text())["timing"] == report["timing"]
+    timing = {(row["batch_size"], row["variant"]): row for row in report["timing"]}
+    assert set(timing) == {(8, "infonce"), (8, "cusa"), (32, "infonce"), (32, "cusa")}
+    for row in timing.values():
+        assert row["steps"] == 3 and row["student"] == "tiny_clip"
+        assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] and math.isfinite(row["max_ms"])
+        assert row["ratio_to_infonce"] == pytest.approx(row["median_ms"] / timing[(row["batch_size"], "infonce")]["median_ms"])
+    memory = {row["variant"]: row for row in report["memory"]}
+    assert set(memory) == {"infonce", "cusa"}
+    # CUSA's step does the baseline's work plus USA heads, soft labels and KL terms: strictly more tensor memory.
+    assert 0 < memory["infonce"]["step_peak_tensor_mib"] < memory["cusa"]["step_peak_tensor_mib"]
+    assert "| tiny_clip | 32 | cusa |" in step_cost.markdown(report)
+
+
+@pytest.mark.slow  # four tiny fine-tuning runs with the real pretrained student and teachers: about two minutes
+def test_cusa_gain_quick(tmp_path):
+    summary = cusa_gain.main(["--quick", "--output_dir", str(tmp_path)])
+    assert list(summary) == ["infonce", "csa", "usa", "cusa"]
+    assert [entry["row"] for entry in summary.values()] == ["InfoNCE", "+CSA", "+USA", "CUSA"]
+    for entry in summary.values():
+        assert entry["n_seeds"] == 1 and entry["test_rsum_std"] == 0.0
+        recalls = [entry[f"test_{column}"] for column in cusa_gain.RETRIEVAL_COLUMNS[:-1]]
+        assert all(0 <= value <= 100 for value in recalls)
+        assert entry["test_rsum"] == pytest.approx(sum(recalls))
+        for column in cusa_gain.UNIMODAL_COLUMNS:
+            assert 0 <= entry[column] <= 100
+    runs = json.loads((tmp_path / "gain_runs.json").read_text())
+    assert set(runs) == {f"{row}/seed0" for row in cusa_gain.ROWS}
+    assert "--use_csa false" in runs["usa/seed0"]["command"] and "--cusa false" in runs["infonce/seed0"]["command"]
+    # A rerun finds every run finished and only summarises.
+    assert cusa_gain.main(["--quick", "--output_dir", str(tmp_path)]) == summary
