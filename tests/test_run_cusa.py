@@ -210,3 +210,29 @@ def test_two_processes_train_and_evaluate_like_one(tiny_backbone, shapes, tmp_pa
         if name.endswith(("_runtime",)):
             continue
         assert double["cusa"][name] == pytest.approx(value, abs=1e-3), name
+
+
+@pytest.mark.slow
+def test_builtin_default_pipeline_on_coco_mini(coco_mini, tmp_path):
+    """The built-in default (pretrained EfficientNet-Lite0 + MiniLM dual encoder, frozen image tower, baseline vs
+    CUSA) on a slice of coco_mini. The text teacher is swapped for MiniLM here only to spare the test the 405 MB
+    all-mpnet-base-v2 parts; the default command itself uses all-mpnet-base-v2."""
+    results = run_cusa.main(
+        ["--train_file", str(coco_mini / "train.json"), "--test_file", str(coco_mini / "test.json"),
+         "--max_train_samples", "320", "--validation_images", "16", "--text_teacher", "offline:all-MiniLM-L6-v2",
+         "--teacher_cache_dir", str(tmp_path / "teachers"), "--output_dir", str(tmp_path / "default"),
+         "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert set(results) == {"baseline", "cusa"}
+    for metrics in results.values():
+        # 201 test images, 1000 captions: a trained retrieval model is far above chance (RSUM ~ 9 at random).
+        assert metrics["test_rsum"] > 30
+    model = CusaModel.from_pretrained(tmp_path / "default" / "cusa")
+    assert model.backbone.config.vision_config.model_type == "timm_wrapper"
+    # --freeze_vision_tower: weights and BatchNorm statistics are the pretrained ones after training
+    from cusa_hf.offline_models import efficientnet_lite_timm_wrapper
+
+    pretrained = efficientnet_lite_timm_wrapper(0).state_dict()
+    trained = model.backbone.vision_model.state_dict()
+    compared = [name for name in pretrained if not name.endswith("num_batches_tracked")]
+    assert compared and all(torch.equal(trained[name], pretrained[name]) for name in compared)

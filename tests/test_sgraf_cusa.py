@@ -172,3 +172,45 @@ def test_collator_and_grid_pooling(tmp_path):
     cells = grid_features(feature_map, 2)
     assert cells.shape == (2, 4, 3)
     assert cells[1, 3, 2] == feature_map[1, 2, 2:, 2:].mean()  # bottom-right cell, last channel
+
+
+def test_sgr_trains_and_evaluates_through_cusa_trainer(tmp_path):
+    """The same trainer and retrieval metrics as CLIP: SgrafDataCollator batches, pairwise scoring for evaluation."""
+    import datasets
+
+    from cusa_hf.models.sgraf import sgraf_pairwise_scorer
+    from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
+
+    rng = np.random.default_rng(0)
+    words = ["dog", "cat", "bus", "red", "blue", "runs", "sits", "a", "the", "on"]
+    captions = [" ".join(rng.choice(words, size=5)) for _ in range(24)]
+    split = RegionFeatureSplit(
+        features=rng.normal(size=(12, 4, 12)).astype(np.float32),
+        captions=captions,
+        text_to_image=torch.arange(24) // 2,
+        image_ids=[f"im{i}" for i in range(12)],
+    )
+    tokenizer = SgrafTokenizer.from_captions(captions, tmp_path / "vocab", min_count=1)
+    rows = split.rows()
+    for row in rows:
+        row["teacher_image_embeds"] = rng.normal(size=5).astype(np.float32).tolist()
+        row["teacher_text_embeds"] = rng.normal(size=7).astype(np.float32).tolist()
+    dataset = datasets.Dataset.from_list(rows)
+    torch.manual_seed(0)
+    model = CusaModel(CusaConfig(backbone_config=tiny_config("SGR", vocab_size=len(tokenizer)), csa_weight=0.6, usa_weight=0.75))
+    args = cusa_training_arguments(str(tmp_path / "out"), learning_rate=2e-3, num_train_epochs=3, per_device_train_batch_size=8,
+                                   logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = CusaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                          data_collator=SgrafDataCollator(tokenizer, split.features),
+                          pairwise_scorer=sgraf_pairwise_scorer(split.features, tokenizer))
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert "loss_csa" in logs[-1] and logs[-1]["loss"] < logs[0]["loss"]
+    metrics = trainer.evaluate()
+    tokens = tokenizer(captions, padding=True, return_tensors="pt")
+    scorer = SgrafPairwiseScorer(model.backbone, split.features, tokens["input_ids"], tokens["attention_mask"])
+    expected = retrieval_metrics(scorer.similarity(), split.text_to_image)
+    assert metrics["eval_rsum"] == pytest.approx(expected["rsum"])
+    without_scorer = CusaTrainer(model=model, args=args, data_collator=SgrafDataCollator(tokenizer, split.features))
+    with pytest.raises(ValueError, match="pairwise_scorer"):
+        without_scorer.evaluate(dataset)

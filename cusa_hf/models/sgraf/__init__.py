@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from .adapter import SgrafAdapter
 from .configuration_sgraf import SgrafConfig
+from .evaluation import sgraf_pairwise_scorer
 from .modeling_sgraf import SgrafEnsemble, SgrafModel, SgrafOutput, SgrafPreTrainedModel, hinge_triplet_loss
 from .tokenization_sgraf import SgrafTokenizer
 
@@ -20,4 +21,5 @@ __all__ = [
     "SgrafPreTrainedModel",
     "SgrafTokenizer",
     "hinge_triplet_loss",
+    "sgraf_pairwise_scorer",
 ]

@@ -140,3 +140,17 @@ def evaluate_sgraf(
     text = tokenizer(list(captions), padding=True, return_tensors="pt")
     scorer = SgrafPairwiseScorer(models, region_features, text["input_ids"], text["attention_mask"], batch_size)
     return fold_metrics(scorer, text_to_image, PROTOCOLS[protocol], image_chunk, text_chunk, show_progress)
+
+
+def sgraf_pairwise_scorer(region_features: np.ndarray | torch.Tensor, tokenizer, batch_size: int = 128):
+    """``CusaTrainer(pairwise_scorer=...)`` for SGR/SAF: scores an evaluation view whose images are rows of
+    ``region_features`` (as ``RegionFeatureSplit.rows()`` and ``eval_view()`` make them)."""
+
+    def scorer(model: torch.nn.Module, eval_view) -> SgrafPairwiseScorer:
+        backbone = getattr(model, "backbone", model)
+        rows = [int(row) for row in eval_view.images]
+        features = region_features if rows == list(range(len(region_features))) else region_features[rows]
+        text = tokenizer(list(eval_view.captions), padding=True, return_tensors="pt")
+        return SgrafPairwiseScorer(backbone, features, text["input_ids"], text["attention_mask"], batch_size)
+
+    return scorer
