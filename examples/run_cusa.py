@@ -5,11 +5,16 @@
     accelerate launch examples/run_cusa.py examples/configs/clip_vitb32_coco_cusa.yaml --num_train_epochs 5
     python examples/run_cusa.py --backbone openai/clip-vit-base-patch32 --train_file train.json \
         --validation_file val.json --test_file test.json --output_dir out --cusa false
+    accelerate launch examples/run_cusa.py examples/configs/sgr_coco_mini_grid.yaml    # SGR on region features
 
 Arguments come from four dataclasses (model, data, CUSA, ``TrainingArguments``), from a YAML/JSON file given as
 the first argument, or both (command-line flags override the file). With no arguments at all the script runs
 ``examples/configs/builtin_default.yaml``: a dual encoder of pretrained EfficientNet-Lite0 + MiniLM towers trained
 on coco_mini (or generated data when coco_mini is absent) as the InfoNCE baseline and with CUSA, offline, on CPU.
+
+``--backbone sgraf`` (or a saved/converted SGR/SAF folder) takes its own data path: precomputed region features in
+the SCAN format (``--features_dir``), a word-level ``SgrafTokenizer``, pairwise scoring for evaluation, and the test
+split scored under ``--eval_protocol`` (docs/sgraf.md).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from cusa_hf import CusaConfig, CusaModel
 from cusa_hf.data import load_retrieval_dataset
 from cusa_hf.model_card import write_model_card
+from cusa_hf.models.sgraf import SgrafConfig, SgrafModel, SgrafTokenizer, sgraf_pairwise_scorer
+from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf
+from cusa_hf.models.sgraf.features import RegionFeatureSplit, SgrafDataCollator
 from cusa_hf.teachers import add_teacher_features
 from cusa_hf.trainer import CusaTrainer
 
@@ -39,6 +47,8 @@ logger = logging.getLogger("run_cusa")
 EXAMPLES = Path(__file__).resolve().parent
 BUILTIN_BACKBONE = "builtin:efficientnet-lite0+minilm"
 BUILTIN_CONFIG = EXAMPLES / "configs" / "builtin_default.yaml"
+SGRAF_BACKBONE = "sgraf"
+SGRAF_DEFAULTS = SgrafConfig()
 
 
 @dataclass
@@ -62,6 +72,31 @@ class ModelArguments:
         metadata={"help": "Evaluate fusion backbones (X2VLM, BLIP) by ITM reranking of the ITC top-k, as their papers do."},
     )
     rerank_k_test: int = field(default=256, metadata={"help": "Candidates reranked per query (256 COCO, 128 Flickr30K)."})
+    sgraf_module_name: str = field(
+        default=SGRAF_DEFAULTS.module_name,
+        metadata={"help": f"With --backbone {SGRAF_BACKBONE}: the similarity reasoner, SGR or SAF (SgrafConfig.module_name)."},
+    )
+    sgraf_img_dim: int = field(
+        default=SGRAF_DEFAULTS.img_dim,
+        metadata={"help": "With --backbone sgraf: width of one region feature (2048 BUTD, 1280 EfficientNet-Lite grids)."},
+    )
+    sgraf_embed_size: int = field(
+        default=SGRAF_DEFAULTS.embed_size, metadata={"help": "With --backbone sgraf: joint embedding size (SgrafConfig.embed_size)."}
+    )
+    sgraf_word_dim: int = field(
+        default=SGRAF_DEFAULTS.word_dim, metadata={"help": "With --backbone sgraf: word embedding size (SgrafConfig.word_dim)."}
+    )
+    sgraf_sim_dim: int = field(
+        default=SGRAF_DEFAULTS.sim_dim, metadata={"help": "With --backbone sgraf: similarity vector size (SgrafConfig.sim_dim)."}
+    )
+    sgraf_vocab_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "SGRAF vocabulary JSON (the original vocab/*_precomp_vocab.json or {word: id}). Default: the "
+            "backbone folder's vocab.json, or, for a fresh --backbone sgraf, one built from the training captions "
+            "(words seen at least 4 times) and written to --output_dir."
+        },
+    )
 
 
 @dataclass
@@ -91,6 +126,20 @@ class DataArguments:
     teacher_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher forward passes."})
     teacher_cache_dir: str | None = field(default=None, metadata={"help": "Where cached teacher features are kept."})
     max_text_length: int | None = field(default=None, metadata={"help": "Truncate captions to this many tokens."})
+    features_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "SGRAF backbones only: folder of SCAN-format region features ({split}_ims.npy, {split}_caps.txt, "
+            "optional {split}_image_ids.txt / {split}_text_to_image.txt) for the train/validation/test splits."
+        },
+    )
+    eval_protocol: str = field(
+        default="coco5k",
+        metadata={
+            "help": f"SGRAF backbones only: test-set protocol, one of {sorted(PROTOCOLS)} (coco5k/f30k: one matrix over "
+            "the split; coco1k: mean over 5 folds of 1,000 images). Validation always uses one matrix."
+        },
+    )
 
 
 #: CusaConfig fields exposed on the command line (their defaults and types come from CusaConfig itself).
@@ -168,6 +217,17 @@ def resolve_default_data(data_args: DataArguments, output_dir: str) -> str:
     return description
 
 
+def carve_validation(train, validation_images: int):
+    """(train, validation): the last ``validation_images`` training images, with all their captions, held out."""
+    image_ids = list(dict.fromkeys(train["image_id"]))
+    if validation_images >= len(image_ids):
+        raise ValueError(f"--validation_images {validation_images} leaves no training images (there are {len(image_ids)})")
+    held_out = set(image_ids[-validation_images:])
+    in_validation = [image_id in held_out for image_id in train["image_id"]]
+    validation = train.select([i for i, flag in enumerate(in_validation) if flag])
+    return train.select([i for i, flag in enumerate(in_validation) if not flag]), validation
+
+
 def load_splits(data_args: DataArguments) -> dict[str, Any]:
     def load(source: str, split: str):
         dataset = load_retrieval_dataset(source, split=split, image_root=data_args.image_root, skip_invalid=data_args.skip_invalid)
@@ -180,15 +240,7 @@ def load_splits(data_args: DataArguments) -> dict[str, Any]:
     if data_args.validation_file:
         splits["validation"] = load(data_args.validation_file, data_args.validation_split)
     elif data_args.validation_images > 0:
-        image_ids = list(dict.fromkeys(train["image_id"]))
-        if data_args.validation_images >= len(image_ids):
-            raise ValueError(
-                f"--validation_images {data_args.validation_images} leaves no training images (there are {len(image_ids)})"
-            )
-        held_out = set(image_ids[-data_args.validation_images :])
-        in_validation = [image_id in held_out for image_id in train["image_id"]]
-        splits["validation"] = train.select([i for i, flag in enumerate(in_validation) if flag])
-        splits["train"] = train.select([i for i, flag in enumerate(in_validation) if not flag])
+        splits["train"], splits["validation"] = carve_validation(train, data_args.validation_images)
     if data_args.test_file:
         splits["test"] = load(data_args.test_file, data_args.test_split)
     if data_args.max_train_samples is not None:
@@ -196,8 +248,150 @@ def load_splits(data_args: DataArguments) -> dict[str, Any]:
     return splits
 
 
-def build_backbone(model_args: ModelArguments):
-    """The backbone: a model (built-in towers) or a name/path for ``CusaModel.from_backbone``."""
+@dataclass
+class SgrafData:
+    """What an SGR/SAF run needs beside its datasets.
+
+    Attributes:
+        tokenizer: the ``SgrafTokenizer`` (also saved as the run's processor).
+        collator: ``SgrafDataCollator`` over the training split's region features.
+        validation_scorer: ``CusaTrainer(pairwise_scorer=...)`` factory bound to the features the validation rows index
+            (the validation split's, or the training split's when validation images are carved from it).
+        test: the test split, scored with ``evaluate_sgraf`` under ``protocol``.
+        fresh_config: ``SgrafConfig`` fields of a fresh ``--backbone sgraf`` model (``None`` for a saved folder).
+    """
+
+    tokenizer: SgrafTokenizer
+    collator: SgrafDataCollator
+    validation_scorer: Any
+    test: RegionFeatureSplit | None
+    protocol: str
+    fresh_config: dict[str, Any] | None
+
+
+def _split_exists(features_dir: str, split: str) -> bool:
+    return (Path(features_dir) / f"{split}_ims.npy").is_file()
+
+
+def sgraf_tokenizer(model_args: ModelArguments, captions: list[str], training_args: TrainingArguments) -> SgrafTokenizer:
+    """``--sgraf_vocab_file``, else the backbone folder's vocabulary, else (fresh model) one built from ``captions``."""
+    if model_args.sgraf_vocab_file is not None:
+        if not Path(model_args.sgraf_vocab_file).is_file():
+            raise FileNotFoundError(f"--sgraf_vocab_file {model_args.sgraf_vocab_file} does not exist")
+        return SgrafTokenizer(vocab_file=model_args.sgraf_vocab_file)
+    if model_args.backbone != SGRAF_BACKBONE:
+        if not (Path(model_args.backbone) / "vocab.json").is_file():
+            raise ValueError(
+                f"the SGRAF backbone {model_args.backbone} has no vocab.json; pass --sgraf_vocab_file (the vocabulary it "
+                "was trained with: a new one would give its word ids other meanings)"
+            )
+        return SgrafTokenizer.from_pretrained(model_args.backbone)
+    with training_args.main_process_first(desc="SGRAF vocabulary"):
+        return SgrafTokenizer.from_captions(captions, training_args.output_dir)
+
+
+def load_sgraf_data(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> tuple[dict[str, Any], SgrafData, str]:
+    """Datasets (one row per caption; ``image`` = the row of its region features), the tokenizer, collator and scorers."""
+    import datasets
+
+    if data_args.features_dir is None:
+        raise ValueError(f"--backbone {model_args.backbone} (SGRAF) reads precomputed region features: pass --features_dir")
+    if data_args.eval_protocol not in PROTOCOLS:
+        raise ValueError(f"--eval_protocol {data_args.eval_protocol!r}: expected one of {sorted(PROTOCOLS)}")
+    if model_args.freeze_vision_tower or model_args.freeze_text_tower:
+        raise ValueError("--freeze_vision_tower / --freeze_text_tower apply to dual encoders, not to SGRAF backbones")
+    features_dir = data_args.features_dir
+    train_split = RegionFeatureSplit.load(features_dir, data_args.train_split)
+    splits = {"train": datasets.Dataset.from_list(train_split.rows())}
+    if _split_exists(features_dir, data_args.validation_split):
+        validation_split = RegionFeatureSplit.load(features_dir, data_args.validation_split)
+        splits["validation"] = datasets.Dataset.from_list(validation_split.rows())
+    elif data_args.validation_images > 0:
+        validation_split = train_split  # the held-out rows index the training features
+        splits["train"], splits["validation"] = carve_validation(splits["train"], data_args.validation_images)
+    else:
+        validation_split = None
+    test_split = None
+    if _split_exists(features_dir, data_args.test_split):
+        test_split = RegionFeatureSplit.load(features_dir, data_args.test_split)
+        folds = PROTOCOLS[data_args.eval_protocol]
+        if len(test_split.features) % folds:
+            raise ValueError(
+                f"--eval_protocol {data_args.eval_protocol} needs the {data_args.test_split} images in {folds} equal "
+                f"folds, but {features_dir}/{data_args.test_split}_ims.npy has {len(test_split.features)}"
+            )
+        splits["test"] = datasets.Dataset.from_list(test_split.rows())
+    else:
+        logger.warning("no %s/%s_ims.npy: the run has no test evaluation", features_dir, data_args.test_split)
+    if data_args.max_train_samples is not None:
+        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
+
+    num_regions, feature_dim = train_split.features.shape[1:]
+    tokenizer = sgraf_tokenizer(model_args, splits["train"]["caption"], training_args)
+    if model_args.backbone == SGRAF_BACKBONE:
+        fresh_config = dict(
+            module_name=model_args.sgraf_module_name,
+            img_dim=model_args.sgraf_img_dim,
+            embed_size=model_args.sgraf_embed_size,
+            word_dim=model_args.sgraf_word_dim,
+            sim_dim=model_args.sgraf_sim_dim,
+            vocab_size=tokenizer.vocab_size,
+            num_regions=num_regions,
+        )
+        config, where = SgrafConfig(**fresh_config), "--sgraf_img_dim"  # validates the fields before any training
+    else:
+        fresh_config, config = None, SgrafConfig.from_pretrained(model_args.backbone)
+        where = f"{model_args.backbone}: num_regions, img_dim"
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ValueError(
+                f"the vocabulary has {tokenizer.vocab_size} words but {model_args.backbone} was trained with "
+                f"{config.vocab_size}"
+            )
+    for name, split in (("train", train_split), ("validation", validation_split), ("test", test_split)):
+        if split is not None and tuple(split.features.shape[1:]) != (config.num_regions, config.img_dim):
+            raise ValueError(
+                f"{features_dir}: the {name} features are {tuple(split.features.shape[1:])} (regions, dim) per image "
+                f"but the model takes ({config.num_regions}, {config.img_dim}) ({where})"
+            )
+    sgraf = SgrafData(
+        tokenizer=tokenizer,
+        collator=SgrafDataCollator(tokenizer, train_split.features),
+        validation_scorer=None if validation_split is None else sgraf_pairwise_scorer(validation_split.features, tokenizer),
+        test=test_split,
+        protocol=data_args.eval_protocol,
+        fresh_config=fresh_config,
+    )
+    description = (
+        f"SCAN-format region features from {features_dir} ({len(train_split.features)} {data_args.train_split} images "
+        f"of {num_regions} x {feature_dim}), test protocol {data_args.eval_protocol}"
+    )
+    return splits, sgraf, description
+
+
+def with_teacher_image_paths(dataset, image_root: str | None, where: str):
+    """Add ``image_path`` = ``image_root / image_id`` (the raw image of each region-feature row) for the image teacher."""
+    if image_root is None:
+        raise ValueError(
+            "CUSA's image teacher reads the raw images: pass --image_root, the folder holding the files named in "
+            f"{where}"
+        )
+    image_ids = list(dict.fromkeys(dataset["image_id"]))
+    missing = [image_id for image_id in image_ids if not (Path(image_root) / str(image_id)).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(image_ids)} images named by {where} are not under --image_root {image_root} "
+            f"(first: {Path(image_root) / str(missing[0])}); the ids must be image file names relative to --image_root"
+        )
+    root = Path(image_root).resolve()
+    return dataset.add_column("image_path", [str(root / str(image_id)) for image_id in dataset["image_id"]])
+
+
+def build_backbone(model_args: ModelArguments, sgraf: SgrafData | None = None):
+    """The backbone: a model (built-in towers, fresh SGRAF) or a name/path for ``CusaModel.from_backbone``."""
+    if model_args.backbone == SGRAF_BACKBONE:
+        return SgrafModel(SgrafConfig(**sgraf.fresh_config))
     if model_args.backbone == BUILTIN_BACKBONE:
         from transformers import AutoModel
 
@@ -209,10 +403,13 @@ def build_backbone(model_args: ModelArguments):
     return model_args.backbone
 
 
-def check_backbone(model_args: ModelArguments) -> None:
-    """Fail early (before teachers and training) on a backbone name that cannot be loaded or has no adapter."""
+def check_backbone(model_args: ModelArguments) -> str | None:
+    """Fail early (before teachers and training) on a backbone name that cannot be loaded or has no adapter;
+    returns its model type (``None`` for the built-in towers)."""
     if model_args.backbone == BUILTIN_BACKBONE:
-        return
+        return None
+    if model_args.backbone == SGRAF_BACKBONE:
+        return SgrafConfig.model_type
     from transformers import AutoConfig
 
     from cusa_hf import adapter_class_for
@@ -225,6 +422,7 @@ def check_backbone(model_args: ModelArguments) -> None:
             f"({str(error).splitlines()[0]})"
         ) from None
     adapter_class_for(config.model_type)
+    return config.model_type
 
 
 def build_processor(model_args: ModelArguments):
@@ -276,10 +474,13 @@ def cusa_fields(cusa_args, enabled: bool) -> dict[str, Any]:
     return fields
 
 
-def train_one(name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description):
-    """Train one model (baseline or CUSA), select on validation RSUM, test once, save with a model card."""
+def train_one(
+    name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description, sgraf=None
+):
+    """Train one model (baseline or CUSA), select on validation RSUM, test once, save with a model card.
+    ``sgraf`` (an SGR/SAF run) supplies the collator, the validation scorer and the test protocol."""
     set_seed(training_args.seed)
-    model = CusaModel.from_backbone(build_backbone(model_args), **cusa_fields(cusa_args, enabled))
+    model = CusaModel.from_backbone(build_backbone(model_args, sgraf), **cusa_fields(cusa_args, enabled))
     if model_args.freeze_vision_tower:
         freeze(model.backbone.vision_model)
     if model_args.freeze_text_tower:
@@ -297,14 +498,25 @@ def train_one(name, enabled, model_args, data_args, cusa_args, training_args, sp
         train_dataset=splits["train"],
         eval_dataset=splits.get("validation"),
         processing_class=processor,
+        data_collator=None if sgraf is None else sgraf.collator,
         collator_kwargs={"image_root": data_args.image_root, "max_length": data_args.max_text_length},
         rerank=rerank_factory(model_args, model),
+        pairwise_scorer=None if sgraf is None else sgraf.validation_scorer,
     )
     trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, float] = {}
     if "validation" in splits:
         metrics.update(trainer.evaluate(splits["validation"], metric_key_prefix="validation"))
-    if "test" in splits:
+    if "test" in splits and sgraf is not None:
+        test = sgraf.test
+        retrieval = evaluate_sgraf(
+            trainer.accelerator.unwrap_model(trainer.model).backbone, test.features, test.captions,
+            test.text_to_image, sgraf.tokenizer, protocol=sgraf.protocol, show_progress=not run_args.disable_tqdm,
+        )  # fmt: skip
+        test_metrics = {f"test_{key}": value for key, value in retrieval.items()}
+        trainer.log(test_metrics)
+        metrics.update(test_metrics)
+    elif "test" in splits:
         metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
     trainer.save_model()
     if trainer.is_world_process_zero():
@@ -333,16 +545,28 @@ def format_table(results: dict[str, dict[str, float]], prefix: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     model_args, data_args, cusa_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
-    check_backbone(model_args)
-    processor = build_processor(model_args)
-    data_description = resolve_default_data(data_args, training_args.output_dir)
-    splits = load_splits(data_args)
+    backbone_type = check_backbone(model_args)
+    if backbone_type == SgrafConfig.model_type:
+        splits, sgraf, data_description = load_sgraf_data(model_args, data_args, training_args)
+        processor = sgraf.tokenizer
+    else:
+        if data_args.features_dir is not None:
+            raise ValueError(f"--features_dir is for SGRAF backbones; {model_args.backbone!r} reads images")
+        sgraf = None
+        processor = build_processor(model_args)
+        data_description = resolve_default_data(data_args, training_args.output_dir)
+        splits = load_splits(data_args)
     needs_teachers = cusa_args.cusa and (
         (cusa_args.use_csa and cusa_args.csa_weight > 0) or (cusa_args.use_usa and cusa_args.usa_weight > 0)
     )
     if needs_teachers:
+        if sgraf is not None:
+            splits["train"] = with_teacher_image_paths(
+                splits["train"], data_args.image_root, f"{data_args.features_dir}/{data_args.train_split}_image_ids.txt"
+            )
         splits["train"] = add_teacher_features(
             splits["train"],
+            image_column="image" if sgraf is None else "image_path",
             image_teacher=data_args.image_teacher,
             text_teacher=data_args.text_teacher,
             batch_size=data_args.teacher_batch_size,
@@ -354,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ]
     results = {
         name if name != "single" else ("cusa" if enabled else "baseline"): train_one(
-            name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description
+            name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description, sgraf
         )
         for name, enabled in runs
     }
