@@ -286,8 +286,11 @@ def sgraf_tokenizer(model_args: ModelArguments, captions: list[str], training_ar
                 "was trained with: a new one would give its word ids other meanings)"
             )
         return SgrafTokenizer.from_pretrained(model_args.backbone)
+    # One process per machine writes the vocabulary; the others read it once it is complete.
     with training_args.main_process_first(desc="SGRAF vocabulary"):
-        return SgrafTokenizer.from_captions(captions, training_args.output_dir)
+        if training_args.local_process_index == 0:
+            return SgrafTokenizer.from_captions(captions, training_args.output_dir)
+        return SgrafTokenizer(vocab_file=os.path.join(training_args.output_dir, SgrafTokenizer.vocab_files_names["vocab_file"]))
 
 
 def load_sgraf_data(
