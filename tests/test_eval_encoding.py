@@ -118,9 +118,9 @@ def _two_process_gather():
 
 
 def test_two_processes_gather_every_row_once():
-    from accelerate import debug_launcher
+    from two_process import spawn_launcher
 
-    debug_launcher(_two_process_gather, num_processes=2)
+    spawn_launcher(_two_process_gather)
 
 
 # ------------------------------------------------------------------------------------------ a real tiny CusaModel

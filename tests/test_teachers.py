@@ -227,8 +227,6 @@ def both_feature_columns(dataset):
 def _two_process_worker(rows_dict, output):
     from accelerate import PartialState
 
-    # Forked from the test process, which may already hold a one-process state; debug_launcher runs gloo on CPU.
-    PartialState._reset_state()
     PartialState(cpu=True)
     rows = datasets.Dataset.from_dict(rows_dict)
     result = add_teacher_features(
@@ -240,12 +238,12 @@ def _two_process_worker(rows_dict, output):
 
 
 def test_two_processes_match_one_process(coco_rows, tmp_path):
-    from accelerate import debug_launcher
+    from two_process import spawn_launcher
 
     rows = coco_rows.select(range(23))  # 5 images and 23 captions: uneven shares of 3-item batches
     single = add_teacher_features(rows, image_teacher=mean_color, text_teacher=TEXT_TEACHER, batch_size=3, show_progress=False, cache_dir=tmp_path)
     expected = both_feature_columns(single)
-    debug_launcher(_two_process_worker, args=(rows.to_dict(), str(tmp_path / "out")), num_processes=2)
+    spawn_launcher(_two_process_worker, args=(rows.to_dict(), str(tmp_path / "out")))
     for process in range(2):
         np.testing.assert_array_equal(np.load(tmp_path / f"out.{process}.npy"), expected)
 
