@@ -21,7 +21,7 @@ Students:
 Timing interleaves the variants (their order rotates every round) after warm-up steps and reports the median of
 the timed steps. Peak memory runs one step per variant in a fresh subprocess and reports the peak of live tensor
 memory created during the step (a ``TorchDispatchMode`` that counts new storages until they are freed) and the
-growth of the peak resident set (``ru_maxrss``) over the resident set just before the step.
+growth of the peak resident set (``VmHWM``, reset just before the step) over the resident set before the step.
 
     python benchmarks/step_cost.py                       # full tables (2 CPUs: ~10 min)
     python benchmarks/step_cost.py --quick               # tiny CLIP only, small batches (seconds, used by the tests)
@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -231,23 +230,36 @@ class PeakTensorMemory(TorchDispatchMode):
         return output
 
 
-def current_rss_kib() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def rss_kib(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since start or the last reset) from /proc, in KiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def reset_peak_rss() -> None:
+    """Reset ``VmHWM`` to the current resident set (Linux ``clear_refs`` value 5), so the peak is the step's own and
+    not one reached earlier (loading weights, tokenizers)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def memory_probe(student: str, variant: str, batch_size: int) -> dict:
     """Run in a fresh process: build the variant, one warm-up step at batch 2 (allocates the optimiser state and
     imports lazily loaded code), then one step at ``batch_size`` measured two ways: the peak of live tensor memory
-    created during the step, and the growth of the process's peak resident set over its resident set before it."""
+    created during the step, and the growth of the process's peak resident set (reset just before the step) over
+    its resident set before it."""
     runners, tokenizer = build_runners(student, (variant,) if variant == "infonce" else ("infonce", variant))
     runner = runners[variant]
     runner.step(make_batch(student, runner.model, tokenizer, 2))
     batch = make_batch(student, runner.model, tokenizer, batch_size)
-    before_kib = current_rss_kib()
+    reset_peak_rss()
+    before_kib = rss_kib("VmRSS")
     with PeakTensorMemory() as tracker:
         runner.step(batch)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = rss_kib("VmHWM")
     return {"student": student, "variant": variant, "batch_size": batch_size,
             "step_peak_tensor_mib": tracker.peak_bytes / 2**20,
             "step_peak_rss_growth_mib": max(peak_kib - before_kib, 0) / 1024, "rss_before_mib": before_kib / 1024}
@@ -290,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every measurement")
+    parser.add_argument("--parts", nargs="+", choices=("timing", "memory"), default=["timing", "memory"])
     parser.add_argument("--json", help="also write the report here")
     parser.add_argument("--memory_probe", nargs=3, metavar=("STUDENT", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -310,13 +323,17 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_start": os.getloadavg(),
         "command": "python benchmarks/step_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "timing": [],
+        "memory": [],
     }
-    if args.student_batch_sizes:
-        report["timing"] += timing_table("builtin", args.student_batch_sizes, VARIANTS, args.warmup, args.repeats)
-    # The online text teacher would dominate a tiny CLIP step; the scaling table compares the offline variants.
-    report["timing"] += timing_table("tiny_clip", args.scaling_batch_sizes, ("infonce", "cusa"), args.warmup, args.repeats)
-    cases = [(case.split(":")[0], int(case.split(":")[1])) for case in args.memory_cases]
-    report["memory"] = memory_table(cases, ("infonce", "cusa"), args.threads)
+    if "timing" in args.parts:
+        if args.student_batch_sizes:
+            report["timing"] += timing_table("builtin", args.student_batch_sizes, VARIANTS, args.warmup, args.repeats)
+        # The online text teacher would dominate a tiny CLIP step; the scaling table compares the offline variants.
+        report["timing"] += timing_table("tiny_clip", args.scaling_batch_sizes, ("infonce", "cusa"), args.warmup,
+                                         args.repeats)
+    if "memory" in args.parts:
+        cases = [(case.split(":")[0], int(case.split(":")[1])) for case in args.memory_cases]
+        report["memory"] = memory_table(cases, ("infonce", "cusa"), args.threads)
     report["load_average_end"] = os.getloadavg()
     print(markdown(report))
     if args.json:
