@@ -86,6 +86,24 @@ def text_text_retrieval(model_dir: str, test_file: str, image_root: str | None) 
     return metrics
 
 
+@torch.no_grad()
+def reference_text_text(test_file: str, image_root: str | None, teachers: list[str]) -> dict[str, dict[str, float]]:
+    """The same text-text retrieval with sentence-transformers encoders as they are (the text teacher, and the
+    student's text tower before fine-tuning with its own sentence-transformers pooling): what the rows compare to."""
+    from cusa_hf.data import load_retrieval_dataset
+    from cusa_hf.evaluation import image_retrieval_r1
+    from cusa_hf.teachers import load_text_teacher
+
+    test = load_retrieval_dataset(test_file, split="test", image_root=image_root)
+    captions, image_ids = list(test["caption"]), list(test["image_id"])
+    references = {}
+    for name in teachers:
+        encoder = load_text_teacher(name)
+        features = torch.cat([encoder.encode(captions[i : i + 128]).float() for i in range(0, len(captions), 128)])
+        references[name] = {"tt_r1": image_retrieval_r1(features, image_ids), "tt_map": same_label_map(features, image_ids)}
+    return references
+
+
 def quick_data(folder: Path) -> tuple[Path, list[str]]:
     """A tiny split of coco_mini (8 train images, 4 test images), or generated shapes when coco_mini is absent;
     returns the folder and the run_cusa data flags."""
@@ -144,7 +162,9 @@ def summarize(runs: dict[str, dict], rows: list[str], prefix: str) -> dict[str, 
 
 
 def markdown(summary: dict[str, dict], prefix: str) -> str:
-    def cell(entry, column):
+    def cell(entry, column):  # a spread only where there are seeds to spread
+        if entry["n_seeds"] < 2:
+            return f"{entry[column]:.1f}"
         return f"{entry[column]:.1f} ± {entry[column + '_std']:.1f}"
 
     retrieval = [f"{prefix}_{c}" for c in RETRIEVAL_COLUMNS]
@@ -167,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--teacher_cache_dir", default=None, help="shared teacher-feature cache (default: in output_dir)")
     parser.add_argument("--quick", action="store_true", help="8 train / 4 test images, batch 8, one seed (seconds)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--references", nargs="*", default=["offline:all-mpnet-base-v2", "offline:all-MiniLM-L6-v2"],
+                        help="sentence-transformers encoders whose text-text retrieval is reported as reference lines")
     parser.add_argument("extra", nargs="*", help="more run_cusa flags after '--', applied to every row")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -187,10 +209,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                 continue
             runs[key] = run_one(row, seed, args, data_flags)
             runs_file.write_text(json.dumps(runs, indent=1))
+    references_file = output_dir / "text_text_references.json"
+    references = json.loads(references_file.read_text()) if references_file.is_file() else {}
+    missing = [name for name in args.references if name not in references]
+    if missing:
+        test_file = data_flags[data_flags.index("--test_file") + 1] if data_flags else None
+        image_root = data_flags[data_flags.index("--image_root") + 1] if data_flags else None
+        if test_file is None:
+            import run_cusa
+
+            test_file = str(run_cusa.default_data_folder() / "test.json")
+        references.update(reference_text_text(test_file, image_root, missing))
+        references_file.write_text(json.dumps(references, indent=1))
     selected = {key: value for key, value in runs.items() if int(key.split("seed")[1]) in args.seeds}
     summary = summarize(selected, args.rows, "test")
     (output_dir / "gain_summary.json").write_text(json.dumps(summary, indent=1))
     print(markdown(summary, "test"))
+    for name in args.references:
+        print(f"reference {name}: text-text R@1 {references[name]['tt_r1']:.1f}, mAP {references[name]['tt_map']:.1f}")
     return summary
 
 

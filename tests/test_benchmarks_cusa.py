@@ -68,6 +68,7 @@ def test_cusa_gain_quick(tmp_path):
     assert [entry["row"] for entry in summary.values()] == ["InfoNCE", "+CSA", "+USA", "CUSA"]
     for entry in summary.values():
         assert entry["n_seeds"] == 1 and entry["test_rsum_std"] == 0.0
+        assert f"| {entry['row']} | 1 | {entry['test_i2t_r1']:.1f} |" in cusa_gain.markdown(summary, "test")
         recalls = [entry[f"test_{column}"] for column in cusa_gain.RETRIEVAL_COLUMNS[:-1]]
         assert all(0 <= value <= 100 for value in recalls)
         assert entry["test_rsum"] == pytest.approx(sum(recalls))
@@ -76,5 +77,8 @@ def test_cusa_gain_quick(tmp_path):
     runs = json.loads((tmp_path / "gain_runs.json").read_text())
     assert set(runs) == {f"{row}/seed0" for row in cusa_gain.ROWS}
     assert "--use_csa false" in runs["usa/seed0"]["command"] and "--cusa false" in runs["infonce/seed0"]["command"]
+    references = json.loads((tmp_path / "text_text_references.json").read_text())
+    assert set(references) == {"offline:all-mpnet-base-v2", "offline:all-MiniLM-L6-v2"}
+    assert all(0 <= value <= 100 for reference in references.values() for value in reference.values())
     # A rerun finds every run finished and only summarises.
     assert cusa_gain.main(["--quick", "--output_dir", str(tmp_path)]) == summary
