@@ -478,7 +478,8 @@ def cusa_fields(cusa_args, enabled: bool) -> dict[str, Any]:
 
 
 def train_one(
-    name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description, sgraf=None
+    name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description, command,
+    sgraf=None,
 ):
     """Train one model (baseline or CUSA), select on validation RSUM, test once, save with a model card.
     ``sgraf`` (an SGR/SAF run) supplies the collator, the validation scorer and the test protocol."""
@@ -530,7 +531,7 @@ def train_one(
             metrics,
             backbone=model_args.backbone,
             data=data_description,
-            command="accelerate launch examples/run_cusa.py " + shlex.join(sys.argv[1:]),
+            command=command,
         )
         if run_args.push_to_hub:
             trainer.push_to_hub(commit_message=f"CUSA run {name}")
@@ -547,7 +548,9 @@ def format_table(results: dict[str, dict[str, float]], prefix: str) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model_args, data_args, cusa_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = "accelerate launch examples/run_cusa.py " + shlex.join(argv)
+    model_args, data_args, cusa_args, training_args = parse_arguments(argv)
     backbone_type = check_backbone(model_args)
     if backbone_type == SgrafConfig.model_type:
         splits, sgraf, data_description = load_sgraf_data(model_args, data_args, training_args)
@@ -581,7 +584,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     ]
     results = {
         name if name != "single" else ("cusa" if enabled else "baseline"): train_one(
-            name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description, sgraf
+            name, enabled, model_args, data_args, cusa_args, training_args, splits, processor, data_description,
+            command, sgraf,
         )
         for name, enabled in runs
     }

