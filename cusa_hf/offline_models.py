@@ -216,3 +216,27 @@ def efficientnet_lite_image_processor(variant: int = 0):
     from transformers import TimmWrapperImageProcessor
 
     return TimmWrapperImageProcessor(pretrained_cfg=_pretrained_cfg(variant), architecture=timm_architecture(variant))
+
+
+def efficientnet_lite_student_image_processor(variant: int = 0):
+    """The same evaluation transform as :func:`efficientnet_lite_image_processor`, as a ``CLIPImageProcessor``.
+
+    ``TimmWrapperImageProcessor`` cannot be saved on its own (transformers keeps its settings in the model's
+    config.json), so a processor saved beside a fine-tuned dual encoder could not be loaded back with
+    ``AutoProcessor``. This one saves and reloads: bicubic resize of the short side to ``size / crop_pct``, centre
+    crop, scale to [0, 1], normalise with the network's mean and std.
+    """
+    import math
+
+    from transformers import CLIPImageProcessor
+    from transformers.image_utils import PILImageResampling
+
+    config = _pretrained_cfg(variant)
+    size = config["input_size"][-1]
+    return CLIPImageProcessor(
+        size={"shortest_edge": int(math.floor(size / config["crop_pct"]))},
+        crop_size={"height": size, "width": size},
+        resample=PILImageResampling.BICUBIC,
+        image_mean=list(config["mean"]),
+        image_std=list(config["std"]),
+    )

@@ -432,10 +432,10 @@ def build_processor(model_args: ModelArguments):
     if model_args.backbone == BUILTIN_BACKBONE:
         from transformers import AutoTokenizer, VisionTextDualEncoderProcessor
 
-        from cusa_hf.offline_models import efficientnet_lite_image_processor, minilm_path
+        from cusa_hf.offline_models import efficientnet_lite_student_image_processor, minilm_path
 
         return VisionTextDualEncoderProcessor(
-            image_processor=efficientnet_lite_image_processor(0),
+            image_processor=efficientnet_lite_student_image_processor(0),
             tokenizer=AutoTokenizer.from_pretrained(str(minilm_path())),
         )
     from transformers import AutoProcessor

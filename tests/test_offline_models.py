@@ -118,3 +118,19 @@ def test_mpnet_reassembles_and_encodes(tmp_path):
     assert embeddings.shape == (3, 768)
     similarity = embeddings @ embeddings.T
     assert similarity[0, 1] > similarity[0, 2] + 0.3
+
+
+def test_student_image_processor_saves_and_matches_timm(tmp_path, coco_mini):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from cusa_hf.offline_models import efficientnet_lite_image_processor, efficientnet_lite_student_image_processor
+
+    image = Image.open(sorted((coco_mini / "images").iterdir())[0]).convert("RGB")
+    exact = efficientnet_lite_image_processor(0)(images=[image], return_tensors="pt")["pixel_values"]
+    student = efficientnet_lite_student_image_processor(0)
+    student.save_pretrained(tmp_path)
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path)(images=[image], return_tensors="pt")["pixel_values"]
+    assert reloaded.shape == exact.shape == (1, 3, 224, 224)
+    # the same transform up to 8-bit rounding of the resized pixels (one level is 2/255 after normalisation)
+    assert (reloaded - exact).abs().max() <= 2 / 255 + 1e-6

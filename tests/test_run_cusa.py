@@ -231,6 +231,10 @@ def test_builtin_default_pipeline_on_coco_mini(coco_mini, tmp_path):
         assert metrics["test_rsum"] > 1.5 * 15.9
     model = CusaModel.from_pretrained(tmp_path / "default" / "cusa")
     assert model.backbone.config.vision_config.model_type == "timm_wrapper"
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "default" / "cusa")  # what evaluate_cusa.py loads
+    assert processor.image_processor.crop_size == {"height": 224, "width": 224}
     # --freeze_vision_tower: weights and BatchNorm statistics are the pretrained ones after training
     from cusa_hf.offline_models import efficientnet_lite_timm_wrapper
 
