@@ -37,10 +37,6 @@ class SgrafAdapter(BackboneAdapter):
     def image_feature_dim(self) -> int:
         return self.backbone.config.embed_size
 
-    @property
-    def text_feature_dim(self) -> int:
-        return self.backbone.config.embed_size
-
     def _pool_image(self, image_embeds: torch.Tensor, image_global: torch.Tensor | None = None) -> torch.Tensor:
         if self.backbone.config.usa_pooling == "mean":
             return image_embeds.mean(dim=1)
