@@ -8,9 +8,10 @@
     accelerate launch examples/run_cusa.py examples/configs/sgr_coco_mini_grid.yaml    # SGR on region features
 
 Arguments come from four dataclasses (model, data, CUSA, ``TrainingArguments``), from a YAML/JSON file given as
-the first argument, or both (command-line flags override the file). With no arguments at all the script runs
-``examples/configs/builtin_default.yaml``: a dual encoder of pretrained EfficientNet-Lite0 + MiniLM towers trained
-on coco_mini (or generated data when coco_mini is absent) as the InfoNCE baseline and with CUSA, offline, on CPU.
+the first argument, or both (command-line flags override the file). Without a config file and without
+``--backbone`` the script starts from ``examples/configs/builtin_default.yaml`` (flags still override it): a dual
+encoder of pretrained EfficientNet-Lite0 + MiniLM towers trained on coco_mini (or generated data when coco_mini is
+absent) as the InfoNCE baseline and with CUSA, offline, on CPU.
 
 ``--backbone sgraf`` (or a saved/converted SGR/SAF folder) takes its own data path: precomputed region features in
 the SCAN format (``--features_dir``), a word-level ``SgrafTokenizer``, pairwise scoring for evaluation, and the test
@@ -49,6 +50,7 @@ BUILTIN_BACKBONE = "builtin:efficientnet-lite0+minilm"
 BUILTIN_CONFIG = EXAMPLES / "configs" / "builtin_default.yaml"
 SGRAF_BACKBONE = "sgraf"
 SGRAF_DEFAULTS = SgrafConfig()
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 @dataclass
@@ -171,9 +173,10 @@ CusaArguments = _cusa_arguments_class()
 
 def parse_arguments(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataArguments, CusaArguments, TrainingArguments))
-    if not argv:
-        argv = [str(BUILTIN_CONFIG)]
-    if argv[0].endswith((".yaml", ".yml", ".json")):
+    if not (argv and argv[0].endswith(CONFIG_SUFFIXES)) and _backbone_flag(argv) in (None, BUILTIN_BACKBONE):
+        # The built-in backbone comes with its settings (epochs, batch, teachers, frozen tower): flags refine them.
+        argv = [str(BUILTIN_CONFIG), *argv]
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_path, argv = Path(argv[0]), argv[1:]
         if not config_path.is_file():
             raise FileNotFoundError(f"config file {config_path} does not exist")
@@ -192,6 +195,16 @@ def parse_arguments(argv: list[str]):
     ) is None:
         parser.set_defaults(output_dir="outputs/cusa")
     return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+
+def _backbone_flag(argv: list[str]) -> str | None:
+    """The value of ``--backbone`` on a command line, or ``None`` when it is not given."""
+    for position, arg in enumerate(argv):
+        if arg == "--backbone" and position + 1 < len(argv):
+            return argv[position + 1]
+        if arg.startswith("--backbone="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def default_data_folder() -> Path | None:

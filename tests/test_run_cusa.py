@@ -82,6 +82,18 @@ def test_builtin_default_config_parses():
     assert data_args.image_teacher == "offline:efficientnet-lite2" and data_args.text_teacher == "offline:all-mpnet-base-v2"
 
 
+def test_flags_without_a_config_file_refine_the_builtin_default(tiny_backbone, tmp_path):
+    default = run_cusa.parse_arguments([])
+    refined = run_cusa.parse_arguments(["--output_dir", str(tmp_path), "--seed", "7"])
+    assert refined[3].output_dir == str(tmp_path) and refined[3].seed == 7
+    for default_args, refined_args in zip(default, refined):
+        for name in ("num_train_epochs", "per_device_train_batch_size", "freeze_vision_tower", "image_teacher"):
+            assert getattr(refined_args, name, None) == getattr(default_args, name, None)
+    # Naming another backbone leaves the built-in default's settings out.
+    other = run_cusa.parse_arguments(["--backbone", str(tiny_backbone), "--output_dir", str(tmp_path)])
+    assert other[0].freeze_vision_tower is False and other[3].num_train_epochs != default[3].num_train_epochs
+
+
 def test_train_compare_save_and_reload(tiny_backbone, shapes, tmp_path, capsys):
     output_dir = tmp_path / "run"
     results = run_cusa.main(tiny_run_args(tiny_backbone, shapes, output_dir, "--compare_with_baseline", "true"))
