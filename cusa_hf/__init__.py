@@ -25,6 +25,7 @@ from .evaluation import (
     retrieval_metrics,
     sts_spearman,
 )
+from .frozen_towers import add_image_tower_features
 from .modeling_cusa import CusaModel, CusaOutput
 from .teachers import add_teacher_features, check_teacher_features, read_teacher_provenance
 from .trainer import CusaDataCollator, CusaTrainer, cusa_training_arguments
@@ -48,6 +49,7 @@ __all__ = [
     "CusaTrainer",
     "RerankConfig",
     "adapter_class_for",
+    "add_image_tower_features",
     "add_teacher_features",
     "build_eval_view",
     "check_teacher_features",

@@ -7,7 +7,9 @@ An adapter wraps a backbone ``PreTrainedModel`` and answers what ``CusaModel`` n
 * optionally the backbone's own cross-modal similarity matrix, for models that score pairs themselves (SGRAF);
 * optionally the backbone's original training loss (ITC + ITM for X2VLM/BLIP, hinge triplet for SGRAF); without it
   ``CusaModel`` uses multi-positive InfoNCE;
-* optionally pairwise match scores for reranking (fusion encoders).
+* optionally pairwise match scores for reranking (fusion encoders);
+* optionally the split of image encoding into a vision tower and a projection, so that a frozen tower's output can
+  be computed once per image and cached (``cusa_hf.frozen_towers``).
 
 CUSA's projectors, heads and losses sit on top and never look inside the backbone. A new backbone family is one
 ``BackboneAdapter`` subclass registered with :func:`register_backbone_adapter`.
@@ -57,6 +59,9 @@ class BackboneAdapter:
     #: True when ``original_loss`` returns the backbone's own loss terms; CUSA then adds no InfoNCE temperature and,
     #: unless configured otherwise, no cross projector (CSA works on the backbone's own retrieval features).
     has_original_loss: bool = False
+    #: True when image features are ``project_image_tower(encode_image_tower(pixel_values))``: a frozen vision
+    #: tower's output can then be cached and training skips the tower (``cusa_hf.frozen_towers``).
+    has_separable_image_tower: bool = False
 
     def __init__(self, backbone: PreTrainedModel):
         self.backbone = backbone
@@ -89,6 +94,23 @@ class BackboneAdapter:
     ) -> torch.Tensor:
         """`(batch_size, text_feature_dim)` pooled projected text features."""
         raise NotImplementedError
+
+    def image_tower(self) -> torch.nn.Module:
+        """The vision tower whose pooled output ``encode_image_tower`` returns (adapters with a separable tower)."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable vision tower")
+
+    @property
+    def image_tower_dim(self) -> int:
+        """Width of the vision tower's pooled output, the input of ``project_image_tower``."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable vision tower")
+
+    def encode_image_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, image_tower_dim)` pooled output of the vision tower, before the backbone's projection."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable vision tower")
+
+    def project_image_tower(self, tower_features: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, image_feature_dim)` image features from the vision tower's pooled output."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable vision tower")
 
     def forward_features(
         self,
@@ -158,6 +180,7 @@ class ClipAdapter(BackboneAdapter):
     """``transformers.CLIPModel``: projected pooled features from ``get_image_features``/``get_text_features``."""
 
     model_types = ("clip", "chinese_clip")
+    has_separable_image_tower = True
 
     def __init__(self, backbone: PreTrainedModel):
         super().__init__(backbone)
@@ -172,6 +195,21 @@ class ClipAdapter(BackboneAdapter):
 
     def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         return _pooled(self.backbone.get_image_features(pixel_values=pixel_values))
+
+    def image_tower(self) -> torch.nn.Module:
+        return self.backbone.vision_model
+
+    @property
+    def image_tower_dim(self) -> int:
+        return self.backbone.visual_projection.in_features
+
+    # get_image_features is exactly visual_projection(vision_model(pixel_values).pooler_output) in CLIP, Chinese-CLIP
+    # and VisionTextDualEncoderModel; tests/test_frozen_towers.py pins that equality.
+    def encode_image_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.backbone.vision_model(pixel_values=pixel_values).pooler_output
+
+    def project_image_tower(self, tower_features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.visual_projection(tower_features)
 
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs

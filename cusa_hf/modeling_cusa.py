@@ -241,6 +241,7 @@ class CusaModel(CusaPreTrainedModel):
         teacher_image_embeds: torch.Tensor | None = None,
         teacher_text_embeds: torch.Tensor | None = None,
         return_loss: bool | None = None,
+        image_tower_features: torch.Tensor | None = None,
         **backbone_kwargs: Any,
     ) -> CusaOutput:
         r"""
@@ -253,17 +254,26 @@ class CusaModel(CusaPreTrainedModel):
                 required for the loss while CSA or USA is active.
             teacher_text_embeds (`(batch_size, text_teacher_dim)`, *optional*): frozen text-teacher features.
             return_loss (`bool`, *optional*): compute the loss (defaults to `True` in training mode).
+            image_tower_features (`(batch_size, image_tower_dim)`, *optional*): the cached pooled output of a frozen
+                vision tower, given instead of `pixel_values` (see `cusa_hf.frozen_towers.add_image_tower_features`).
         """
         if return_loss is None:
             return_loss = self.training
-        if pixel_values is None or input_ids is None:
-            raise ValueError("CusaModel.forward needs both pixel_values and input_ids (a batch of image-text pairs)")
+        if input_ids is None or (pixel_values is None) == (image_tower_features is None):
+            raise ValueError(
+                "CusaModel.forward needs input_ids and exactly one of pixel_values or image_tower_features "
+                "(a batch of image-text pairs)"
+            )
         if self.training:
             self.clamp_temperatures_()
 
-        features: BackboneFeatures = self.adapter.forward_features(
-            pixel_values, input_ids, attention_mask, **backbone_kwargs
-        )
+        if image_tower_features is not None:
+            features = BackboneFeatures(
+                image_features=self._project_cached_image_tower(image_tower_features),
+                text_features=self.adapter.encode_text(input_ids, attention_mask, **backbone_kwargs),
+            )
+        else:
+            features = self.adapter.forward_features(pixel_values, input_ids, attention_mask, **backbone_kwargs)
         batch_size = features.image_features.shape[0]
         if features.text_features.shape[0] != batch_size:
             raise ValueError(
@@ -341,6 +351,27 @@ class CusaModel(CusaPreTrainedModel):
         output.loss_itc, output.loss_csa, output.loss_usa = loss_itc, loss_csa, loss_usa
         output.loss = loss_itc + self.config.csa_weight * loss_csa + self.config.usa_weight * loss_usa
         return output
+
+    def _project_cached_image_tower(self, tower_features: torch.Tensor) -> torch.Tensor:
+        if not self.adapter.has_separable_image_tower:
+            raise ValueError(
+                f"a {self.config.backbone_config.model_type!r} backbone cannot take image_tower_features: its adapter "
+                "does not split image encoding into a vision tower and a projection; pass pixel_values"
+            )
+        if self.training:
+            trainable = [name for name, p in self.adapter.image_tower().named_parameters() if p.requires_grad]
+            if trainable:
+                raise ValueError(
+                    f"image_tower_features skip the vision tower, but {len(trainable)} of its parameters are trainable "
+                    f"(first: {trainable[0]}); they would silently stop training. Freeze the tower or pass pixel_values"
+                )
+        expected = self.adapter.image_tower_dim
+        if tower_features.ndim != 2 or tower_features.shape[1] != expected:
+            raise ValueError(
+                f"image_tower_features has shape {tuple(tower_features.shape)}; this backbone's vision tower gives "
+                f"(batch_size, {expected})"
+            )
+        return self.adapter.project_image_tower(tower_features.to(self.dtype))
 
     def _check_loss_inputs(
         self,

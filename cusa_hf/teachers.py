@@ -77,10 +77,13 @@ OFFLINE_TEACHERS = (
 )
 
 
-def weights_sha256(module: torch.nn.Module) -> str:
-    """SHA-256 over a module's state dict (names and raw tensor bytes, in key order): which weights made a feature."""
+def weights_sha256(module: torch.nn.Module, skip: Callable[[str], bool] | None = None) -> str:
+    """SHA-256 over a module's state dict (names and raw tensor bytes, in key order): which weights made a feature.
+    Entries whose name ``skip`` accepts are left out."""
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
+        if skip is not None and skip(name):
+            continue
         digest.update(name.encode("utf-8"))
         digest.update(str(tensor.dtype).encode("utf-8"))
         digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

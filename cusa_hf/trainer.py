@@ -8,11 +8,13 @@ import os
 import time
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import RetrievalEvalView, build_eval_view, load_image
+from .frozen_towers import IMAGE_TOWER_COLUMN, check_image_tower_features
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,8 @@ class CusaDataCollator:
         image_column, caption_column, image_id_column: dataset column names. The image column may hold
             ``PIL.Image``/``datasets.Image`` values or file paths (relative ones resolved against ``image_root``).
         teacher_image_column, teacher_text_column: teacher-feature columns; copied into the batch when present.
+        image_tower_column: cached output of a frozen vision tower (``cusa_hf.add_image_tower_features``); when
+            present it is batched as ``image_tower_features`` and no image is loaded.
         max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
     """
 
@@ -52,6 +56,7 @@ class CusaDataCollator:
         image_id_column: str = "image_id",
         teacher_image_column: str = "teacher_image_embeds",
         teacher_text_column: str = "teacher_text_embeds",
+        image_tower_column: str = IMAGE_TOWER_COLUMN,
         image_root: str | None = None,
         max_length: int | None = None,
     ):
@@ -67,6 +72,7 @@ class CusaDataCollator:
         self.image_id_column = image_id_column
         self.teacher_image_column = teacher_image_column
         self.teacher_text_column = teacher_text_column
+        self.image_tower_column = image_tower_column
         self.image_root = image_root
         tokenizer_limit = getattr(processor.tokenizer, "model_max_length", None)
         if max_length is None:
@@ -76,7 +82,8 @@ class CusaDataCollator:
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("the collator got an empty batch")
-        for column in (self.image_column, self.caption_column):
+        cached_tower = self.image_tower_column in rows[0]
+        for column in (self.caption_column,) if cached_tower else (self.image_column, self.caption_column):
             if column not in rows[0]:
                 raise ValueError(
                     f"dataset rows have no {column!r} column (columns: {sorted(rows[0])}); set the collator's column "
@@ -91,11 +98,14 @@ class CusaDataCollator:
                     f"(image {row.get(self.image_column)!r}); clean the data or load it with skip_invalid=True"
                 )
             captions.append(caption)
-        images = [
-            load_image(row[self.image_column], self.image_root, where=f"batch position {position}")
-            for position, row in enumerate(rows)
-        ]
-        batch = dict(self.processor.image_processor(images=images, return_tensors="pt"))
+        if cached_tower:
+            batch = {"image_tower_features": _stack_column(rows, self.image_tower_column)}
+        else:
+            images = [
+                load_image(row[self.image_column], self.image_root, where=f"batch position {position}")
+                for position, row in enumerate(rows)
+            ]
+            batch = dict(self.processor.image_processor(images=images, return_tensors="pt"))
         text = self.processor.tokenizer(
             captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
         )
@@ -111,8 +121,14 @@ class CusaDataCollator:
             (self.teacher_text_column, "teacher_text_embeds"),
         ):
             if column in rows[0]:
-                batch[key] = torch.tensor([row[column] for row in rows], dtype=torch.float32)
+                batch[key] = _stack_column(rows, column)
         return batch
+
+
+def _stack_column(rows: Sequence[dict[str, Any]], column: str) -> torch.Tensor:
+    """`(len(rows), dim)` float32 tensor of a fixed-length feature column (through numpy: torch.tensor on nested
+    Python lists is several times slower)."""
+    return torch.from_numpy(np.asarray([row[column] for row in rows], dtype=np.float32))
 
 
 class TemperatureClampCallback(TrainerCallback):
@@ -179,6 +195,9 @@ class CusaTrainer(Trainer):
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
         if model is not None and train_dataset is not None:
             check_teacher_columns(model.config, train_dataset, data_collator)
+            tower_column = getattr(data_collator, "image_tower_column", None)
+            if tower_column in (getattr(train_dataset, "column_names", None) or []):
+                check_image_tower_features(model, train_dataset, tower_column)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
         super().__init__(
             model=model,

@@ -35,7 +35,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from cusa_hf import CusaConfig, CusaModel
+from cusa_hf import CusaConfig, CusaModel, add_image_tower_features
 from cusa_hf.data import load_retrieval_dataset
 from cusa_hf.model_card import write_model_card
 from cusa_hf.models.sgraf import SgrafConfig, SgrafModel, SgrafTokenizer, sgraf_pairwise_scorer
@@ -69,6 +69,13 @@ class ModelArguments:
         default=False, metadata={"help": "Freeze the image tower (weights and BatchNorm statistics); CPU-friendly."}
     )
     freeze_text_tower: bool = field(default=False, metadata={"help": "Freeze the text tower's weights."})
+    cache_frozen_image_tower: bool = field(
+        default=True,
+        metadata={
+            "help": "With --freeze_vision_tower on a CLIP / dual-encoder backbone: run the frozen tower once per training "
+            "image and train on its cached output (the same training, without the tower's cost at every step)."
+        },
+    )
     rerank: bool = field(
         default=False,
         metadata={"help": "Evaluate fusion backbones (X2VLM, BLIP) by ITM reranking of the ITC top-k, as their papers do."},
@@ -502,6 +509,18 @@ def train_one(
         freeze(model.backbone.vision_model)
     if model_args.freeze_text_tower:
         freeze(model.backbone.text_model)
+    train_dataset = splits["train"]
+    if model_args.freeze_vision_tower and model_args.cache_frozen_image_tower and model.adapter.has_separable_image_tower:
+        # Cached by dataset and tower weights: the second run of a baseline-vs-CUSA comparison reads the first's table.
+        train_dataset = add_image_tower_features(
+            train_dataset,
+            model,
+            processor.image_processor,
+            batch_size=data_args.teacher_batch_size,
+            image_root=data_args.image_root,
+            cache_dir=data_args.teacher_cache_dir,
+            show_progress=not training_args.disable_tqdm,
+        )
     run_args = dataclasses.replace(training_args)
     if name != "single":
         run_args.output_dir = os.path.join(training_args.output_dir, name)
@@ -512,7 +531,7 @@ def train_one(
     trainer = CusaTrainer(
         model=model,
         args=run_args,
-        train_dataset=splits["train"],
+        train_dataset=train_dataset,
         eval_dataset=splits.get("validation"),
         processing_class=processor,
         data_collator=None if sgraf is None else sgraf.collator,

@@ -225,6 +225,26 @@ def test_two_processes_train_and_evaluate_like_one(tiny_backbone, shapes, tmp_pa
         assert double["cusa"][name] == pytest.approx(value, abs=1e-3), name
 
 
+def test_a_frozen_image_tower_is_run_once_per_image_and_trains_the_same_model(tiny_backbone, shapes, tmp_path, caplog):
+    import logging
+
+    frozen = ["--freeze_vision_tower", "true", "--compare_with_baseline", "true"]
+    with caplog.at_level(logging.INFO, logger="cusa_hf.teachers"):
+        cached = run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "cached", *frozen))
+    # Baseline and CUSA share the pretrained tower: the second run reads the first run's table.
+    assert sum("loading teacher features from the cache" in record.message for record in caplog.records) == 1
+    through_tower = run_cusa.main(
+        tiny_run_args(tiny_backbone, shapes, tmp_path / "through", *frozen, "--cache_frozen_image_tower", "false")
+    )
+    for run in ("baseline", "cusa"):
+        for name, value in through_tower[run].items():
+            if not name.endswith("_runtime"):
+                assert cached[run][name] == pytest.approx(value, abs=1e-3), (run, name)
+        trained = CusaModel.from_pretrained(tmp_path / "through" / run).state_dict()
+        for name, tensor in CusaModel.from_pretrained(tmp_path / "cached" / run).state_dict().items():
+            assert torch.allclose(tensor, trained[name], atol=2e-3), (run, name)
+
+
 @pytest.mark.slow
 def test_builtin_default_pipeline_on_coco_mini(coco_mini, tmp_path):
     """The built-in default (pretrained EfficientNet-Lite0 + MiniLM dual encoder, frozen image tower, baseline vs

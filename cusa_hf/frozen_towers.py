@@ -1,0 +1,151 @@
+"""Train on a frozen vision tower's cached output instead of running the tower at every step.
+
+When the image tower is frozen (its weights fixed, BatchNorm on running statistics), its pooled output for an image
+is the same at every step and every epoch. :func:`add_image_tower_features` runs the tower once per unique image and
+stores the result as an ``image_tower_features`` column; ``CusaDataCollator`` then batches that column instead of
+loading and preprocessing images, and ``CusaModel`` applies only the backbone's (trainable) projection. The trained
+model is the one the uncached run trains: the cached features are the tower's eval-mode output, which is what a
+frozen tower computes (dropout off, BatchNorm on its running statistics).
+
+The column records which tower weights made it (SHA-256 in the ``teacher_provenance`` column), and
+``CusaTrainer`` refuses a column made by other weights or a model whose tower is not frozen.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import datasets
+import torch
+
+from .teachers import PROVENANCE_COLUMN, TeacherEncoder, add_teacher_features, read_teacher_provenance, weights_sha256
+
+IMAGE_TOWER_COLUMN = "image_tower_features"
+
+
+def _separable_adapter(model: Any):
+    adapter = getattr(model, "adapter", None)
+    if adapter is None or not adapter.has_separable_image_tower:
+        model_type = getattr(getattr(getattr(model, "config", None), "backbone_config", None), "model_type", None)
+        raise ValueError(
+            f"cannot cache image tower features for a {model_type!r} backbone: its adapter does not split image "
+            "encoding into a vision tower and a projection (CLIP and VisionTextDualEncoder backbones do)"
+        )
+    return adapter
+
+
+def frozen_image_tower(model: Any) -> torch.nn.Module:
+    """The vision tower of a ``CusaModel``, after checking that none of its parameters is trainable."""
+    tower = _separable_adapter(model).image_tower()
+    trainable = [name for name, parameter in tower.named_parameters() if parameter.requires_grad]
+    if trainable:
+        raise ValueError(
+            f"the vision tower has {len(trainable)} trainable parameters (first: {trainable[0]}); only a frozen "
+            "tower's output can be cached. Freeze it first (requires_grad_(False); for CNN towers also freeze "
+            "BatchNorm, e.g. timm.layers.freeze_batch_norm_2d)"
+        )
+    return tower
+
+
+def image_tower_sha256(tower: torch.nn.Module) -> str:
+    """SHA-256 of a tower's weights; BatchNorm's ``num_batches_tracked`` counters are bookkeeping and left out, so
+    freezing BatchNorm (which drops them) does not change it."""
+    return weights_sha256(tower, skip=lambda name: name.endswith("num_batches_tracked"))
+
+
+def add_image_tower_features(
+    dataset: datasets.Dataset,
+    model: Any,
+    image_processor: Any,
+    batch_size: int = 64,
+    *,
+    image_column: str = "image",
+    image_id_column: str = "image_id",
+    image_root: str | os.PathLike | None = None,
+    column: str = IMAGE_TOWER_COLUMN,
+    device: str | torch.device | None = None,
+    skip_bad_images: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    load_from_cache_file: bool = True,
+    show_progress: bool = True,
+) -> datasets.Dataset:
+    """Add the pooled output of ``model``'s frozen vision tower for every row, each unique image encoded once.
+
+    Args:
+        dataset: one row per caption, with an image column (``datasets.Image`` or file paths).
+        model: a ``CusaModel`` whose backbone has a separable vision tower (CLIP, VisionTextDualEncoder) with no
+            trainable parameter.
+        image_processor: the backbone's image processor (e.g. ``processor.image_processor``).
+        column: the output column; ``CusaDataCollator`` batches it as ``image_tower_features``.
+
+    The other arguments, the caching (by dataset fingerprint and tower weights), the sharding across processes and
+    the errors on unreadable images are those of :func:`cusa_hf.teachers.add_teacher_features`.
+
+    Returns:
+        the dataset plus ``column``: `(image_tower_dim,)` float32 features per row, not normalised.
+    """
+    tower = frozen_image_tower(model)
+    adapter = model.adapter
+    sha = image_tower_sha256(tower)
+    tower_device = next(iter(tower.parameters())).device
+
+    def encode(images: list) -> torch.Tensor:
+        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].to(tower_device)
+        was_training = tower.training
+        tower.eval()
+        try:
+            return adapter.encode_image_tower(pixel_values)
+        finally:
+            tower.train(was_training)
+
+    processor_json = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)
+    encoder = TeacherEncoder(
+        modality="image",
+        kind="frozen vision tower",
+        name_or_path=getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__,
+        revision=None,
+        pooling="pooler_output, before the backbone's projection",
+        encode=encode,
+        fingerprint=datasets.fingerprint.Hasher.hash([sha, processor_json]),
+        details={"weights_sha256": sha, "architecture": type(tower).__name__},
+    )
+    return add_teacher_features(
+        dataset,
+        image_teacher=encoder,
+        batch_size=batch_size,
+        image_column=image_column,
+        image_id_column=image_id_column,
+        image_root=image_root,
+        image_feature_column=column,
+        normalize=False,
+        device=device,
+        skip_bad_images=skip_bad_images,
+        cache_dir=cache_dir,
+        load_from_cache_file=load_from_cache_file,
+        show_progress=show_progress,
+    )
+
+
+def check_image_tower_features(
+    model: Any, dataset: datasets.Dataset, column: str = IMAGE_TOWER_COLUMN, provenance_column: str = PROVENANCE_COLUMN
+) -> None:
+    """Fail before training when a dataset's cached tower features cannot stand in for ``model``'s vision tower:
+    the backbone has no separable tower, the tower is trainable, the width differs, or other weights made them."""
+    tower = frozen_image_tower(model)
+    width = len(dataset[0][column])
+    expected = model.adapter.image_tower_dim
+    if width != expected:
+        raise ValueError(f"column {column!r} holds {width}-d features; this model's vision tower gives {expected}-d")
+    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {}).get(column, {})
+    made_with = recorded.get("weights_sha256")
+    if made_with is None:
+        raise ValueError(
+            f"column {column!r} records no tower weights; compute it with cusa_hf.add_image_tower_features so its "
+            "provenance can be checked"
+        )
+    if made_with != image_tower_sha256(tower):
+        raise ValueError(
+            f"column {column!r} was computed with other vision tower weights (sha256 {made_with[:12]}..., this model's: "
+            f"{image_tower_sha256(tower)[:12]}...); recompute it with add_image_tower_features(dataset, model, ...)"
+        )
