@@ -100,15 +100,17 @@ def add_image_tower_features(
             tower.train(was_training)
 
     processor_json = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)
+    name = getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__
     encoder = TeacherEncoder(
         modality="image",
         kind="frozen vision tower",
-        name_or_path=getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__,
+        name_or_path=name,
         revision=None,
         pooling="pooler_output, before the backbone's projection",
         encode=encode,
         fingerprint=datasets.fingerprint.Hasher.hash([sha, processor_json]),
         details={"weights_sha256": sha, "architecture": type(tower).__name__},
+        progress_label=f"frozen image tower ({name})",
     )
     return add_teacher_features(
         dataset,

@@ -103,6 +103,7 @@ class TeacherEncoder:
         encode: list of ``PIL.Image`` (image) or ``str`` (text) -> `(n, dim)` float tensor.
         fingerprint: identifies weights and preprocessing; part of the cache key.
         details: further provenance (weights SHA-256, input size, max sequence length, ...).
+        progress_label: the progress bar's label (default: "<modality> teacher (<name_or_path>)").
     """
 
     modality: str
@@ -113,6 +114,7 @@ class TeacherEncoder:
     encode: Callable[[list], torch.Tensor]
     fingerprint: str
     details: dict[str, Any] = field(default_factory=dict)
+    progress_label: str | None = None
 
     def provenance(self, dim: int, normalized: bool, dtype: str) -> dict[str, Any]:
         return {
@@ -183,10 +185,13 @@ def _timm_image_encoder(model: torch.nn.Module, device: torch.device, name: str 
 
     data_config = timm.data.resolve_data_config({}, model=model)
     transform = timm.data.create_transform(**data_config, is_training=False)
-    model.eval().to(device)
+    # Channels-last runs depthwise convolutions (EfficientNet, MobileNet, ...) about 1.7x faster on CPU, with the
+    # same features up to float rounding.
+    model.eval().to(device, memory_format=torch.channels_last)
 
     def encode(images: list[Image.Image]) -> torch.Tensor:
         pixel_values = torch.stack([transform(image) for image in images]).to(device)
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         # pre_logits: the pooled features before any classifier, whether or not the model keeps its head.
         return model.forward_head(model.forward_features(pixel_values), pre_logits=True)
 
@@ -362,7 +367,7 @@ def _encode_unique(
     failures: dict[int, str] = {}
     progress = tqdm(
         mine,
-        desc=f"{encoder.modality} teacher ({encoder.name_or_path})",
+        desc=encoder.progress_label or f"{encoder.modality} teacher ({encoder.name_or_path})",
         unit="batch",
         disable=not (show_progress and state.is_local_main_process),
     )
