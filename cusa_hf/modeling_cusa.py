@@ -79,6 +79,9 @@ class CusaPreTrainedModel(PreTrainedModel):
     # forward takes **backbone_kwargs, not the Trainer's num_items_in_batch: without this the Trainer would assume the
     # loss is already normalised for gradient accumulation and skip dividing it by the accumulation steps.
     accepts_loss_kwargs = False
+    # A CNN tower saved with frozen BatchNorm (timm's FrozenBatchNorm2d) has no step counters; they only matter for
+    # BatchNorm with momentum=None, so a fresh counter is not a missing weight.
+    _keys_to_ignore_on_load_missing = [r"num_batches_tracked$"]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, CusaProjection):

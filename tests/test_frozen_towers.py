@@ -127,3 +127,14 @@ def test_backbones_without_a_separable_tower_say_so():
     model = CusaModel.from_backbone(SgrafModel(SgrafConfig(vocab_size=20, img_dim=8, embed_size=8, word_dim=8, sim_dim=8)))
     with pytest.raises(ValueError, match="cannot cache image tower features for a 'sgraf' backbone"):
         add_image_tower_features(synthetic_dataset(num_images=2), model, tiny_clip_processor().image_processor)
+
+
+def test_a_model_saved_with_frozen_batchnorm_reloads_with_nothing_missing(tmp_path):
+    model = freeze_tower(timm_dual_encoder())
+    model.save_pretrained(tmp_path)
+    loaded, info = CusaModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"]
+    saved = model.backbone.vision_model.state_dict()
+    for name, tensor in loaded.backbone.vision_model.state_dict().items():
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(tensor, saved[name]), name
