@@ -499,6 +499,20 @@ def load_retrieval_dataset(
     return load_hub_dataset(os.fspath(source), split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
 
 
+def hold_out_images(dataset: datasets.Dataset, num_images: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(rest, held_out)``: the last ``num_images`` distinct images of a one-row-per-caption dataset, with all their
+    captions, split off (e.g. as a validation split carved from the training data)."""
+    image_ids = list(dict.fromkeys(dataset["image_id"]))
+    if num_images >= len(image_ids):
+        raise ValueError(f"--validation_images {num_images} leaves no training images (there are {len(image_ids)})")
+    held_out = set(image_ids[-num_images:])
+    in_held_out = [image_id in held_out for image_id in dataset["image_id"]]
+    return (
+        dataset.select([row for row, flag in enumerate(in_held_out) if not flag]),
+        dataset.select([row for row, flag in enumerate(in_held_out) if flag]),
+    )
+
+
 def build_eval_view(
     dataset: datasets.Dataset,
     image_column: str = "image",

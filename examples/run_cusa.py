@@ -36,11 +36,11 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from cusa_hf import CusaConfig, CusaModel, add_image_tower_features
-from cusa_hf.data import load_retrieval_dataset
+from cusa_hf.data import hold_out_images, load_retrieval_dataset
 from cusa_hf.model_card import write_model_card
-from cusa_hf.models.sgraf import SgrafConfig, SgrafModel, SgrafTokenizer, sgraf_pairwise_scorer
+from cusa_hf.models.sgraf import SgrafConfig, SgrafModel
 from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf
-from cusa_hf.models.sgraf.features import RegionFeatureSplit, SgrafDataCollator
+from cusa_hf.models.sgraf.training_data import SgrafTrainingData, load_sgraf_training_data, with_image_paths
 from cusa_hf.teachers import add_teacher_features
 from cusa_hf.trainer import CusaTrainer
 
@@ -237,17 +237,6 @@ def resolve_default_data(data_args: DataArguments, output_dir: str) -> str:
     return description
 
 
-def carve_validation(train, validation_images: int):
-    """(train, validation): the last ``validation_images`` training images, with all their captions, held out."""
-    image_ids = list(dict.fromkeys(train["image_id"]))
-    if validation_images >= len(image_ids):
-        raise ValueError(f"--validation_images {validation_images} leaves no training images (there are {len(image_ids)})")
-    held_out = set(image_ids[-validation_images:])
-    in_validation = [image_id in held_out for image_id in train["image_id"]]
-    validation = train.select([i for i, flag in enumerate(in_validation) if flag])
-    return train.select([i for i, flag in enumerate(in_validation) if not flag]), validation
-
-
 def load_splits(data_args: DataArguments) -> dict[str, Any]:
     def load(source: str, split: str):
         dataset = load_retrieval_dataset(source, split=split, image_root=data_args.image_root, skip_invalid=data_args.skip_invalid)
@@ -260,7 +249,7 @@ def load_splits(data_args: DataArguments) -> dict[str, Any]:
     if data_args.validation_file:
         splits["validation"] = load(data_args.validation_file, data_args.validation_split)
     elif data_args.validation_images > 0:
-        splits["train"], splits["validation"] = carve_validation(train, data_args.validation_images)
+        splits["train"], splits["validation"] = hold_out_images(train, data_args.validation_images)
     if data_args.test_file:
         splits["test"] = load(data_args.test_file, data_args.test_split)
     if data_args.max_train_samples is not None:
@@ -268,150 +257,35 @@ def load_splits(data_args: DataArguments) -> dict[str, Any]:
     return splits
 
 
-@dataclass
-class SgrafData:
-    """What an SGR/SAF run needs beside its datasets.
-
-    Attributes:
-        tokenizer: the ``SgrafTokenizer`` (also saved as the run's processor).
-        collator: ``SgrafDataCollator`` over the training split's region features.
-        validation_scorer: ``CusaTrainer(pairwise_scorer=...)`` factory bound to the features the validation rows index
-            (the validation split's, or the training split's when validation images are carved from it).
-        test: the test split, scored with ``evaluate_sgraf`` under ``protocol``.
-        fresh_config: ``SgrafConfig`` fields of a fresh ``--backbone sgraf`` model (``None`` for a saved folder).
-    """
-
-    tokenizer: SgrafTokenizer
-    collator: SgrafDataCollator
-    validation_scorer: Any
-    test: RegionFeatureSplit | None
-    protocol: str
-    fresh_config: dict[str, Any] | None
-
-
-def _split_exists(features_dir: str, split: str) -> bool:
-    return (Path(features_dir) / f"{split}_ims.npy").is_file()
-
-
-def sgraf_tokenizer(model_args: ModelArguments, captions: list[str], training_args: TrainingArguments) -> SgrafTokenizer:
-    """``--sgraf_vocab_file``, else the backbone folder's vocabulary, else (fresh model) one built from ``captions``."""
-    if model_args.sgraf_vocab_file is not None:
-        if not Path(model_args.sgraf_vocab_file).is_file():
-            raise FileNotFoundError(f"--sgraf_vocab_file {model_args.sgraf_vocab_file} does not exist")
-        return SgrafTokenizer(vocab_file=model_args.sgraf_vocab_file)
-    if model_args.backbone != SGRAF_BACKBONE:
-        if not (Path(model_args.backbone) / "vocab.json").is_file():
-            raise ValueError(
-                f"the SGRAF backbone {model_args.backbone} has no vocab.json; pass --sgraf_vocab_file (the vocabulary it "
-                "was trained with: a new one would give its word ids other meanings)"
-            )
-        return SgrafTokenizer.from_pretrained(model_args.backbone)
-    # One process per machine writes the vocabulary; the others read it once it is complete.
-    with training_args.main_process_first(desc="SGRAF vocabulary"):
-        if training_args.local_process_index == 0:
-            return SgrafTokenizer.from_captions(captions, training_args.output_dir)
-        return SgrafTokenizer(vocab_file=os.path.join(training_args.output_dir, SgrafTokenizer.vocab_files_names["vocab_file"]))
-
-
-def load_sgraf_data(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
-) -> tuple[dict[str, Any], SgrafData, str]:
-    """Datasets (one row per caption; ``image`` = the row of its region features), the tokenizer, collator and scorers."""
-    import datasets
-
+def load_sgraf_data(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> SgrafTrainingData:
+    """The region-feature datasets, tokenizer, collator and scorers of an SGR/SAF run (docs/sgraf.md)."""
     if data_args.features_dir is None:
         raise ValueError(f"--backbone {model_args.backbone} (SGRAF) reads precomputed region features: pass --features_dir")
-    if data_args.eval_protocol not in PROTOCOLS:
-        raise ValueError(f"--eval_protocol {data_args.eval_protocol!r}: expected one of {sorted(PROTOCOLS)}")
     if model_args.freeze_vision_tower or model_args.freeze_text_tower:
         raise ValueError("--freeze_vision_tower / --freeze_text_tower apply to dual encoders, not to SGRAF backbones")
-    features_dir = data_args.features_dir
-    train_split = RegionFeatureSplit.load(features_dir, data_args.train_split)
-    splits = {"train": datasets.Dataset.from_list(train_split.rows())}
-    if _split_exists(features_dir, data_args.validation_split):
-        validation_split = RegionFeatureSplit.load(features_dir, data_args.validation_split)
-        splits["validation"] = datasets.Dataset.from_list(validation_split.rows())
-    elif data_args.validation_images > 0:
-        validation_split = train_split  # the held-out rows index the training features
-        splits["train"], splits["validation"] = carve_validation(splits["train"], data_args.validation_images)
-    else:
-        validation_split = None
-    test_split = None
-    if _split_exists(features_dir, data_args.test_split):
-        test_split = RegionFeatureSplit.load(features_dir, data_args.test_split)
-        folds = PROTOCOLS[data_args.eval_protocol]
-        if len(test_split.features) % folds:
-            raise ValueError(
-                f"--eval_protocol {data_args.eval_protocol} needs the {data_args.test_split} images in {folds} equal "
-                f"folds, but {features_dir}/{data_args.test_split}_ims.npy has {len(test_split.features)}"
-            )
-        splits["test"] = datasets.Dataset.from_list(test_split.rows())
-    else:
-        logger.warning("no %s/%s_ims.npy: the run has no test evaluation", features_dir, data_args.test_split)
-    if data_args.max_train_samples is not None:
-        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
-
-    num_regions, feature_dim = train_split.features.shape[1:]
-    tokenizer = sgraf_tokenizer(model_args, splits["train"]["caption"], training_args)
-    if model_args.backbone == SGRAF_BACKBONE:
-        fresh_config = dict(
+    fresh = model_args.backbone == SGRAF_BACKBONE
+    return load_sgraf_training_data(
+        data_args.features_dir,
+        training_args,
+        saved_model=None if fresh else model_args.backbone,
+        fresh_model=None if not fresh else dict(
             module_name=model_args.sgraf_module_name,
             img_dim=model_args.sgraf_img_dim,
             embed_size=model_args.sgraf_embed_size,
             word_dim=model_args.sgraf_word_dim,
             sim_dim=model_args.sgraf_sim_dim,
-            vocab_size=tokenizer.vocab_size,
-            num_regions=num_regions,
-        )
-        config, where = SgrafConfig(**fresh_config), "--sgraf_img_dim"  # validates the fields before any training
-    else:
-        fresh_config, config = None, SgrafConfig.from_pretrained(model_args.backbone)
-        where = f"{model_args.backbone}: num_regions, img_dim"
-        if tokenizer.vocab_size != config.vocab_size:
-            raise ValueError(
-                f"the vocabulary has {tokenizer.vocab_size} words but {model_args.backbone} was trained with "
-                f"{config.vocab_size}"
-            )
-    for name, split in (("train", train_split), ("validation", validation_split), ("test", test_split)):
-        if split is not None and tuple(split.features.shape[1:]) != (config.num_regions, config.img_dim):
-            raise ValueError(
-                f"{features_dir}: the {name} features are {tuple(split.features.shape[1:])} (regions, dim) per image "
-                f"but the model takes ({config.num_regions}, {config.img_dim}) ({where})"
-            )
-    sgraf = SgrafData(
-        tokenizer=tokenizer,
-        collator=SgrafDataCollator(tokenizer, train_split.features),
-        validation_scorer=None if validation_split is None else sgraf_pairwise_scorer(validation_split.features, tokenizer),
-        test=test_split,
-        protocol=data_args.eval_protocol,
-        fresh_config=fresh_config,
+        ),
+        vocab_file=model_args.sgraf_vocab_file,
+        train_split=data_args.train_split,
+        validation_split=data_args.validation_split,
+        test_split=data_args.test_split,
+        validation_images=data_args.validation_images,
+        max_train_samples=data_args.max_train_samples,
+        eval_protocol=data_args.eval_protocol,
     )
-    description = (
-        f"SCAN-format region features from {features_dir} ({len(train_split.features)} {data_args.train_split} images "
-        f"of {num_regions} x {feature_dim}), test protocol {data_args.eval_protocol}"
-    )
-    return splits, sgraf, description
 
 
-def with_teacher_image_paths(dataset, image_root: str | None, where: str):
-    """Add ``image_path`` = ``image_root / image_id`` (the raw image of each region-feature row) for the image teacher."""
-    if image_root is None:
-        raise ValueError(
-            "CUSA's image teacher reads the raw images: pass --image_root, the folder holding the files named in "
-            f"{where}"
-        )
-    image_ids = list(dict.fromkeys(dataset["image_id"]))
-    missing = [image_id for image_id in image_ids if not (Path(image_root) / str(image_id)).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(image_ids)} images named by {where} are not under --image_root {image_root} "
-            f"(first: {Path(image_root) / str(missing[0])}); the ids must be image file names relative to --image_root"
-        )
-    root = Path(image_root).resolve()
-    return dataset.add_column("image_path", [str(root / str(image_id)) for image_id in dataset["image_id"]])
-
-
-def build_backbone(model_args: ModelArguments, sgraf: SgrafData | None = None):
+def build_backbone(model_args: ModelArguments, sgraf: SgrafTrainingData | None = None):
     """The backbone: a model (built-in towers, fresh SGRAF) or a name/path for ``CusaModel.from_backbone``."""
     if model_args.backbone == SGRAF_BACKBONE:
         return SgrafModel(SgrafConfig(**sgraf.fresh_config))
@@ -585,8 +459,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model_args, data_args, cusa_args, training_args = parse_arguments(argv)
     backbone_type = check_backbone(model_args)
     if backbone_type == SgrafConfig.model_type:
-        splits, sgraf, data_description = load_sgraf_data(model_args, data_args, training_args)
-        processor = sgraf.tokenizer
+        sgraf = load_sgraf_data(model_args, data_args, training_args)
+        splits, processor, data_description = sgraf.splits, sgraf.tokenizer, sgraf.description
     else:
         if data_args.features_dir is not None:
             raise ValueError(f"--features_dir is for SGRAF backbones; {model_args.backbone!r} reads images")
@@ -599,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     )
     if needs_teachers:
         if sgraf is not None:
-            splits["train"] = with_teacher_image_paths(
+            splits["train"] = with_image_paths(
                 splits["train"], data_args.image_root, f"{data_args.features_dir}/{data_args.train_split}_image_ids.txt"
             )
         splits["train"] = add_teacher_features(

@@ -184,3 +184,15 @@ def test_load_retrieval_dataset_dispatches_json_and_saved_folders(tmp_path, imag
     from_json.save_to_disk(tmp_path / "saved")
     from_disk = load_retrieval_dataset(tmp_path / "saved")
     assert from_disk.to_dict() == from_json.to_dict()
+
+
+def test_hold_out_images_keeps_every_caption_of_an_image_on_one_side():
+    from cusa_hf.data import hold_out_images
+
+    rows = [{"image_id": f"img{index % 4}", "caption": f"caption {index}"} for index in range(12)]
+    rest, held_out = hold_out_images(datasets.Dataset.from_list(rows), 1)
+    assert set(held_out["image_id"]) == {"img3"} and len(held_out) == 3
+    assert "img3" not in rest["image_id"] and len(rest) == 9
+    assert rest["caption"] == [row["caption"] for row in rows if row["image_id"] != "img3"]
+    with pytest.raises(ValueError, match="--validation_images 4 leaves no training images"):
+        hold_out_images(datasets.Dataset.from_list(rows), 4)

@@ -177,7 +177,8 @@ def test_validation_split_files_and_saved_folders(scan_data, tmp_path):
                                      "dev", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])  # fmt: skip
     model_args, data_args, cusa_args, training_args = args
     assert run_cusa.check_backbone(model_args) == "sgraf"
-    splits, sgraf, _ = run_cusa.load_sgraf_data(model_args, data_args, training_args)
+    sgraf = run_cusa.load_sgraf_data(model_args, data_args, training_args)
+    splits = sgraf.splits
     assert len(splits["validation"]) == 15 and len(splits["train"]) == 60 and sgraf.fresh_config is None
     model = CusaModel.from_backbone(run_cusa.build_backbone(model_args, sgraf), use_csa=False, use_usa=False)
     for name, tensor in saved.state_dict().items():
