@@ -85,13 +85,17 @@ def add_image_tower_features(
     Returns:
         the dataset plus ``column``: `(image_tower_dim,)` float32 features per row, not normalised.
     """
+    from accelerate import PartialState
+
     tower = frozen_image_tower(model)
     adapter = model.adapter
     sha = image_tower_sha256(tower)
-    tower_device = next(iter(tower.parameters())).device
+    # The model usually still sits on the CPU here (the Trainer moves it later): encode on this process's accelerator.
+    device = torch.device(device) if device is not None else PartialState().device
+    home = next(iter(tower.parameters())).device
 
     def encode(images: list) -> torch.Tensor:
-        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].to(tower_device)
+        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
         was_training = tower.training
         tower.eval()
         try:
@@ -112,21 +116,25 @@ def add_image_tower_features(
         details={"weights_sha256": sha, "architecture": type(tower).__name__},
         progress_label=f"frozen image tower ({name})",
     )
-    return add_teacher_features(
-        dataset,
-        image_teacher=encoder,
-        batch_size=batch_size,
-        image_column=image_column,
-        image_id_column=image_id_column,
-        image_root=image_root,
-        image_feature_column=column,
-        normalize=False,
-        device=device,
-        skip_bad_images=skip_bad_images,
-        cache_dir=cache_dir,
-        load_from_cache_file=load_from_cache_file,
-        show_progress=show_progress,
-    )
+    tower.to(device)
+    try:
+        return add_teacher_features(
+            dataset,
+            image_teacher=encoder,
+            batch_size=batch_size,
+            image_column=image_column,
+            image_id_column=image_id_column,
+            image_root=image_root,
+            image_feature_column=column,
+            normalize=False,
+            device=device,
+            skip_bad_images=skip_bad_images,
+            cache_dir=cache_dir,
+            load_from_cache_file=load_from_cache_file,
+            show_progress=show_progress,
+        )
+    finally:
+        tower.to(home)
 
 
 def check_image_tower_features(

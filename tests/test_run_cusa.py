@@ -202,8 +202,10 @@ def test_two_processes_train_and_evaluate_like_one(tiny_backbone, shapes, tmp_pa
     import os
     import subprocess
 
+    # A frozen image tower: its cached output is computed in two shares and gathered, like the teacher features.
     common = ["--gather_features", "true", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",
-              "--load_best_model_at_end", "false", "--logging_steps", "1", "--dataloader_drop_last", "true"]  # fmt: skip
+              "--load_best_model_at_end", "false", "--logging_steps", "1", "--dataloader_drop_last", "true",
+              "--freeze_vision_tower", "true"]  # fmt: skip
     one = tmp_path / "one"
     single = run_cusa.main(tiny_run_args(tiny_backbone, shapes, one, *common, "--per_device_train_batch_size", "8"))
     two = tmp_path / "two"
