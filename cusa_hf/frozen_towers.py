@@ -14,6 +14,7 @@ The column records which tower weights made it (SHA-256 in the ``teacher_provena
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -44,6 +45,15 @@ def frozen_image_tower(model: Any) -> torch.nn.Module:
             f"the vision tower has {len(trainable)} trainable parameters (first: {trainable[0]}); only a frozen "
             "tower's output can be cached. Freeze it first (requires_grad_(False); for CNN towers also freeze "
             "BatchNorm, e.g. timm.layers.freeze_batch_norm_2d)"
+        )
+    live_norms = [name for name, module in tower.named_modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    if live_norms:
+        warnings.warn(
+            f"the vision tower's BatchNorm layers are not frozen ({len(live_norms)}, first: {live_norms[0]}): run "
+            "through in training mode they would normalise with batch statistics, while cached features use the "
+            "running statistics. Freeze them (timm.layers.freeze_batch_norm_2d) for the cache to match uncached "
+            "training",
+            stacklevel=3,
         )
     return tower
 

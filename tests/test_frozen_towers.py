@@ -138,3 +138,11 @@ def test_a_model_saved_with_frozen_batchnorm_reloads_with_nothing_missing(tmp_pa
     for name, tensor in loaded.backbone.vision_model.state_dict().items():
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(tensor, saved[name]), name
+
+
+def test_caching_a_tower_whose_batchnorm_is_live_warns(tmp_path):
+    model = timm_dual_encoder()
+    model.adapter.image_tower().requires_grad_(False)  # weights frozen, BatchNorm not
+    with pytest.warns(UserWarning, match=r"BatchNorm layers are not frozen \(\d+, first: timm_model\.bn1\)"):
+        add_image_tower_features(synthetic_dataset(num_images=2), model, tiny_clip_processor().image_processor,
+                                 show_progress=False, cache_dir=tmp_path)  # fmt: skip
