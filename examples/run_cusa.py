@@ -395,7 +395,7 @@ def train_one(
             cache_dir=data_args.teacher_cache_dir,
             show_progress=not training_args.disable_tqdm,
         )
-    run_args = dataclasses.replace(training_args)
+    run_args = dataclasses.replace(training_args, remove_unused_columns=False)  # the collator reads the raw columns
     if name != "single":
         run_args.output_dir = os.path.join(training_args.output_dir, name)
         run_args.run_name = name
