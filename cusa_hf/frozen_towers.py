@@ -3,9 +3,12 @@
 When the image tower is frozen (its weights fixed, BatchNorm on running statistics), its pooled output for an image
 is the same at every step and every epoch. :func:`add_image_tower_features` runs the tower once per unique image and
 stores the result as an ``image_tower_features`` column; ``CusaDataCollator`` then batches that column instead of
-loading and preprocessing images, and ``CusaModel`` applies only the backbone's (trainable) projection. The trained
-model is the one the uncached run trains: the cached features are the tower's eval-mode output, which is what a
-frozen tower computes (dropout off, BatchNorm on its running statistics).
+loading and preprocessing images, and ``CusaModel`` applies only the backbone's (trainable) projection.
+
+The cached features are the tower's eval-mode output in float32. Training on them is training through the tower
+when the tower computes the same in training mode (BatchNorm frozen, no dropout or drop-path: the default CLIP,
+ViT and EfficientNet-Lite towers here; :func:`add_image_tower_features` warns otherwise), up to float rounding;
+under ``--bf16``/``--fp16`` the uncached tower would run in half precision instead.
 
 The column records which tower weights made it (SHA-256 in the ``teacher_provenance`` column), and
 ``CusaTrainer`` refuses a column made by other weights or a model whose tower is not frozen.
@@ -13,6 +16,7 @@ The column records which tower weights made it (SHA-256 in the ``teacher_provena
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from typing import Any
@@ -46,16 +50,28 @@ def frozen_image_tower(model: Any) -> torch.nn.Module:
             "tower's output can be cached. Freeze it first (requires_grad_(False); for CNN towers also freeze "
             "BatchNorm, e.g. timm.layers.freeze_batch_norm_2d)"
         )
-    live_norms = [name for name, module in tower.named_modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
-    if live_norms:
-        warnings.warn(
-            f"the vision tower's BatchNorm layers are not frozen ({len(live_norms)}, first: {live_norms[0]}): run "
-            "through in training mode they would normalise with batch statistics, while cached features use the "
-            "running statistics. Freeze them (timm.layers.freeze_batch_norm_2d) for the cache to match uncached "
-            "training",
-            stacklevel=3,
-        )
     return tower
+
+
+def _train_mode_differences(tower: torch.nn.Module) -> list[str]:
+    """What makes a tower compute differently in training mode than in eval mode, as far as can be seen without
+    running it: live BatchNorm, dropout modules, dropout fields of its config, timm's drop rates."""
+    found, live_norms = [], []
+    for name, module in tower.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            live_norms.append(name or "tower")
+        elif isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append(f"dropout {name} has p={module.p}")
+        for attribute in ("drop_rate", "drop_prob"):
+            if isinstance(getattr(module, attribute, None), float) and getattr(module, attribute) > 0:
+                found.append(f"{name or 'tower'}.{attribute}={getattr(module, attribute)}")
+        config = getattr(module, "config", None)
+        for field, value in (config.to_dict().items() if hasattr(config, "to_dict") else ()):
+            if "dropout" in field and isinstance(value, float) and value > 0:
+                found.append(f"config.{field}={value}")  # submodules share the config: listed once
+    if live_norms:
+        found.insert(0, f"{len(live_norms)} BatchNorm layers are not frozen, first: {live_norms[0]}")
+    return list(dict.fromkeys(found))
 
 
 def image_tower_sha256(tower: torch.nn.Module) -> str:
@@ -98,6 +114,15 @@ def add_image_tower_features(
     from accelerate import PartialState
 
     tower = frozen_image_tower(model)
+    differences = _train_mode_differences(tower)
+    if differences:
+        warnings.warn(
+            f"the vision tower computes differently in training mode ({'; '.join(differences[:3])}"
+            f"{'; ...' if len(differences) > 3 else ''}): cached features are its eval-mode output, while running the "
+            "tower at every step would use batch statistics / dropout. Freeze BatchNorm "
+            "(timm.layers.freeze_batch_norm_2d) and set dropout to 0 for the cache to match uncached training",
+            stacklevel=2,
+        )
     adapter = model.adapter
     sha = image_tower_sha256(tower)
     # The model usually still sits on the CPU here (the Trainer moves it later): encode on this process's accelerator.
@@ -113,7 +138,7 @@ def add_image_tower_features(
         finally:
             tower.train(was_training)
 
-    processor_json = image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)
+    processor_json = _processor_json(image_processor)
     name = getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__
     encoder = TeacherEncoder(
         modality="image",
@@ -123,7 +148,11 @@ def add_image_tower_features(
         pooling="pooler_output, before the backbone's projection",
         encode=encode,
         fingerprint=datasets.fingerprint.Hasher.hash([sha, processor_json]),
-        details={"weights_sha256": sha, "architecture": type(tower).__name__},
+        details={
+            "weights_sha256": sha,
+            "architecture": type(tower).__name__,
+            "image_processor_sha256": _processor_sha256(image_processor),
+        },
         progress_label=f"frozen image tower ({name})",
     )
     tower.to(device)
@@ -147,13 +176,27 @@ def add_image_tower_features(
         tower.to(home)
 
 
+def _processor_json(image_processor: Any) -> str:
+    return image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)
+
+
+def _processor_sha256(image_processor: Any) -> str:
+    return hashlib.sha256(_processor_json(image_processor).encode("utf-8")).hexdigest()
+
+
 def check_image_tower_features(
-    model: Any, dataset: datasets.Dataset, column: str = IMAGE_TOWER_COLUMN, provenance_column: str = PROVENANCE_COLUMN
+    model: Any,
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    column: str = IMAGE_TOWER_COLUMN,
+    image_processor: Any = None,
+    provenance_column: str = PROVENANCE_COLUMN,
 ) -> None:
     """Fail before training when a dataset's cached tower features cannot stand in for ``model``'s vision tower:
-    the backbone has no separable tower, the tower is trainable, the width differs, or other weights made them."""
+    the backbone has no separable tower, the tower is trainable, the width differs, or other weights (or, when
+    ``image_processor`` is given, other preprocessing than evaluation will use) made them."""
     tower = frozen_image_tower(model)
-    width = len(dataset[0][column])
+    first_row = dataset[0] if isinstance(dataset, datasets.Dataset) else next(iter(dataset))
+    width = len(first_row[column])
     expected = model.adapter.image_tower_dim
     if width != expected:
         raise ValueError(f"column {column!r} holds {width}-d features; this model's vision tower gives {expected}-d")
@@ -168,4 +211,10 @@ def check_image_tower_features(
         raise ValueError(
             f"column {column!r} was computed with other vision tower weights (sha256 {made_with[:12]}..., this model's: "
             f"{image_tower_sha256(tower)[:12]}...); recompute it with add_image_tower_features(dataset, model, ...)"
+        )
+    processed_with = recorded.get("image_processor_sha256")
+    if image_processor is not None and processed_with is not None and processed_with != _processor_sha256(image_processor):
+        raise ValueError(
+            f"column {column!r} was computed with another image preprocessing than this trainer's processor (which "
+            "evaluation uses); recompute it with add_image_tower_features(dataset, model, processor.image_processor)"
         )

@@ -73,7 +73,8 @@ class CusaProjection(nn.Module):
 class CusaPreTrainedModel(PreTrainedModel):
     config_class = CusaConfig
     base_model_prefix = "cusa"
-    main_input_name = "pixel_values"
+    # Every batch has captions; images come as pixel_values or as a frozen tower's cached image_tower_features.
+    main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     # forward takes **backbone_kwargs, not the Trainer's num_items_in_batch: without this the Trainer would assume the

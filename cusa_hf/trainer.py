@@ -195,9 +195,15 @@ class CusaTrainer(Trainer):
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
         if model is not None and train_dataset is not None:
             check_teacher_columns(model.config, train_dataset, data_collator)
+            columns = getattr(train_dataset, "column_names", None) or []
             tower_column = getattr(data_collator, "image_tower_column", None)
-            if tower_column in (getattr(train_dataset, "column_names", None) or []):
-                check_image_tower_features(model, train_dataset, tower_column)
+            if tower_column in columns:
+                image_processor = getattr(processing_class, "image_processor", None)
+                check_image_tower_features(model, train_dataset, tower_column, image_processor)
+                image_column = getattr(data_collator, "image_column", "image")
+                if image_column in columns:
+                    # Training no longer reads the images: without the column they are not decoded at every step.
+                    train_dataset = train_dataset.remove_columns([image_column])
         callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
         super().__init__(
             model=model,

@@ -180,8 +180,15 @@ CusaArguments = _cusa_arguments_class()
 
 def parse_arguments(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataArguments, CusaArguments, TrainingArguments))
+    # Abbreviated flags (--backb) would slip past _backbone_flag and pick up the built-in default's settings.
+    parser.allow_abbrev = False
     if not (argv and argv[0].endswith(CONFIG_SUFFIXES)) and _backbone_flag(argv) in (None, BUILTIN_BACKBONE):
         # The built-in backbone comes with its settings (epochs, batch, teachers, frozen tower): flags refine them.
+        if argv:
+            logger.warning(
+                "no config file and no --backbone: starting from %s (built-in towers, 1 epoch, batch 64, use_cpu, "
+                "offline teachers); the flags given override its values", BUILTIN_CONFIG.relative_to(EXAMPLES.parent)
+            )
         argv = [str(BUILTIN_CONFIG), *argv]
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_path, argv = Path(argv[0]), argv[1:]

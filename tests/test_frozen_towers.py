@@ -143,6 +143,44 @@ def test_a_model_saved_with_frozen_batchnorm_reloads_with_nothing_missing(tmp_pa
 def test_caching_a_tower_whose_batchnorm_is_live_warns(tmp_path):
     model = timm_dual_encoder()
     model.adapter.image_tower().requires_grad_(False)  # weights frozen, BatchNorm not
-    with pytest.warns(UserWarning, match=r"BatchNorm layers are not frozen \(\d+, first: timm_model\.bn1\)"):
+    with pytest.warns(UserWarning, match=r"training mode \(\d+ BatchNorm layers are not frozen, first: timm_model\.bn1\)"):
         add_image_tower_features(synthetic_dataset(num_images=2), model, tiny_clip_processor().image_processor,
                                  show_progress=False, cache_dir=tmp_path)  # fmt: skip
+
+
+def test_a_tower_with_dropout_warns():
+    from tiny_models import tiny_clip_config
+
+    from cusa_hf import CusaConfig
+
+    config = tiny_clip_config()
+    config.vision_config.attention_dropout = 0.3
+    model = freeze_tower(CusaModel(CusaConfig(backbone_config=config)))
+    with pytest.warns(UserWarning, match=r"training mode \(config\.attention_dropout=0\.3\)"):
+        add_image_tower_features(synthetic_dataset(num_images=2), model, tiny_clip_processor().image_processor,
+                                 show_progress=False, load_from_cache_file=False)  # fmt: skip
+
+
+def test_trainer_drops_the_images_counts_tokens_and_checks_the_preprocessing(tmp_path):
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    processor = tiny_clip_processor()
+    model = freeze_tower(tiny_cusa_model(0, use_csa=False, use_usa=False))
+    cached = add_image_tower_features(
+        synthetic_dataset(num_images=4), model, processor.image_processor, show_progress=False, cache_dir=tmp_path
+    )
+    args = cusa_training_arguments(str(tmp_path), use_cpu=True, report_to=[], max_steps=2, per_device_train_batch_size=4,
+                                   include_num_input_tokens_seen=True, save_strategy="no", disable_tqdm=True)  # fmt: skip
+    trainer = CusaTrainer(model=model, args=args, train_dataset=cached, processing_class=processor)
+    assert "image" not in trainer.train_dataset.column_names  # not decoded at every step
+    trainer.train()
+    assert trainer.state.num_input_tokens_seen > 0 and trainer.state.total_flos > 0
+    # A streaming dataset is checked from its first row.
+    CusaTrainer(model=model, args=args, train_dataset=cached.to_iterable_dataset(), processing_class=processor)
+    other_normalisation = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                           image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=processor.tokenizer,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="computed with another image preprocessing than this trainer's processor"):
+        CusaTrainer(model=model, args=args, train_dataset=cached, processing_class=other_normalisation)

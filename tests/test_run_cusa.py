@@ -89,9 +89,12 @@ def test_flags_without_a_config_file_refine_the_builtin_default(tiny_backbone, t
     for default_args, refined_args in zip(default, refined):
         for name in ("num_train_epochs", "per_device_train_batch_size", "freeze_vision_tower", "image_teacher"):
             assert getattr(refined_args, name, None) == getattr(default_args, name, None)
-    # Naming another backbone leaves the built-in default's settings out.
+    # Naming another backbone leaves the built-in default's settings out; abbreviated flags are refused rather than
+    # read as --backbone after the default was chosen.
     other = run_cusa.parse_arguments(["--backbone", str(tiny_backbone), "--output_dir", str(tmp_path)])
     assert other[0].freeze_vision_tower is False and other[3].num_train_epochs != default[3].num_train_epochs
+    with pytest.raises(ValueError, match="not used by the HfArgumentParser: \\['--backb'"):
+        run_cusa.parse_arguments(["--backb", str(tiny_backbone), "--output_dir", str(tmp_path)])
 
 
 def test_train_compare_save_and_reload(tiny_backbone, shapes, tmp_path, capsys):
@@ -196,25 +199,32 @@ def test_x2vlm_with_cusa_trains_and_reranks_through_the_script(tiny_x2vlm, shape
 
 
 @pytest.mark.slow
-def test_two_processes_train_and_evaluate_like_one(tiny_backbone, shapes, tmp_path):
+@pytest.mark.parametrize("vision_tower", ["trainable", "frozen"])
+def test_two_processes_train_and_evaluate_like_one(vision_tower, tiny_backbone, shapes, tmp_path):
     """torchrun with 2 CPU processes (gloo), features gathered: the same losses and metrics as one process on the
-    same global batches (eval splits of 3 and 6 images do not divide evenly: no duplicated or dropped rows)."""
+    same global batches (eval splits of 3 and 6 images do not divide evenly: no duplicated or dropped rows).
+    Each run has its own feature cache, so the two processes encode the teacher features (and, with a frozen tower,
+    its cached output) in two shares and gather them."""
     import os
     import subprocess
 
-    # A frozen image tower: its cached output is computed in two shares and gathered, like the teacher features.
     common = ["--gather_features", "true", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",
               "--load_best_model_at_end", "false", "--logging_steps", "1", "--dataloader_drop_last", "true",
-              "--freeze_vision_tower", "true"]  # fmt: skip
+              "--freeze_vision_tower", str(vision_tower == "frozen").lower()]  # fmt: skip
     one = tmp_path / "one"
-    single = run_cusa.main(tiny_run_args(tiny_backbone, shapes, one, *common, "--per_device_train_batch_size", "8"))
+    single = run_cusa.main(tiny_run_args(tiny_backbone, shapes, one, *common, "--per_device_train_batch_size", "8",
+                                         "--teacher_cache_dir", str(tmp_path / "cache_one")))  # fmt: skip
     two = tmp_path / "two"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+    port = {"trainable": "29617", "frozen": "29618"}[vision_tower]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
                str(REPO / "examples" / "run_cusa.py"),
-               *tiny_run_args(tiny_backbone, shapes, two, *common, "--per_device_train_batch_size", "4")]  # fmt: skip
+               *tiny_run_args(tiny_backbone, shapes, two, *common, "--per_device_train_batch_size", "4",
+                              "--teacher_cache_dir", str(tmp_path / "cache_two"))]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    tables = sorted((tmp_path / "cache_two").rglob("cusa-teachers-*.arrow"))
+    assert len(tables) == (2 if vision_tower == "frozen" else 1), tables  # teachers (+ the tower's output)
     single_state = CusaModel.from_pretrained(one).state_dict()
     double_state = CusaModel.from_pretrained(two).state_dict()
     for name, tensor in single_state.items():
