@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import BlipConfig, BlipForImageTextRetrieval
+from tiny_models import train_steps
 
 import cusa_hf.models  # noqa: F401  (registers the adapters)
 from cusa_hf.configuration_cusa import CusaConfig
@@ -99,16 +100,7 @@ def test_original_loss_matches_written_out_blip_loss():
 def test_cusa_training_steps_on_blip_reduce_the_loss():
     torch.manual_seed(0)
     model = CusaModel(CusaConfig(backbone_config=tiny_blip_config())).train()
-    pixels, ids, mask, image_ids, t_img, t_txt = batch()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for step in range(12):
-        torch.manual_seed(step)
-        out = model(pixels, ids, mask, image_ids=image_ids, teacher_image_embeds=t_img, teacher_text_embeds=t_txt)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses = train_steps(model, *batch())
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from tiny_models import train_steps
 
 import cusa_hf.models  # noqa: F401  (registers the adapters)
 from cusa_hf.configuration_cusa import CusaConfig
@@ -76,16 +76,7 @@ def test_training_steps_reduce_the_loss(cusa):
     fields = {} if cusa else {"use_csa": False, "use_usa": False}
     model = CusaModel(CusaConfig(backbone_config=tiny_config(), **fields)).train()
     assert model.backbone.__class__ is X2VlmModel
-    pixels, ids, mask, image_ids, t_img, t_txt = batch()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    losses = []
-    for step in range(12):
-        torch.manual_seed(step)
-        out = model(pixels, ids, mask, image_ids=image_ids, teacher_image_embeds=t_img, teacher_text_embeds=t_txt)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-        losses.append(out.loss.item())
+    losses = train_steps(model, *batch())
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 

@@ -111,3 +111,21 @@ def synthetic_dataset(**kwargs):
         }
     )
     return datasets.Dataset.from_list(rows, features=features)
+
+
+def train_steps(model, pixels, ids, mask, image_ids, teacher_image, teacher_text, steps: int = 12, lr: float = 2e-3):
+    """Losses of ``steps`` AdamW steps of ``model`` on one batch (seeded per step: fusion backbones draw hard
+    negatives)."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        out = model(pixels, ids, mask, image_ids=image_ids, teacher_image_embeds=teacher_image,
+                    teacher_text_embeds=teacher_text)  # fmt: skip
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses
