@@ -24,7 +24,14 @@ from typing import Any
 import datasets
 import torch
 
-from .teachers import PROVENANCE_COLUMN, TeacherEncoder, add_teacher_features, read_teacher_provenance, weights_sha256
+from .teachers import (
+    PROVENANCE_COLUMN,
+    TeacherEncoder,
+    add_teacher_features,
+    processor_json,
+    read_teacher_provenance,
+    weights_sha256,
+)
 
 IMAGE_TOWER_COLUMN = "image_tower_features"
 
@@ -138,7 +145,6 @@ def add_image_tower_features(
         finally:
             tower.train(was_training)
 
-    processor_json = _processor_json(image_processor)
     name = getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__
     encoder = TeacherEncoder(
         modality="image",
@@ -147,7 +153,7 @@ def add_image_tower_features(
         revision=None,
         pooling="pooler_output, before the backbone's projection",
         encode=encode,
-        fingerprint=datasets.fingerprint.Hasher.hash([sha, processor_json]),
+        fingerprint=datasets.fingerprint.Hasher.hash([sha, processor_json(image_processor)]),
         details={
             "weights_sha256": sha,
             "architecture": type(tower).__name__,
@@ -176,12 +182,8 @@ def add_image_tower_features(
         tower.to(home)
 
 
-def _processor_json(image_processor: Any) -> str:
-    return image_processor.to_json_string() if hasattr(image_processor, "to_json_string") else repr(image_processor)
-
-
 def _processor_sha256(image_processor: Any) -> str:
-    return hashlib.sha256(_processor_json(image_processor).encode("utf-8")).hexdigest()
+    return hashlib.sha256(processor_json(image_processor).encode("utf-8")).hexdigest()
 
 
 def check_image_tower_features(
@@ -207,10 +209,11 @@ def check_image_tower_features(
             f"column {column!r} records no tower weights; compute it with cusa_hf.add_image_tower_features so its "
             "provenance can be checked"
         )
-    if made_with != image_tower_sha256(tower):
+    current = image_tower_sha256(tower)
+    if made_with != current:
         raise ValueError(
             f"column {column!r} was computed with other vision tower weights (sha256 {made_with[:12]}..., this model's: "
-            f"{image_tower_sha256(tower)[:12]}...); recompute it with add_image_tower_features(dataset, model, ...)"
+            f"{current[:12]}...); recompute it with add_image_tower_features(dataset, model, ...)"
         )
     processed_with = recorded.get("image_processor_sha256")
     if image_processor is not None and processed_with is not None and processed_with != _processor_sha256(image_processor):

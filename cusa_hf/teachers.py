@@ -134,6 +134,11 @@ def _commit_hash(config: Any) -> str | None:
     return getattr(config, "_commit_hash", None) if config is not None else None
 
 
+def processor_json(processor: Any) -> str:
+    """A processor's settings as text (``to_json_string``, else ``repr``): part of what a feature depends on."""
+    return processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor)
+
+
 def _transformers_image_encoder(
     model: Any, processor: Any, pooling: str, device: torch.device, name: str | None, revision: str | None
 ) -> TeacherEncoder:
@@ -167,7 +172,7 @@ def _transformers_image_encoder(
 
     config = getattr(model, "config", None)
     sha = weights_sha256(model)
-    processor_json = processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor)
+    preprocessing = processor_json(processor)
     return TeacherEncoder(
         modality="image",
         kind="transformers",
@@ -175,7 +180,7 @@ def _transformers_image_encoder(
         revision=revision or _commit_hash(config),
         pooling=pooling,
         encode=encode,
-        fingerprint=datasets.fingerprint.Hasher.hash([sha, processor_json, pooling]),
+        fingerprint=datasets.fingerprint.Hasher.hash([sha, preprocessing, pooling]),
         details={"weights_sha256": sha, "architecture": type(model).__name__},
     )
 
