@@ -63,7 +63,7 @@ def build_student(student: str, use_cusa: bool):
 
         model_args = run_cusa.ModelArguments(freeze_vision_tower=True)
         model = CusaModel.from_backbone(run_cusa.build_backbone(model_args), **cusa_fields)
-        run_cusa.freeze(model.backbone.vision_model)
+        run_cusa.freeze_tower(model.backbone.vision_model)
         tokenizer = run_cusa.build_processor(model_args).tokenizer
     elif student == "tiny_clip":
         from transformers import AutoTokenizer, CLIPConfig, CLIPModel

@@ -9,6 +9,7 @@ from .backbones import (
     dual_encoder_config,
     dual_encoder_from_towers,
     register_backbone_adapter,
+    sentence_transformer_text_tower,
     supported_model_types,
 )
 from .configuration_cusa import CusaConfig
@@ -25,7 +26,7 @@ from .evaluation import (
     retrieval_metrics,
     sts_spearman,
 )
-from .frozen_towers import add_image_tower_features
+from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
 from .modeling_cusa import CusaModel, CusaOutput
 from .teachers import add_teacher_features, check_teacher_features, read_teacher_provenance
 from .trainer import CusaDataCollator, CusaTrainer, cusa_training_arguments
@@ -50,6 +51,7 @@ __all__ = [
     "RerankConfig",
     "adapter_class_for",
     "add_image_tower_features",
+    "add_text_tower_features",
     "add_teacher_features",
     "build_eval_view",
     "check_teacher_features",
@@ -57,6 +59,7 @@ __all__ = [
     "dual_encoder_config",
     "dual_encoder_from_towers",
     "eccv_metrics",
+    "freeze_tower",
     "encode_images",
     "encode_texts",
     "evaluate_retrieval",
@@ -69,6 +72,7 @@ __all__ = [
     "read_teacher_provenance",
     "register_backbone_adapter",
     "rerank_with_itm",
+    "sentence_transformer_text_tower",
     "retrieval_metrics",
     "sts_spearman",
     "supported_model_types",

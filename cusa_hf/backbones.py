@@ -8,8 +8,8 @@ An adapter wraps a backbone ``PreTrainedModel`` and answers what ``CusaModel`` n
 * optionally the backbone's original training loss (ITC + ITM for X2VLM/BLIP, hinge triplet for SGRAF); without it
   ``CusaModel`` uses multi-positive InfoNCE;
 * optionally pairwise match scores for reranking (fusion encoders);
-* optionally the split of image encoding into a vision tower and a projection, so that a frozen tower's output can
-  be computed once per image and cached (``cusa_hf.frozen_towers``).
+* optionally the split of image and text encoding into a tower and a projection, so that a frozen tower's output
+  can be computed once per image or caption and cached (``cusa_hf.frozen_towers``).
 
 CUSA's projectors, heads and losses sit on top and never look inside the backbone. A new backbone family is one
 ``BackboneAdapter`` subclass registered with :func:`register_backbone_adapter`.
@@ -17,11 +17,17 @@ CUSA's projectors, heads and losses sit on top and never look inside the backbon
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+
+
+#: What each modality's tower is called in messages.
+TOWER_NAMES = {"image": "vision tower", "text": "text tower"}
 
 
 @dataclass
@@ -62,6 +68,8 @@ class BackboneAdapter:
     #: True when image features are ``project_image_tower(encode_image_tower(pixel_values))``: a frozen vision
     #: tower's output can then be cached and training skips the tower (``cusa_hf.frozen_towers``).
     has_separable_image_tower: bool = False
+    #: The same for text: text features are ``project_text_tower(encode_text_tower(input_ids, attention_mask))``.
+    has_separable_text_tower: bool = False
 
     def __init__(self, backbone: PreTrainedModel):
         self.backbone = backbone
@@ -111,6 +119,23 @@ class BackboneAdapter:
     def project_image_tower(self, tower_features: torch.Tensor) -> torch.Tensor:
         """`(batch_size, image_feature_dim)` image features from the vision tower's pooled output."""
         raise NotImplementedError(f"{type(self).__name__} has no separable vision tower")
+
+    def text_tower(self) -> torch.nn.Module:
+        """The text tower whose pooled output ``encode_text_tower`` returns (adapters with a separable tower)."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable text tower")
+
+    @property
+    def text_tower_dim(self) -> int:
+        """Width of the text tower's pooled output, the input of ``project_text_tower``."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable text tower")
+
+    def encode_text_tower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`(batch_size, text_tower_dim)` pooled output of the text tower, before the backbone's projection."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable text tower")
+
+    def project_text_tower(self, tower_features: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, text_feature_dim)` text features from the text tower's pooled output."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable text tower")
 
     def forward_features(
         self,
@@ -170,17 +195,59 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def _pooled(output: Any) -> torch.Tensor:
-    """The pooled tensor of a transformers ``get_*_features`` result (an output object in transformers 5)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+#: How a text tower's token states become one vector (``text_pooling`` of a dual encoder's config): the backbone's
+#: own ``pooler_output`` (BERT: tanh layer over [CLS]; CLIP: the end-of-text token), the [CLS] state, or the
+#: sentence-transformers poolings over the attention mask.
+TEXT_POOLINGS = ("pooler", "cls", "mean", "max", "mean_sqrt_len_tokens", "lasttoken")
+
+
+def pool_text(
+    last_hidden_state: torch.Tensor,
+    pooler_output: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    pooling: str,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """`(batch_size, hidden)` sentence vectors from token states `(batch_size, seq, hidden)`, as
+    sentence-transformers' ``Pooling`` (+ ``Normalize`` when ``normalize``) computes them."""
+    if pooling not in TEXT_POOLINGS:
+        raise ValueError(f"text_pooling={pooling!r} is not supported; use one of {list(TEXT_POOLINGS)}")
+    if attention_mask is None:
+        attention_mask = torch.ones(last_hidden_state.shape[:2], dtype=torch.long, device=last_hidden_state.device)
+    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    if pooling == "pooler":
+        if pooler_output is None:
+            raise ValueError("text_pooling='pooler' but the text tower returns no pooler_output; choose e.g. 'mean'")
+        pooled = pooler_output
+    elif pooling == "cls":
+        pooled = last_hidden_state[:, 0]
+    elif pooling == "max":
+        pooled = last_hidden_state.masked_fill(mask == 0, torch.finfo(last_hidden_state.dtype).min).amax(dim=1)
+    elif pooling == "lasttoken":
+        last = attention_mask.sum(dim=1).long() - 1
+        pooled = last_hidden_state[torch.arange(len(last), device=last.device), last.clamp(min=0)]
+    else:
+        summed = (last_hidden_state * mask).sum(dim=1)
+        counts = mask.sum(dim=1).clamp(min=1e-9)
+        pooled = summed / (counts if pooling == "mean" else counts.sqrt())
+    return F.normalize(pooled, dim=-1) if normalize else pooled
 
 
 @register_backbone_adapter
 class ClipAdapter(BackboneAdapter):
-    """``transformers.CLIPModel``: projected pooled features from ``get_image_features``/``get_text_features``."""
+    """``transformers.CLIPModel``: projected pooled features from the vision and text towers.
 
-    model_types = ("clip", "chinese_clip")
+    The text tower pools as ``backbone.config.text_pooling`` says (one of :data:`TEXT_POOLINGS`; default: the
+    backbone's own pooling, as its ``get_text_features`` does) and L2-normalises the pooled vector first when
+    ``backbone.config.text_pooling_normalize`` is true. :func:`dual_encoder_from_towers` sets both from a
+    sentence-transformers text model, so the tower pools as it was trained to.
+    """
+
+    model_types = ("clip",)
     has_separable_image_tower = True
+    has_separable_text_tower = True
+    #: The pooling of ``get_text_features`` for this backbone family.
+    default_text_pooling = "pooler"
 
     def __init__(self, backbone: PreTrainedModel):
         super().__init__(backbone)
@@ -188,13 +255,20 @@ class ClipAdapter(BackboneAdapter):
         # without gradient, which DDP rejects, so it is frozen.
         if getattr(backbone, "logit_scale", None) is not None:
             backbone.logit_scale.requires_grad_(False)
+        self.text_pooling = getattr(backbone.config, "text_pooling", None) or self.default_text_pooling
+        if self.text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"backbone config text_pooling={self.text_pooling!r} is not one of {list(TEXT_POOLINGS)}")
+        self.text_pooling_normalize = bool(getattr(backbone.config, "text_pooling_normalize", False))
 
     @property
     def image_feature_dim(self) -> int:
         return self.backbone.config.projection_dim
 
+    # get_image_features is exactly visual_projection(vision_model(pixel_values).pooler_output) in CLIP, Chinese-CLIP
+    # and VisionTextDualEncoderModel, and get_text_features is text_projection of the text tower's pooled output;
+    # tests/test_frozen_towers.py pins both equalities.
     def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-        return _pooled(self.backbone.get_image_features(pixel_values=pixel_values))
+        return self.project_image_tower(self.encode_image_tower(pixel_values))
 
     def image_tower(self) -> torch.nn.Module:
         return self.backbone.vision_model
@@ -203,8 +277,6 @@ class ClipAdapter(BackboneAdapter):
     def image_tower_dim(self) -> int:
         return self.backbone.visual_projection.in_features
 
-    # get_image_features is exactly visual_projection(vision_model(pixel_values).pooler_output) in CLIP, Chinese-CLIP
-    # and VisionTextDualEncoderModel; tests/test_frozen_towers.py pins that equality.
     def encode_image_tower(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.backbone.vision_model(pixel_values=pixel_values).pooler_output
 
@@ -214,7 +286,35 @@ class ClipAdapter(BackboneAdapter):
     def encode_text(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
-        return _pooled(self.backbone.get_text_features(input_ids=input_ids, attention_mask=attention_mask))
+        return self.project_text_tower(self.encode_text_tower(input_ids, attention_mask))
+
+    def text_tower(self) -> torch.nn.Module:
+        return self.backbone.text_model
+
+    @property
+    def text_tower_dim(self) -> int:
+        return self.backbone.text_projection.in_features
+
+    def encode_text_tower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = self.backbone.text_model(input_ids=input_ids, attention_mask=attention_mask)
+        return pool_text(
+            outputs.last_hidden_state,
+            getattr(outputs, "pooler_output", None),
+            attention_mask,
+            self.text_pooling,
+            self.text_pooling_normalize,
+        )
+
+    def project_text_tower(self, tower_features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.text_projection(tower_features)
+
+
+@register_backbone_adapter
+class ChineseClipAdapter(ClipAdapter):
+    """``transformers.ChineseCLIPModel``: as CLIP, but its ``get_text_features`` takes the [CLS] token state."""
+
+    model_types = ("chinese_clip",)
+    default_text_pooling = "cls"
 
 
 @register_backbone_adapter
@@ -256,12 +356,76 @@ def dual_encoder_config(
     )
 
 
+def sentence_transformer_text_tower(model: Any) -> tuple[PreTrainedModel, str, bool]:
+    """The transformer of a sentence-transformers model, its pooling and whether it L2-normalises.
+
+    Args:
+        model: a ``SentenceTransformer`` or the name/path of one (a folder with ``modules.json``).
+
+    Returns:
+        ``(text_model, pooling, normalize)``: the Hugging Face model inside its first module, the pooling mode of its
+        ``Pooling`` module (one of :data:`TEXT_POOLINGS`) and whether a ``Normalize`` module follows.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model, (str, os.PathLike)):
+        model = SentenceTransformer(os.fspath(model), device="cpu")
+    if not isinstance(model, SentenceTransformer):
+        raise TypeError(f"expected a SentenceTransformer or its name/path, got {type(model).__name__}")
+    modules = list(model)
+    text_model = getattr(modules[0], "auto_model", None) or getattr(modules[0], "model", None)
+    if not isinstance(text_model, PreTrainedModel):
+        raise ValueError(
+            f"the sentence-transformers model's first module ({type(modules[0]).__name__}) holds no transformers model"
+        )
+    poolings = [module.pooling_mode for module in modules if type(module).__name__ == "Pooling"]
+    if len(poolings) != 1 or not isinstance(poolings[0], str) or poolings[0] not in TEXT_POOLINGS:
+        raise ValueError(
+            f"the sentence-transformers model pools with {poolings!r}; a dual-encoder text tower supports one pooling "
+            f"of {list(TEXT_POOLINGS[1:])}"
+        )
+    extra = [type(module).__name__ for module in modules[1:] if type(module).__name__ not in ("Pooling", "Normalize")]
+    if extra:
+        raise ValueError(
+            f"the sentence-transformers model has modules after its transformer that a dual-encoder text tower would "
+            f"drop: {extra}; only Pooling and Normalize are supported"
+        )
+    normalize = any(type(module).__name__ == "Normalize" for module in modules)
+    return text_model, poolings[0], normalize
+
+
+def _is_sentence_transformer(model: Any) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        return os.path.isfile(os.path.join(os.fspath(model), "modules.json"))
+    return type(model).__name__ == "SentenceTransformer"
+
+
 def dual_encoder_from_towers(
-    vision_model: PreTrainedModel, text_model: PreTrainedModel, projection_dim: int = 512
+    vision_model: PreTrainedModel, text_model: Any, projection_dim: int = 512
 ) -> PreTrainedModel:
-    """A ``VisionTextDualEncoderModel`` around pretrained towers (their weights kept; new random projections)."""
+    """A ``VisionTextDualEncoderModel`` around pretrained towers (their weights kept; new random projections).
+
+    Args:
+        vision_model: the image tower (e.g. a ``TimmWrapperModel`` or ``ViTModel``).
+        text_model: the text tower: a transformers model (pooled by its ``pooler_output``), or a sentence-transformers
+            model, its name or its local folder, which then pools (and normalises) as that model does; the pooling is
+            recorded as ``config.text_pooling`` / ``config.text_pooling_normalize`` and restored by
+            ``from_pretrained``.
+        projection_dim: width of the new projections.
+
+    Example::
+
+        >>> backbone = dual_encoder_from_towers(efficientnet_lite_timm_wrapper(0), "sentence-transformers/all-MiniLM-L6-v2", 256)
+        >>> backbone.config.text_pooling, backbone.config.text_pooling_normalize
+        ('mean', True)
+    """
     from transformers import VisionTextDualEncoderModel
 
+    pooling, normalize = None, False
+    if _is_sentence_transformer(text_model):
+        text_model, pooling, normalize = sentence_transformer_text_tower(text_model)
     with_vision_hidden_size(vision_model.config)
     config = dual_encoder_config(vision_model.config, text_model.config, projection_dim)
+    if pooling is not None:
+        config.text_pooling, config.text_pooling_normalize = pooling, normalize
     return VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model)

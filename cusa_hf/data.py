@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -82,6 +83,11 @@ class RetrievalEvalView:
         text_to_image: `(n_texts,)` long tensor; ``text_to_image[t]`` is the index in ``images`` of caption t's image.
         image_to_texts: for each image, the indices in ``captions`` of its captions.
         image_root: folder that relative image paths are resolved against.
+        image_tower_features: optional `(n_images, image_tower_dim)` cached output of a frozen vision tower, one row
+            per entry of ``images`` (``cusa_hf.add_image_tower_features``); evaluation then projects it instead of
+            running the tower.
+        text_tower_features: optional `(n_texts, text_tower_dim)` cached output of a frozen text tower, one row per
+            caption (``cusa_hf.add_text_tower_features``).
     """
 
     images: list[Any]
@@ -90,6 +96,8 @@ class RetrievalEvalView:
     text_to_image: torch.Tensor
     image_to_texts: list[list[int]]
     image_root: str | None = None
+    image_tower_features: torch.Tensor | None = None
+    text_tower_features: torch.Tensor | None = None
 
     @classmethod
     def from_rows(
@@ -519,12 +527,15 @@ def build_eval_view(
     caption_column: str = "caption",
     image_id_column: str = "image_id",
     image_root: str | os.PathLike | None = None,
+    image_tower_column: str | None = "image_tower_features",
+    text_tower_column: str | None = "text_tower_features",
 ) -> RetrievalEvalView:
     """The evaluation view (unique images, all captions, caption->image and image->captions maps), built once.
 
     Accepts one row per caption or one row per image with a caption list. Images are grouped by ``image_id``
     (by the image path when the dataset has no id column). Only the first row's image of each id is read, and
     ``datasets.Image`` values are kept undecoded (``{"path", "bytes"}``), so building the view decodes nothing.
+    Cached frozen-tower columns (one row per caption) are carried into the view when the dataset has them.
 
     Raises:
         ValueError: a column is missing, or one image id maps to two different image paths.
@@ -568,6 +579,16 @@ def build_eval_view(
             images.append(image_of_id[row_ids[row]])
             captions.append(caption)
             ids.append(row_ids[row])
-    return RetrievalEvalView.from_rows(
+    view = RetrievalEvalView.from_rows(
         images, captions, ids, image_root=os.fspath(image_root) if image_root is not None else None
     )
+    for column, attribute, rows in (
+        (image_tower_column, "image_tower_features", list(first_row.values())),
+        (text_tower_column, "text_tower_features", None),
+    ):
+        if column is not None and column in dataset.column_names:
+            if rows is None and len(captions) != len(dataset):
+                raise ValueError(f"column {column!r} needs one row per caption; this split has caption lists")
+            table = np.asarray(dataset.with_format("numpy", columns=[column])[column], dtype=np.float32)
+            setattr(view, attribute, torch.from_numpy(table if rows is None else table[rows]))
+    return view

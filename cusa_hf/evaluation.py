@@ -893,6 +893,26 @@ def encode_texts(
     return features[inverse.to(features.device)]
 
 
+def _project_tower_features(
+    model: torch.nn.Module, modality: str, tower_features: torch.Tensor, head: str | None, accelerator: Any, device: Any
+) -> torch.Tensor:
+    """Normalised embeddings from a frozen tower's cached output (``RetrievalEvalView.*_tower_features``): the
+    projections and heads only, computed whole in every process (they are small)."""
+    if head is None:
+        raise ValueError("cached tower features need a CusaModel and a head ('cross' or 'uni')")
+    device = accelerator.device if accelerator is not None else (device or _model_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            features = getattr(model, f"get_{modality}_features")(
+                **{f"{modality}_tower_features": tower_features.to(device)}, head=head
+            )
+    finally:
+        model.train(was_training)
+    return _as_features(features)
+
+
 def _unwrap(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
@@ -923,10 +943,16 @@ def evaluate_retrieval(
         dual-encoder ones are added with an ``itc_`` prefix. ``CusaTrainer`` reports them as ``eval_*``.
     """
     model = _unwrap(model, accelerator)
-    image_features = encode_images(model, eval_view.images, processor.image_processor, batch_size, head,
-                                   eval_view.image_root, accelerator, device, show_progress)
-    text_features = encode_texts(model, eval_view.captions, processor.tokenizer, text_batch_size, head,
-                                 accelerator=accelerator, device=device, show_progress=show_progress)
+    if eval_view.image_tower_features is not None:
+        image_features = _project_tower_features(model, "image", eval_view.image_tower_features, head, accelerator, device)
+    else:
+        image_features = encode_images(model, eval_view.images, processor.image_processor, batch_size, head,
+                                       eval_view.image_root, accelerator, device, show_progress)
+    if eval_view.text_tower_features is not None:
+        text_features = _project_tower_features(model, "text", eval_view.text_tower_features, head, accelerator, device)
+    else:
+        text_features = encode_texts(model, eval_view.captions, processor.tokenizer, text_batch_size, head,
+                                     accelerator=accelerator, device=device, show_progress=show_progress)
     similarity = image_features @ text_features.T
     metrics = retrieval_metrics(similarity, eval_view.text_to_image)
     if rerank is None:

@@ -1,17 +1,22 @@
-"""Train on a frozen vision tower's cached output instead of running the tower at every step.
+"""Train on frozen towers' cached output instead of running the towers at every step.
 
-When the image tower is frozen (its weights fixed, BatchNorm on running statistics), its pooled output for an image
-is the same at every step and every epoch. :func:`add_image_tower_features` runs the tower once per unique image and
-stores the result as an ``image_tower_features`` column; ``CusaDataCollator`` then batches that column instead of
-loading and preprocessing images, and ``CusaModel`` applies only the backbone's (trainable) projection.
+When a tower is frozen (its weights fixed, BatchNorm on running statistics, dropout off: :func:`freeze_tower`), its
+pooled output for an image or a caption is the same at every step and every epoch. :func:`add_image_tower_features`
+runs the vision tower once per unique image and stores the result as an ``image_tower_features`` column;
+:func:`add_text_tower_features` does the same for the text tower, once per unique caption, as a
+``text_tower_features`` column. ``CusaDataCollator`` then batches those columns instead of loading images and
+tokenising captions, ``CusaModel`` applies only the backbone's (trainable) projections and the CUSA heads, and
+``CusaTrainer`` evaluates a split that carries the columns the same way. With both towers frozen a training step
+costs only the small trainable layers.
 
 The cached features are the tower's eval-mode output in float32. Training on them is training through the tower
-when the tower computes the same in training mode (BatchNorm frozen, no dropout or drop-path: the default CLIP,
-ViT and EfficientNet-Lite towers here; :func:`add_image_tower_features` warns otherwise), up to float rounding;
-under ``--bf16``/``--fp16`` the uncached tower would run in half precision instead.
+when the tower computes the same in training mode (BatchNorm frozen, no dropout or drop-path: what
+:func:`freeze_tower` makes of a tower; the ``add_*`` functions warn otherwise), up to float rounding; under
+``--bf16``/``--fp16`` the uncached tower would run in half precision instead.
 
-The column records which tower weights made it (SHA-256 in the ``teacher_provenance`` column), and
-``CusaTrainer`` refuses a column made by other weights or a model whose tower is not frozen.
+Each column records which tower weights made it (SHA-256 in the ``teacher_provenance`` column), with the
+preprocessing (image processor, or tokenizer, length limit and pooling), and ``CusaTrainer`` refuses a column made
+by other weights or preprocessing, or a model whose tower is not frozen.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import datasets
 import torch
 
+from .backbones import TOWER_NAMES
 from .teachers import (
     PROVENANCE_COLUMN,
     TeacherEncoder,
@@ -36,55 +42,199 @@ from .teachers import (
 IMAGE_TOWER_COLUMN = "image_tower_features"
 
 
-def _separable_adapter(model: Any):
+TEXT_TOWER_COLUMN = "text_tower_features"
+MODALITIES = tuple(TOWER_NAMES)
+
+
+def _separable_adapter(model: Any, modality: str = "image"):
     adapter = getattr(model, "adapter", None)
-    if adapter is None or not adapter.has_separable_image_tower:
+    if adapter is None or not getattr(adapter, f"has_separable_{modality}_tower"):
         model_type = getattr(getattr(getattr(model, "config", None), "backbone_config", None), "model_type", None)
         raise ValueError(
-            f"cannot cache image tower features for a {model_type!r} backbone: its adapter does not split image "
-            "encoding into a vision tower and a projection (CLIP and VisionTextDualEncoder backbones do)"
+            f"cannot cache {modality} tower features for a {model_type!r} backbone: its adapter does not split "
+            f"{modality} encoding into a tower and a projection (CLIP and VisionTextDualEncoder backbones do)"
         )
     return adapter
 
 
-def frozen_image_tower(model: Any) -> torch.nn.Module:
-    """The vision tower of a ``CusaModel``, after checking that none of its parameters is trainable."""
-    tower = _separable_adapter(model).image_tower()
+def frozen_tower(model: Any, modality: str) -> torch.nn.Module:
+    """The ``"image"`` or ``"text"`` tower of a ``CusaModel``, after checking that none of its parameters is
+    trainable."""
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    tower = getattr(_separable_adapter(model, modality), f"{modality}_tower")()
     trainable = [name for name, parameter in tower.named_parameters() if parameter.requires_grad]
     if trainable:
         raise ValueError(
-            f"the vision tower has {len(trainable)} trainable parameters (first: {trainable[0]}); only a frozen "
-            "tower's output can be cached. Freeze it first (requires_grad_(False); for CNN towers also freeze "
-            "BatchNorm, e.g. timm.layers.freeze_batch_norm_2d)"
+            f"the {TOWER_NAMES[modality]} has {len(trainable)} trainable parameters (first: {trainable[0]}); only a frozen "
+            "tower's output can be cached. Freeze it first (cusa_hf.frozen_towers.freeze_tower)"
         )
     return tower
 
 
+def frozen_image_tower(model: Any) -> torch.nn.Module:
+    """The vision tower of a ``CusaModel``, after checking that none of its parameters is trainable."""
+    return frozen_tower(model, "image")
+
+
+def freeze_tower(module: torch.nn.Module) -> torch.nn.Module:
+    """Freeze a tower so that it computes in training mode exactly what it computes in evaluation: weights without
+    gradients, BatchNorm on its running statistics (timm's ``freeze_batch_norm_2d``) and dropout off (dropout
+    modules, attention-dropout rates and the config's dropout fields set to 0). Returns the module (changed in
+    place; a timm tower inside a ``TimmWrapperModel`` is replaced by its frozen copy)."""
+    module.requires_grad_(False)
+    timm_model = getattr(module, "timm_model", None)
+    if timm_model is not None:
+        from timm.layers import freeze_batch_norm_2d
+
+        module.timm_model = freeze_batch_norm_2d(timm_model)
+    for submodule in module.modules():
+        if isinstance(submodule, torch.nn.modules.dropout._DropoutNd):
+            submodule.p = 0.0
+        for attribute in _dropout_rates(submodule):
+            setattr(submodule, attribute, 0.0)
+    return module
+
+
+def _dropout_rates(module: torch.nn.Module) -> list[str]:
+    """Float attributes of a module that are dropout rates read at run time (CLIP attention's ``dropout``, timm's
+    ``drop_rate`` / ``drop_prob``)."""
+    return [
+        attribute
+        for attribute, value in vars(module).items()
+        if ("dropout" in attribute or attribute in ("drop_rate", "drop_prob")) and isinstance(value, float)
+    ]
+
+
 def _train_mode_differences(tower: torch.nn.Module) -> list[str]:
     """What makes a tower compute differently in training mode than in eval mode, as far as can be seen without
-    running it: live BatchNorm, dropout modules, dropout fields of its config, timm's drop rates."""
+    running it: live BatchNorm, dropout modules and dropout rates read at run time."""
     found, live_norms = [], []
     for name, module in tower.named_modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             live_norms.append(name or "tower")
         elif isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
             found.append(f"dropout {name} has p={module.p}")
-        for attribute in ("drop_rate", "drop_prob"):
-            if isinstance(getattr(module, attribute, None), float) and getattr(module, attribute) > 0:
+        for attribute in _dropout_rates(module):
+            if getattr(module, attribute) > 0:
                 found.append(f"{name or 'tower'}.{attribute}={getattr(module, attribute)}")
-        config = getattr(module, "config", None)
-        for field, value in (config.to_dict().items() if hasattr(config, "to_dict") else ()):
-            if "dropout" in field and isinstance(value, float) and value > 0:
-                found.append(f"config.{field}={value}")  # submodules share the config: listed once
     if live_norms:
         found.insert(0, f"{len(live_norms)} BatchNorm layers are not frozen, first: {live_norms[0]}")
     return list(dict.fromkeys(found))
 
 
-def image_tower_sha256(tower: torch.nn.Module) -> str:
+def tower_sha256(tower: torch.nn.Module) -> str:
     """SHA-256 of a tower's weights; BatchNorm's ``num_batches_tracked`` counters are bookkeeping and left out, so
     freezing BatchNorm (which drops them) does not change it."""
     return weights_sha256(tower, skip=lambda name: name.endswith("num_batches_tracked"))
+
+
+def _warn_train_mode_differences(tower: torch.nn.Module, modality: str) -> None:
+    differences = _train_mode_differences(tower)
+    if differences:
+        warnings.warn(
+            f"the {TOWER_NAMES[modality]} computes differently in training mode ({'; '.join(differences[:3])}"
+            f"{'; ...' if len(differences) > 3 else ''}): cached features are its eval-mode output, while running the "
+            "tower at every step would use batch statistics / dropout. Freeze it with "
+            "cusa_hf.frozen_towers.freeze_tower for the cache to match uncached training",
+            stacklevel=3,
+        )
+
+
+def _add_tower_features(
+    dataset: datasets.Dataset,
+    model: Any,
+    modality: str,
+    preprocess: Any,
+    settings: dict[str, Any],
+    column: str,
+    batch_size: int,
+    device: str | torch.device | None,
+    **feature_options: Any,
+) -> datasets.Dataset:
+    """Run ``model``'s frozen ``modality`` tower once per unique input through the teacher-feature cache.
+    ``preprocess(inputs)`` gives the tower's keyword inputs; ``settings`` (preprocessing) is part of the
+    fingerprint and of the recorded provenance."""
+    from accelerate import PartialState
+
+    tower = frozen_tower(model, modality)
+    _warn_train_mode_differences(tower, modality)
+    adapter = model.adapter
+    sha = tower_sha256(tower)
+    # The model usually still sits on the CPU here (the Trainer moves it later): encode on this process's accelerator.
+    device = torch.device(device) if device is not None else PartialState().device
+    home = next(iter(tower.parameters())).device
+    encode_tower = getattr(adapter, f"encode_{modality}_tower")
+
+    def encode(inputs: list) -> torch.Tensor:
+        was_training = tower.training
+        tower.eval()
+        try:
+            return encode_tower(**{key: value.to(device) for key, value in preprocess(inputs).items()})
+        finally:
+            tower.train(was_training)
+
+    name = getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__
+    pooling = settings.get("pooling", "pooler_output")
+    encoder = TeacherEncoder(
+        modality=modality,
+        kind=f"frozen {modality} tower",
+        name_or_path=name,
+        revision=None,
+        pooling=f"{pooling}, before the backbone's projection",
+        encode=encode,
+        fingerprint=datasets.fingerprint.Hasher.hash([sha, settings]),
+        details={"weights_sha256": sha, "architecture": type(tower).__name__, **_settings_digest(settings)},
+        progress_label=f"frozen {modality} tower ({name})",
+    )
+    output_column = {"image_feature_column": column} if modality == "image" else {"text_feature_column": column}
+    tower.to(device)
+    try:
+        return add_teacher_features(
+            dataset,
+            **{f"{modality}_teacher": encoder},
+            **output_column,
+            batch_size=batch_size,
+            normalize=False,
+            device=device,
+            **feature_options,
+        )
+    finally:
+        tower.to(home)
+
+
+def _settings_digest(settings: dict[str, Any]) -> dict[str, str]:
+    """The recorded fingerprint of a tower's preprocessing, checked against the trainer's processor."""
+    text = repr(sorted(settings.items()))
+    return {"preprocessing_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def _image_settings(image_processor: Any) -> dict[str, Any]:
+    return {"image_processor": processor_json(image_processor)}
+
+
+def _text_settings(model: Any, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+    adapter = model.adapter
+    return {
+        "tokenizer": _tokenizer_description(tokenizer),
+        "max_length": _max_length(tokenizer, max_length),
+        "pooling": getattr(adapter, "text_pooling", "pooler"),
+        "normalize": bool(getattr(adapter, "text_pooling_normalize", False)),
+    }
+
+
+def _tokenizer_description(tokenizer: Any) -> str:
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    vocab_sha = hashlib.sha256(repr(sorted(vocab.items())).encode("utf-8")).hexdigest()
+    return f"{type(tokenizer).__name__}:{vocab_sha}:{getattr(tokenizer, 'do_lower_case', None)}"
+
+
+def _max_length(tokenizer: Any, max_length: int | None) -> int:
+    """The caption length limit ``CusaDataCollator`` uses (the tokenizer's own, else 77)."""
+    if max_length is not None:
+        return max_length
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if limit and limit < 100_000 else 77
 
 
 def add_image_tower_features(
@@ -118,72 +268,105 @@ def add_image_tower_features(
     Returns:
         the dataset plus ``column``: `(image_tower_dim,)` float32 features per row, not normalised.
     """
-    from accelerate import PartialState
 
-    tower = frozen_image_tower(model)
-    differences = _train_mode_differences(tower)
-    if differences:
-        warnings.warn(
-            f"the vision tower computes differently in training mode ({'; '.join(differences[:3])}"
-            f"{'; ...' if len(differences) > 3 else ''}): cached features are its eval-mode output, while running the "
-            "tower at every step would use batch statistics / dropout. Freeze BatchNorm "
-            "(timm.layers.freeze_batch_norm_2d) and set dropout to 0 for the cache to match uncached training",
-            stacklevel=2,
+    def preprocess(images: list) -> dict[str, torch.Tensor]:
+        return {"pixel_values": image_processor(images=images, return_tensors="pt")["pixel_values"]}
+
+    return _add_tower_features(
+        dataset, model, "image", preprocess, _image_settings(image_processor), column, batch_size, device,
+        image_column=image_column, image_id_column=image_id_column, image_root=image_root,
+        skip_bad_images=skip_bad_images, cache_dir=cache_dir, load_from_cache_file=load_from_cache_file,
+        show_progress=show_progress,
+    )  # fmt: skip
+
+
+def add_text_tower_features(
+    dataset: datasets.Dataset,
+    model: Any,
+    tokenizer: Any,
+    batch_size: int = 256,
+    *,
+    caption_column: str = "caption",
+    max_length: int | None = None,
+    column: str = TEXT_TOWER_COLUMN,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    load_from_cache_file: bool = True,
+    show_progress: bool = True,
+) -> datasets.Dataset:
+    """Add the pooled output of ``model``'s frozen text tower for every row, each unique caption encoded once.
+
+    Args:
+        dataset: one row per caption.
+        model: a ``CusaModel`` whose backbone has a separable text tower (CLIP, VisionTextDualEncoder) with no
+            trainable parameter; the tower pools as the backbone is configured (e.g. sentence-transformers mean
+            pooling, see ``cusa_hf.dual_encoder_from_towers``).
+        tokenizer: the backbone's tokenizer (e.g. ``processor.tokenizer``).
+        max_length: truncation length; defaults to the tokenizer's limit (what ``CusaDataCollator`` uses).
+        column: the output column; ``CusaDataCollator`` batches it as ``text_tower_features``.
+
+    Caching, sharding and the other arguments as in :func:`cusa_hf.teachers.add_teacher_features`.
+
+    Returns:
+        the dataset plus ``column``: `(text_tower_dim,)` float32 features per row (after the tower's pooling and,
+        where configured, its L2 normalisation; before the backbone's projection).
+    """
+    limit = _max_length(tokenizer, max_length)
+
+    def preprocess(captions: list[str]) -> dict[str, torch.Tensor]:
+        tokens = tokenizer(captions, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+    return _add_tower_features(
+        dataset, model, "text", preprocess, _text_settings(model, tokenizer, max_length), column, batch_size,
+        device, caption_column=caption_column, cache_dir=cache_dir, load_from_cache_file=load_from_cache_file,
+        show_progress=show_progress,
+    )  # fmt: skip
+
+
+def check_tower_features(
+    model: Any,
+    dataset: datasets.Dataset | datasets.IterableDataset,
+    modality: str,
+    column: str,
+    preprocessing: Any = None,
+    max_length: int | None = None,
+    provenance_column: str = PROVENANCE_COLUMN,
+) -> None:
+    """Fail before training or evaluation when a dataset's cached tower features cannot stand in for ``model``'s
+    ``modality`` tower: the backbone has no separable tower, the tower is trainable, the width differs, or other
+    weights made them, or (when ``preprocessing`` is given: the image processor, or the tokenizer) other
+    preprocessing than the trainer's."""
+    tower = frozen_tower(model, modality)
+    first_row = dataset[0] if isinstance(dataset, datasets.Dataset) else next(iter(dataset))
+    width = len(first_row[column])
+    expected = getattr(model.adapter, f"{modality}_tower_dim")
+    if width != expected:
+        raise ValueError(f"column {column!r} holds {width}-d features; this model's {TOWER_NAMES[modality]} gives {expected}-d")
+    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {}).get(column, {})
+    made_with = recorded.get("weights_sha256")
+    add = f"add_{modality}_tower_features"
+    if made_with is None:
+        raise ValueError(
+            f"column {column!r} records no tower weights; compute it with cusa_hf.{add} so its provenance can be "
+            "checked"
         )
-    adapter = model.adapter
-    sha = image_tower_sha256(tower)
-    # The model usually still sits on the CPU here (the Trainer moves it later): encode on this process's accelerator.
-    device = torch.device(device) if device is not None else PartialState().device
-    home = next(iter(tower.parameters())).device
-
-    def encode(images: list) -> torch.Tensor:
-        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-        was_training = tower.training
-        tower.eval()
-        try:
-            return adapter.encode_image_tower(pixel_values)
-        finally:
-            tower.train(was_training)
-
-    name = getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__
-    encoder = TeacherEncoder(
-        modality="image",
-        kind="frozen vision tower",
-        name_or_path=name,
-        revision=None,
-        pooling="pooler_output, before the backbone's projection",
-        encode=encode,
-        fingerprint=datasets.fingerprint.Hasher.hash([sha, processor_json(image_processor)]),
-        details={
-            "weights_sha256": sha,
-            "architecture": type(tower).__name__,
-            "image_processor_sha256": _processor_sha256(image_processor),
-        },
-        progress_label=f"frozen image tower ({name})",
-    )
-    tower.to(device)
-    try:
-        return add_teacher_features(
-            dataset,
-            image_teacher=encoder,
-            batch_size=batch_size,
-            image_column=image_column,
-            image_id_column=image_id_column,
-            image_root=image_root,
-            image_feature_column=column,
-            normalize=False,
-            device=device,
-            skip_bad_images=skip_bad_images,
-            cache_dir=cache_dir,
-            load_from_cache_file=load_from_cache_file,
-            show_progress=show_progress,
+    current = tower_sha256(tower)
+    if made_with != current:
+        raise ValueError(
+            f"column {column!r} was computed with other {TOWER_NAMES[modality]} weights (sha256 {made_with[:12]}..., this "
+            f"model's: {current[:12]}...); recompute it with {add}(dataset, model, ...)"
         )
-    finally:
-        tower.to(home)
-
-
-def _processor_sha256(image_processor: Any) -> str:
-    return hashlib.sha256(processor_json(image_processor).encode("utf-8")).hexdigest()
+    if preprocessing is None:
+        return
+    settings = _image_settings(preprocessing) if modality == "image" else _text_settings(model, preprocessing, max_length)
+    processed_with = recorded.get("preprocessing_sha256")
+    if processed_with is not None and processed_with != _settings_digest(settings)["preprocessing_sha256"]:
+        raise ValueError(
+            f"column {column!r} was computed with another {modality} preprocessing than this trainer's processor "
+            f"(which evaluation uses: processor settings, length limit, pooling); recompute it with "
+            f"{add}(dataset, model, ...)"
+        )
 
 
 def check_image_tower_features(
@@ -193,31 +376,5 @@ def check_image_tower_features(
     image_processor: Any = None,
     provenance_column: str = PROVENANCE_COLUMN,
 ) -> None:
-    """Fail before training when a dataset's cached tower features cannot stand in for ``model``'s vision tower:
-    the backbone has no separable tower, the tower is trainable, the width differs, or other weights (or, when
-    ``image_processor`` is given, other preprocessing than evaluation will use) made them."""
-    tower = frozen_image_tower(model)
-    first_row = dataset[0] if isinstance(dataset, datasets.Dataset) else next(iter(dataset))
-    width = len(first_row[column])
-    expected = model.adapter.image_tower_dim
-    if width != expected:
-        raise ValueError(f"column {column!r} holds {width}-d features; this model's vision tower gives {expected}-d")
-    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {}).get(column, {})
-    made_with = recorded.get("weights_sha256")
-    if made_with is None:
-        raise ValueError(
-            f"column {column!r} records no tower weights; compute it with cusa_hf.add_image_tower_features so its "
-            "provenance can be checked"
-        )
-    current = image_tower_sha256(tower)
-    if made_with != current:
-        raise ValueError(
-            f"column {column!r} was computed with other vision tower weights (sha256 {made_with[:12]}..., this model's: "
-            f"{current[:12]}...); recompute it with add_image_tower_features(dataset, model, ...)"
-        )
-    processed_with = recorded.get("image_processor_sha256")
-    if image_processor is not None and processed_with is not None and processed_with != _processor_sha256(image_processor):
-        raise ValueError(
-            f"column {column!r} was computed with another image preprocessing than this trainer's processor (which "
-            "evaluation uses); recompute it with add_image_tower_features(dataset, model, processor.image_processor)"
-        )
+    """:func:`check_tower_features` for the vision tower."""
+    check_tower_features(model, dataset, "image", column, image_processor, provenance_column=provenance_column)

@@ -13,7 +13,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbones import BackboneAdapter, BackboneFeatures, adapter_class_for
+from .backbones import TOWER_NAMES, BackboneAdapter, BackboneFeatures, adapter_class_for
 from .configuration_cusa import TEMPERATURE_FIELDS, CusaConfig
 from .distributed import gather_with_grad, is_distributed
 from .losses import csa_loss, info_nce, soft_label_diagnostics, teacher_soft_labels, usa_loss
@@ -73,7 +73,8 @@ class CusaProjection(nn.Module):
 class CusaPreTrainedModel(PreTrainedModel):
     config_class = CusaConfig
     base_model_prefix = "cusa"
-    # Every batch has captions; images come as pixel_values or as a frozen tower's cached image_tower_features.
+    # Captions come as input_ids (or, with a frozen text tower, its cached text_tower_features), images as
+    # pixel_values or image_tower_features; the Trainer counts tokens from input_ids.
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -205,22 +206,49 @@ class CusaModel(CusaPreTrainedModel):
             features = getattr(self, head)(features)
         return F.normalize(features, dim=-1)
 
-    def get_image_features(self, pixel_values: torch.Tensor, head: str = "cross", **kwargs) -> torch.Tensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        head: str = "cross",
+        image_tower_features: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """L2-normalised image embeddings, `(batch_size, dim)`.
 
         Args:
             pixel_values: `(batch_size, channels, height, width)` processed images.
             head: ``"cross"`` for image-text retrieval, ``"uni"`` for image-image similarity (the USA head; a model
                 without USA heads returns its backbone's normalised pooled features).
+            image_tower_features: `(batch_size, image_tower_dim)` cached output of the frozen vision tower
+                (``cusa_hf.add_image_tower_features``), given instead of ``pixel_values``.
         """
-        features = self.adapter.encode_image(pixel_values, **kwargs)
+        if (pixel_values is None) == (image_tower_features is None):
+            raise ValueError("get_image_features needs exactly one of pixel_values or image_tower_features")
+        if image_tower_features is not None:
+            features = self._project_cached_tower("image", image_tower_features)
+        else:
+            features = self.adapter.encode_image(pixel_values, **kwargs)
         return self._select_head(head, features, "cross_image_projection", "usa_image_head")
 
     def get_text_features(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, head: str = "cross", **kwargs
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head: str = "cross",
+        text_tower_features: torch.Tensor | None = None,
+        **kwargs,
     ) -> torch.Tensor:
-        """L2-normalised text embeddings, `(batch_size, dim)`; ``head`` as in :meth:`get_image_features`."""
-        features = self.adapter.encode_text(input_ids, attention_mask, **kwargs)
+        """L2-normalised text embeddings, `(batch_size, dim)`; ``head`` as in :meth:`get_image_features`.
+
+        ``text_tower_features`` (`(batch_size, text_tower_dim)`, the cached output of a frozen text tower from
+        ``cusa_hf.add_text_tower_features``) can be given instead of ``input_ids``.
+        """
+        if (input_ids is None) == (text_tower_features is None):
+            raise ValueError("get_text_features needs exactly one of input_ids or text_tower_features")
+        if text_tower_features is not None:
+            features = self._project_cached_tower("text", text_tower_features)
+        else:
+            features = self.adapter.encode_text(input_ids, attention_mask, **kwargs)
         return self._select_head(head, features, "cross_text_projection", "usa_text_head")
 
     def _select_head(self, head: str, features: torch.Tensor, cross_projection: str, uni_head: str) -> torch.Tensor:
@@ -246,6 +274,7 @@ class CusaModel(CusaPreTrainedModel):
         teacher_text_embeds: torch.Tensor | None = None,
         return_loss: bool | None = None,
         image_tower_features: torch.Tensor | None = None,
+        text_tower_features: torch.Tensor | None = None,
         **backbone_kwargs: Any,
     ) -> CusaOutput:
         r"""
@@ -260,24 +289,30 @@ class CusaModel(CusaPreTrainedModel):
             return_loss (`bool`, *optional*): compute the loss (defaults to `True` in training mode).
             image_tower_features (`(batch_size, image_tower_dim)`, *optional*): the cached pooled output of a frozen
                 vision tower, given instead of `pixel_values` (see `cusa_hf.frozen_towers.add_image_tower_features`).
+            text_tower_features (`(batch_size, text_tower_dim)`, *optional*): the cached pooled output of a frozen
+                text tower, given instead of `input_ids` (see `cusa_hf.frozen_towers.add_text_tower_features`).
         """
         if return_loss is None:
             return_loss = self.training
-        if input_ids is None or (pixel_values is None) == (image_tower_features is None):
+        if (input_ids is None) == (text_tower_features is None) or (pixel_values is None) == (image_tower_features is None):
             raise ValueError(
-                "CusaModel.forward needs input_ids and exactly one of pixel_values or image_tower_features "
-                "(a batch of image-text pairs)"
+                "CusaModel.forward needs a batch of image-text pairs: exactly one of pixel_values or "
+                "image_tower_features, and exactly one of input_ids or text_tower_features"
             )
         if self.training:
             self.clamp_temperatures_()
 
-        if image_tower_features is not None:
-            features = BackboneFeatures(
-                image_features=self._project_cached_image_tower(image_tower_features),
-                text_features=self.adapter.encode_text(input_ids, attention_mask, **backbone_kwargs),
-            )
-        else:
+        if image_tower_features is None and text_tower_features is None:
             features = self.adapter.forward_features(pixel_values, input_ids, attention_mask, **backbone_kwargs)
+        else:
+            features = BackboneFeatures(
+                image_features=self._project_cached_tower("image", image_tower_features)
+                if image_tower_features is not None
+                else self.adapter.encode_image(pixel_values, **backbone_kwargs),
+                text_features=self._project_cached_tower("text", text_tower_features)
+                if text_tower_features is not None
+                else self.adapter.encode_text(input_ids, attention_mask, **backbone_kwargs),
+            )
         batch_size = features.image_features.shape[0]
         if features.text_features.shape[0] != batch_size:
             raise ValueError(
@@ -356,26 +391,31 @@ class CusaModel(CusaPreTrainedModel):
         output.loss = loss_itc + self.config.csa_weight * loss_csa + self.config.usa_weight * loss_usa
         return output
 
-    def _project_cached_image_tower(self, tower_features: torch.Tensor) -> torch.Tensor:
-        if not self.adapter.has_separable_image_tower:
+    def _project_cached_tower(self, modality: str, tower_features: torch.Tensor) -> torch.Tensor:
+        """The backbone's (trainable) projection of a frozen ``modality`` tower's cached pooled output."""
+        adapter = self.adapter
+        if not getattr(adapter, f"has_separable_{modality}_tower"):
             raise ValueError(
-                f"a {self.config.backbone_config.model_type!r} backbone cannot take image_tower_features: its adapter "
-                "does not split image encoding into a vision tower and a projection; pass pixel_values"
+                f"a {self.config.backbone_config.model_type!r} backbone cannot take {modality}_tower_features: its "
+                f"adapter does not split {modality} encoding into a {TOWER_NAMES[modality]} and a projection; pass "
+                "the raw inputs"
             )
         if self.training:
-            trainable = [name for name, p in self.adapter.image_tower().named_parameters() if p.requires_grad]
+            tower = getattr(adapter, f"{modality}_tower")()
+            trainable = [name for name, p in tower.named_parameters() if p.requires_grad]
             if trainable:
                 raise ValueError(
-                    f"image_tower_features skip the vision tower, but {len(trainable)} of its parameters are trainable "
-                    f"(first: {trainable[0]}); they would silently stop training. Freeze the tower or pass pixel_values"
+                    f"{modality}_tower_features skip the {TOWER_NAMES[modality]}, but {len(trainable)} of its parameters are "
+                    f"trainable (first: {trainable[0]}); they would silently stop training. Freeze the tower or pass "
+                    "the raw inputs"
                 )
-        expected = self.adapter.image_tower_dim
+        expected = getattr(adapter, f"{modality}_tower_dim")
         if tower_features.ndim != 2 or tower_features.shape[1] != expected:
             raise ValueError(
-                f"image_tower_features has shape {tuple(tower_features.shape)}; this backbone's vision tower gives "
-                f"(batch_size, {expected})"
+                f"{modality}_tower_features has shape {tuple(tower_features.shape)}; this backbone's {TOWER_NAMES[modality]} "
+                f"gives (batch_size, {expected})"
             )
-        return self.adapter.project_image_tower(tower_features.to(self.dtype))
+        return getattr(adapter, f"project_{modality}_tower")(tower_features.to(self.dtype))
 
     def _check_loss_inputs(
         self,

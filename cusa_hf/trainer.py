@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .data import RetrievalEvalView, build_eval_view, load_image
-from .frozen_towers import IMAGE_TOWER_COLUMN, check_image_tower_features
+from .frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN, check_tower_features
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class CusaDataCollator:
         teacher_image_column, teacher_text_column: teacher-feature columns; copied into the batch when present.
         image_tower_column: cached output of a frozen vision tower (``cusa_hf.add_image_tower_features``); when
             present it is batched as ``image_tower_features`` and no image is loaded.
+        text_tower_column: cached output of a frozen text tower (``cusa_hf.add_text_tower_features``); when present it
+            is batched as ``text_tower_features`` and no caption is tokenised.
         max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
     """
 
@@ -57,6 +59,7 @@ class CusaDataCollator:
         teacher_image_column: str = "teacher_image_embeds",
         teacher_text_column: str = "teacher_text_embeds",
         image_tower_column: str = IMAGE_TOWER_COLUMN,
+        text_tower_column: str = TEXT_TOWER_COLUMN,
         image_root: str | None = None,
         max_length: int | None = None,
     ):
@@ -73,6 +76,7 @@ class CusaDataCollator:
         self.teacher_image_column = teacher_image_column
         self.teacher_text_column = teacher_text_column
         self.image_tower_column = image_tower_column
+        self.text_tower_column = text_tower_column
         self.image_root = image_root
         tokenizer_limit = getattr(processor.tokenizer, "model_max_length", None)
         if max_length is None:
@@ -106,12 +110,15 @@ class CusaDataCollator:
                 for position, row in enumerate(rows)
             ]
             batch = dict(self.processor.image_processor(images=images, return_tensors="pt"))
-        text = self.processor.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        batch["input_ids"] = text["input_ids"]
-        if "attention_mask" in text:
-            batch["attention_mask"] = text["attention_mask"]
+        if self.text_tower_column in rows[0]:
+            batch["text_tower_features"] = _stack_column(rows, self.text_tower_column)
+        else:
+            text = self.processor.tokenizer(
+                captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            batch["input_ids"] = text["input_ids"]
+            if "attention_mask" in text:
+                batch["attention_mask"] = text["attention_mask"]
         if self.image_id_column in rows[0]:
             batch["image_ids"] = torch.tensor(
                 [stable_image_id(row[self.image_id_column]) for row in rows], dtype=torch.long
@@ -195,15 +202,7 @@ class CusaTrainer(Trainer):
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
         if model is not None and train_dataset is not None:
             check_teacher_columns(model.config, train_dataset, data_collator)
-            columns = getattr(train_dataset, "column_names", None) or []
-            tower_column = getattr(data_collator, "image_tower_column", None)
-            if tower_column in columns:
-                image_processor = getattr(processing_class, "image_processor", None)
-                check_image_tower_features(model, train_dataset, tower_column, image_processor)
-                image_column = getattr(data_collator, "image_column", "image")
-                if image_column in columns:
-                    # Training no longer reads the images: without the column they are not decoded at every step.
-                    train_dataset = train_dataset.remove_columns([image_column])
+            train_dataset = check_tower_columns(model, train_dataset, data_collator, processing_class)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
         super().__init__(
             model=model,
@@ -305,12 +304,15 @@ class CusaTrainer(Trainer):
         key = getattr(dataset, "_fingerprint", None) or str(id(dataset))
         if key not in self._eval_views:
             collator = self.data_collator
+            check_tower_columns(self.accelerator.unwrap_model(self.model), dataset, collator, self.processing_class)
             self._eval_views[key] = build_eval_view(
                 dataset,
                 image_column=getattr(collator, "image_column", "image"),
                 caption_column=getattr(collator, "caption_column", "caption"),
                 image_id_column=getattr(collator, "image_id_column", "image_id"),
                 image_root=getattr(collator, "image_root", None),
+                image_tower_column=getattr(collator, "image_tower_column", IMAGE_TOWER_COLUMN),
+                text_tower_column=getattr(collator, "text_tower_column", TEXT_TOWER_COLUMN),
             )
         return self._eval_views[key]
 
@@ -324,6 +326,25 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any) -> Any:
+    """Check the cached frozen-tower columns of a dataset against ``model`` (weights, width, preprocessing) and
+    return the dataset without the raw column a cached tower replaces (so images are not decoded at every step)."""
+    columns = getattr(dataset, "column_names", None) or []
+    checks = (
+        ("image", getattr(collator, "image_tower_column", None), getattr(processor, "image_processor", None),
+         getattr(collator, "image_column", "image")),
+        ("text", getattr(collator, "text_tower_column", None), getattr(processor, "tokenizer", None), None),
+    )  # fmt: skip
+    for modality, column, preprocessing, replaced in checks:
+        if column in columns:
+            check_tower_features(
+                model, dataset, modality, column, preprocessing, max_length=getattr(collator, "max_length", None)
+            )
+            if replaced in columns:
+                dataset = dataset.remove_columns([replaced])
+    return dataset
 
 
 def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:

@@ -35,7 +35,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from cusa_hf import CusaConfig, CusaModel, add_image_tower_features
+from cusa_hf import CusaConfig, CusaModel, add_image_tower_features, add_text_tower_features, freeze_tower
 from cusa_hf.data import hold_out_images, load_retrieval_dataset
 from cusa_hf.model_card import write_model_card
 from cusa_hf.models.sgraf import SgrafConfig, SgrafModel
@@ -68,12 +68,15 @@ class ModelArguments:
     freeze_vision_tower: bool = field(
         default=False, metadata={"help": "Freeze the image tower (weights and BatchNorm statistics); CPU-friendly."}
     )
-    freeze_text_tower: bool = field(default=False, metadata={"help": "Freeze the text tower's weights."})
-    cache_frozen_image_tower: bool = field(
+    freeze_text_tower: bool = field(
+        default=False, metadata={"help": "Freeze the text tower (weights; dropout off, so training computes as evaluation)."}
+    )
+    cache_frozen_towers: bool = field(
         default=True,
         metadata={
-            "help": "With --freeze_vision_tower on a CLIP / dual-encoder backbone: run the frozen tower once per training "
-            "image and train on its cached output (the same training, without the tower's cost at every step)."
+            "help": "With --freeze_vision_tower / --freeze_text_tower on a CLIP / dual-encoder backbone: run each frozen "
+            "tower once per image / caption of every split and train and evaluate on its cached output (the same "
+            "model, without the tower's cost at every step)."
         },
     )
     rerank: bool = field(
@@ -297,13 +300,11 @@ def build_backbone(model_args: ModelArguments, sgraf: SgrafTrainingData | None =
     if model_args.backbone == SGRAF_BACKBONE:
         return SgrafModel(SgrafConfig(**sgraf.fresh_config))
     if model_args.backbone == BUILTIN_BACKBONE:
-        from transformers import AutoModel
-
         from cusa_hf import dual_encoder_from_towers
         from cusa_hf.offline_models import efficientnet_lite_timm_wrapper, minilm_path
 
-        text_tower = AutoModel.from_pretrained(str(minilm_path()))
-        return dual_encoder_from_towers(efficientnet_lite_timm_wrapper(0), text_tower, model_args.projection_dim)
+        # A sentence-transformers folder: the text tower pools (mean) and normalises as all-MiniLM-L6-v2 was trained.
+        return dual_encoder_from_towers(efficientnet_lite_timm_wrapper(0), minilm_path(), model_args.projection_dim)
     return model_args.backbone
 
 
@@ -344,17 +345,6 @@ def build_processor(model_args: ModelArguments):
     return AutoProcessor.from_pretrained(model_args.processor_name or model_args.backbone)
 
 
-def freeze(module) -> None:
-    """Freeze weights and, for CNN towers, BatchNorm statistics (frozen BN keeps using its running statistics)."""
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    timm_model = getattr(module, "timm_model", None)
-    if timm_model is not None:
-        from timm.layers import freeze_batch_norm_2d
-
-        module.timm_model = freeze_batch_norm_2d(timm_model)
-
-
 def rerank_factory(model_args: ModelArguments, model: CusaModel):
     """The ITM reranking of a fusion backbone, or ``None`` when ``--rerank`` is off."""
     if not model_args.rerank:
@@ -369,6 +359,25 @@ def rerank_factory(model_args: ModelArguments, model: CusaModel):
     if model_type not in factories:
         raise ValueError(f"--rerank needs a fusion backbone ({sorted(factories)}); {model_type!r} has no ITM head")
     return partial(factories[model_type], k_test=model_args.rerank_k_test)
+
+
+def cache_frozen_towers(model, splits, processor, model_args, data_args, training_args):
+    """Every split with the cached output of each frozen tower that can be cached (CLIP / dual encoders)."""
+    options = dict(cache_dir=data_args.teacher_cache_dir, show_progress=not training_args.disable_tqdm)
+    cached = {}
+    for name, split in splits.items():
+        if model_args.freeze_vision_tower and model.adapter.has_separable_image_tower:
+            split = add_image_tower_features(
+                split, model, processor.image_processor, batch_size=data_args.teacher_batch_size,
+                image_root=data_args.image_root, **options,
+            )  # fmt: skip
+        if model_args.freeze_text_tower and model.adapter.has_separable_text_tower:
+            split = add_text_tower_features(
+                split, model, processor.tokenizer, batch_size=4 * data_args.teacher_batch_size,
+                max_length=data_args.max_text_length, **options,
+            )  # fmt: skip
+        cached[name] = split
+    return cached
 
 
 def cusa_fields(cusa_args, enabled: bool) -> dict[str, Any]:
@@ -387,21 +396,13 @@ def train_one(
     set_seed(training_args.seed)
     model = CusaModel.from_backbone(build_backbone(model_args, sgraf), **cusa_fields(cusa_args, enabled))
     if model_args.freeze_vision_tower:
-        freeze(model.backbone.vision_model)
+        freeze_tower(model.backbone.vision_model)
     if model_args.freeze_text_tower:
-        freeze(model.backbone.text_model)
+        freeze_tower(model.backbone.text_model)
+    if model_args.cache_frozen_towers:
+        # Cached by dataset and tower weights: the second run of a baseline-vs-CUSA comparison reads the first's tables.
+        splits = cache_frozen_towers(model, splits, processor, model_args, data_args, training_args)
     train_dataset = splits["train"]
-    if model_args.freeze_vision_tower and model_args.cache_frozen_image_tower and model.adapter.has_separable_image_tower:
-        # Cached by dataset and tower weights: the second run of a baseline-vs-CUSA comparison reads the first's table.
-        train_dataset = add_image_tower_features(
-            train_dataset,
-            model,
-            processor.image_processor,
-            batch_size=data_args.teacher_batch_size,
-            image_root=data_args.image_root,
-            cache_dir=data_args.teacher_cache_dir,
-            show_progress=not training_args.disable_tqdm,
-        )
     run_args = dataclasses.replace(training_args, remove_unused_columns=False)  # the collator reads the raw columns
     if name != "single":
         run_args.output_dir = os.path.join(training_args.output_dir, name)

@@ -156,7 +156,36 @@ def test_a_tower_with_dropout_warns():
     config = tiny_clip_config()
     config.vision_config.attention_dropout = 0.3
     model = freeze_tower(CusaModel(CusaConfig(backbone_config=config)))
-    with pytest.warns(UserWarning, match=r"training mode \(config\.attention_dropout=0\.3\)"):
+    with pytest.warns(UserWarning, match=r"training mode \(.*self_attn\.dropout=0\.3"):
+        add_image_tower_features(synthetic_dataset(num_images=2), model, tiny_clip_processor().image_processor,
+                                 show_progress=False, load_from_cache_file=False)  # fmt: skip
+
+
+def test_the_librarys_freeze_tower_switches_dropout_off_so_training_mode_computes_as_evaluation():
+    import warnings
+
+    from tiny_models import tiny_clip_config
+
+    from cusa_hf import CusaConfig
+    from cusa_hf import freeze_tower as library_freeze_tower
+
+    config = tiny_clip_config()
+    config.vision_config.attention_dropout = 0.3
+    config.text_config.attention_dropout = 0.3
+    model = CusaModel(CusaConfig(backbone_config=config))
+    library_freeze_tower(model.backbone.vision_model)
+    library_freeze_tower(model.backbone.text_model)
+    assert not any(p.requires_grad for p in model.backbone.vision_model.parameters())
+    model.train()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    input_ids = torch.randint(0, config.text_config.vocab_size, (2, 7))
+    train_mode = (model.adapter.encode_image_tower(pixel_values), model.adapter.encode_text_tower(input_ids))
+    model.eval()
+    eval_mode = (model.adapter.encode_image_tower(pixel_values), model.adapter.encode_text_tower(input_ids))
+    for trained, evaluated in zip(train_mode, eval_mode):
+        assert torch.equal(trained, evaluated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         add_image_tower_features(synthetic_dataset(num_images=2), model, tiny_clip_processor().image_processor,
                                  show_progress=False, load_from_cache_file=False)  # fmt: skip
 

@@ -237,16 +237,23 @@ def test_two_processes_train_and_evaluate_like_one(vision_tower, tiny_backbone, 
         assert double["cusa"][name] == pytest.approx(value, abs=1e-3), name
 
 
-def test_a_frozen_image_tower_is_run_once_per_image_and_trains_the_same_model(tiny_backbone, shapes, tmp_path, caplog):
+@pytest.mark.parametrize("towers", ["vision", "vision+text"])
+def test_frozen_towers_run_once_per_input_and_train_and_evaluate_the_same_model(
+    towers, tiny_backbone, shapes, tmp_path, caplog
+):
     import logging
 
     frozen = ["--freeze_vision_tower", "true", "--compare_with_baseline", "true"]
+    if towers == "vision+text":
+        frozen += ["--freeze_text_tower", "true"]
     with caplog.at_level(logging.INFO, logger="cusa_hf.teachers"):
         cached = run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "cached", *frozen))
-    # Baseline and CUSA share the pretrained tower: the second run reads the first run's table.
-    assert sum("loading teacher features from the cache" in record.message for record in caplog.records) == 1
+    # Baseline and CUSA share the pretrained towers: the second run reads the first run's tables (one per frozen
+    # tower and split: train, validation, test).
+    tables = 3 * len(towers.split("+"))
+    assert sum("loading teacher features from the cache" in record.message for record in caplog.records) == tables
     through_tower = run_cusa.main(
-        tiny_run_args(tiny_backbone, shapes, tmp_path / "through", *frozen, "--cache_frozen_image_tower", "false")
+        tiny_run_args(tiny_backbone, shapes, tmp_path / "through", *frozen, "--cache_frozen_towers", "false")
     )
     for run in ("baseline", "cusa"):
         for name, value in through_tower[run].items():
