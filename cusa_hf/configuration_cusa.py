@@ -47,6 +47,9 @@ class CusaConfig(PreTrainedConfig):
             pooled features. `None` means: yes, unless the backbone scores pairs itself or trains with its own loss.
         projection_dim (`int`, *optional*): output width of the cross-modal projectors; defaults to the backbone's
             feature width (the authors' d -> d).
+        tower_dropout (`float`, defaults to 0.0): dropout on each tower's pooled output before the backbone's
+            projection, in training only (backbones with separate towers and projections: CLIP, VisionTextDualEncoder).
+            Not part of the authors' method: a regulariser for small data on frozen towers (the built-in default).
         gather_features (`bool`, defaults to `False`): all-gather features across processes so InfoNCE and the soft
             labels see the global batch (the authors compute them per GPU).
         teacher_image_dim, teacher_text_dim (`int`, *optional*): widths of the teacher features the model was trained
@@ -79,6 +82,7 @@ class CusaConfig(PreTrainedConfig):
     itc_reduction: str = "all_entries_mean"
     cross_projection: bool | None = None
     projection_dim: int | None = None
+    tower_dropout: float = 0.0
     gather_features: bool = False
     teacher_image_dim: int | None = None
     teacher_text_dim: int | None = None
@@ -112,6 +116,8 @@ class CusaConfig(PreTrainedConfig):
                 raise ValueError(
                     f"CusaConfig.{value_name}={value!r} lies outside its clamp range [{min_name}={low}, {max_name}={high}]"
                 )
+        if not isinstance(self.tower_dropout, (int, float)) or not 0 <= self.tower_dropout < 1:
+            raise ValueError(f"CusaConfig.tower_dropout must be a number in [0, 1), got {self.tower_dropout!r}")
         if self.projection_dim is not None and self.projection_dim <= 0:
             raise ValueError(f"CusaConfig.projection_dim must be a positive integer, got {self.projection_dim!r}")
 

@@ -132,6 +132,14 @@ class CusaModel(CusaPreTrainedModel):
                 f"the backbone's image features ({image_dim}-d) and text features ({text_dim}-d) differ in width; "
                 "set cross_projection=True (and optionally projection_dim) to compare them"
             )
+        self.tower_dropout = None
+        if config.tower_dropout > 0:
+            if not (self.adapter.has_separable_image_tower and self.adapter.has_separable_text_tower):
+                raise ValueError(
+                    f"tower_dropout={config.tower_dropout} needs a backbone whose towers and projections are separate "
+                    f"(CLIP, VisionTextDualEncoder); a {config.backbone_config.model_type!r} backbone is not"
+                )
+            self.tower_dropout = nn.Dropout(config.tower_dropout)
         if config.use_usa:
             self.usa_image_head = CusaProjection(image_dim, image_dim)
             self.usa_text_head = CusaProjection(text_dim, text_dim)
@@ -224,10 +232,7 @@ class CusaModel(CusaPreTrainedModel):
         """
         if (pixel_values is None) == (image_tower_features is None):
             raise ValueError("get_image_features needs exactly one of pixel_values or image_tower_features")
-        if image_tower_features is not None:
-            features = self._project_cached_tower("image", image_tower_features)
-        else:
-            features = self.adapter.encode_image(pixel_values, **kwargs)
+        features = self._image_features(pixel_values, image_tower_features, **kwargs)
         return self._select_head(head, features, "cross_image_projection", "usa_image_head")
 
     def get_text_features(
@@ -245,11 +250,27 @@ class CusaModel(CusaPreTrainedModel):
         """
         if (input_ids is None) == (text_tower_features is None):
             raise ValueError("get_text_features needs exactly one of input_ids or text_tower_features")
-        if text_tower_features is not None:
-            features = self._project_cached_tower("text", text_tower_features)
-        else:
-            features = self.adapter.encode_text(input_ids, attention_mask, **kwargs)
+        features = self._text_features(input_ids, attention_mask, text_tower_features, **kwargs)
         return self._select_head(head, features, "cross_text_projection", "usa_text_head")
+
+    def _image_features(self, pixel_values, image_tower_features, **kwargs) -> torch.Tensor:
+        """The backbone's image features, from pixels or a frozen tower's cached output (``tower_dropout`` between
+        tower and projection)."""
+        if image_tower_features is not None:
+            return self._project_cached_tower("image", image_tower_features)
+        if self.tower_dropout is not None:
+            tower_features = self.adapter.encode_image_tower(pixel_values)
+            return self.adapter.project_image_tower(self.tower_dropout(tower_features))
+        return self.adapter.encode_image(pixel_values, **kwargs)
+
+    def _text_features(self, input_ids, attention_mask, text_tower_features, **kwargs) -> torch.Tensor:
+        """The backbone's text features, from tokens or a frozen tower's cached output."""
+        if text_tower_features is not None:
+            return self._project_cached_tower("text", text_tower_features)
+        if self.tower_dropout is not None:
+            tower_features = self.adapter.encode_text_tower(input_ids, attention_mask)
+            return self.adapter.project_text_tower(self.tower_dropout(tower_features))
+        return self.adapter.encode_text(input_ids, attention_mask, **kwargs)
 
     def _select_head(self, head: str, features: torch.Tensor, cross_projection: str, uni_head: str) -> torch.Tensor:
         if head == "cross":
@@ -302,16 +323,12 @@ class CusaModel(CusaPreTrainedModel):
         if self.training:
             self.clamp_temperatures_()
 
-        if image_tower_features is None and text_tower_features is None:
+        if image_tower_features is None and text_tower_features is None and self.tower_dropout is None:
             features = self.adapter.forward_features(pixel_values, input_ids, attention_mask, **backbone_kwargs)
         else:
             features = BackboneFeatures(
-                image_features=self._project_cached_tower("image", image_tower_features)
-                if image_tower_features is not None
-                else self.adapter.encode_image(pixel_values, **backbone_kwargs),
-                text_features=self._project_cached_tower("text", text_tower_features)
-                if text_tower_features is not None
-                else self.adapter.encode_text(input_ids, attention_mask, **backbone_kwargs),
+                image_features=self._image_features(pixel_values, image_tower_features, **backbone_kwargs),
+                text_features=self._text_features(input_ids, attention_mask, text_tower_features, **backbone_kwargs),
             )
         batch_size = features.image_features.shape[0]
         if features.text_features.shape[0] != batch_size:
@@ -415,7 +432,10 @@ class CusaModel(CusaPreTrainedModel):
                 f"{modality}_tower_features has shape {tuple(tower_features.shape)}; this backbone's {TOWER_NAMES[modality]} "
                 f"gives (batch_size, {expected})"
             )
-        return getattr(adapter, f"project_{modality}_tower")(tower_features.to(self.dtype))
+        tower_features = tower_features.to(self.dtype)
+        if self.tower_dropout is not None:
+            tower_features = self.tower_dropout(tower_features)
+        return getattr(adapter, f"project_{modality}_tower")(tower_features)
 
     def _check_loss_inputs(
         self,

@@ -158,7 +158,7 @@ class DataArguments:
 CUSA_FLAGS = (
     "csa_weight", "usa_weight", "use_csa", "use_usa", "itc_temperature", "csa_temperature", "usa_image_temperature",
     "usa_text_temperature", "learnable_temperatures", "softlabel_temperature", "softlabel_mode", "softlabel_loss",
-    "itc_reduction", "cross_projection", "gather_features",
+    "itc_reduction", "cross_projection", "gather_features", "tower_dropout",
 )  # fmt: skip
 
 

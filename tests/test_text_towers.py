@@ -120,13 +120,14 @@ def train(model, dataset, output_dir, processor, eval_dataset=None):
     return trainer, [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-def test_training_and_evaluating_on_cached_text_tower_features_equals_running_the_tower(tmp_path):
+@pytest.mark.parametrize("tower_dropout", [0.0, 0.3])
+def test_training_and_evaluating_on_cached_text_tower_features_equals_running_the_tower(tower_dropout, tmp_path):
     folder = tiny_sentence_transformer(tmp_path, "mean", True)
     processor = tiny_clip_processor()
     dataset = synthetic_dataset(num_images=6, captions_per_image=2)
     evaluation = synthetic_dataset(num_images=4, captions_per_image=2, seed=3)
-    through_towers = frozen_st_dual_encoder(folder, 2)
-    cached = frozen_st_dual_encoder(folder, 2)
+    through_towers = frozen_st_dual_encoder(folder, 2, tower_dropout=tower_dropout)
+    cached = frozen_st_dual_encoder(folder, 2, tower_dropout=tower_dropout)
 
     def with_towers(split):
         split = add_image_tower_features(split, cached, processor.image_processor, show_progress=False,
@@ -178,3 +179,21 @@ def test_text_tower_features_of_other_weights_pooling_or_length_are_refused(tmp_
     trainable.backbone.text_model.requires_grad_(True)
     with pytest.raises(ValueError, match="text tower has \\d+ trainable parameters"):
         add_text_tower_features(dataset, trainable, processor.tokenizer, show_progress=False, cache_dir=tmp_path)
+
+
+def test_tower_dropout_acts_in_training_only_and_needs_separate_towers():
+    from tiny_models import tiny_cusa_model
+
+    model = tiny_cusa_model(0, tower_dropout=0.5)
+    tokens = tiny_tokenizer()(CAPTIONS, padding=True, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        evaluated = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+        plain = tiny_cusa_model(0).eval().get_text_features(tokens["input_ids"], tokens["attention_mask"])
+    assert torch.allclose(evaluated, plain, atol=1e-6)
+    model.train()
+    with torch.no_grad():
+        trained = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+    assert not torch.allclose(trained, evaluated, atol=1e-3)
+    with pytest.raises(ValueError, match="tower_dropout must be a number in \\[0, 1\\)"):
+        tiny_cusa_model(0, tower_dropout=1.0)
