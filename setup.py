@@ -26,6 +26,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cusa_hf", "cusa_hf.*"]),
     include_package_data=True,
+    package_data={"cusa_hf": ["example_data.sha256"]},
     install_requires=[
         # Loose on purpose: users keep the torch build (CUDA or CPU) they already have.
         "torch>=2.1",

@@ -37,6 +37,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from cusa_hf import CusaConfig, CusaModel, add_image_tower_features, add_text_tower_features, freeze_tower
 from cusa_hf.data import hold_out_images, load_retrieval_dataset
+from cusa_hf.example_data import LICENCE, ExampleDataUnavailable, fetch_example_data
 from cusa_hf.model_card import write_model_card
 from cusa_hf.models.sgraf import SgrafConfig, SgrafModel
 from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf
@@ -231,17 +232,27 @@ def default_data_folder() -> Path | None:
 
 
 def resolve_default_data(data_args: DataArguments, output_dir: str) -> str:
-    """Fill in the built-in default data: coco_mini, else a generated coloured-shapes set; returns its description."""
+    """Fill in the built-in default data: coco_mini, else the CUSA authors' example data (fetched once into the
+    cache), else (offline) a generated coloured-shapes set; returns its description."""
     if data_args.train_file is not None:
         return data_args.train_file
     folder = default_data_folder()
-    if folder is None:
-        from synthetic_data import write_shapes_dataset
-
-        folder = write_shapes_dataset(Path(output_dir) / "generated_shapes")
-        description = f"generated coloured-shapes data ({folder}); coco_mini was not found"
-    else:
+    if folder is not None:
         description = f"coco_mini ({folder}): 600 train / 201 test MS-COCO images, 5 captions each"
+    else:
+        try:
+            folder = fetch_example_data()
+            description = f"the CUSA authors' example MS-COCO data ({folder}; {LICENCE})"
+        except ExampleDataUnavailable as error:
+            from synthetic_data import write_shapes_dataset
+
+            folder = write_shapes_dataset(Path(output_dir) / "generated_shapes")
+            description = f"generated coloured-shapes data ({folder}); no real images could be had"
+            logger.warning(
+                "coco_mini was not found and the CUSA example data could not be fetched (%s): training on GENERATED "
+                "coloured shapes instead. The numbers this run prints say nothing about real image-text retrieval; "
+                "set CUSA_COCO_MINI or pass --train_file/--test_file for real data", error,
+            )  # fmt: skip
     data_args.train_file = str(folder / "train.json")
     data_args.test_file = data_args.test_file or str(folder / "test.json")
     return description

@@ -293,3 +293,33 @@ def test_builtin_default_pipeline_on_coco_mini(coco_mini, tmp_path):
     trained = model.backbone.vision_model.state_dict()
     compared = [name for name in pretrained if not name.endswith("num_batches_tracked")]
     assert compared and all(torch.equal(trained[name], pretrained[name]) for name in compared)
+
+
+def test_without_coco_mini_the_default_fetches_the_example_data_and_offline_falls_back_to_shapes(
+    tmp_path, monkeypatch, caplog
+):
+    import functools
+    import logging
+
+    from test_example_data import write_mirror
+
+    from cusa_hf.example_data import fetch_example_data
+
+    monkeypatch.setenv("CUSA_COCO_MINI", str(tmp_path / "absent"))
+    mirror = tmp_path / "mirror"
+    manifest = write_mirror(mirror)
+    fetch = functools.partial(fetch_example_data, tmp_path / "example", manifest=manifest, show_progress=False)
+    monkeypatch.setattr(run_cusa, "fetch_example_data", functools.partial(fetch, base_url=mirror.as_uri()))
+    data_args = run_cusa.DataArguments()
+    description = run_cusa.resolve_default_data(data_args, str(tmp_path / "out"))
+    assert "example MS-COCO data" in description and "Creative Commons" in description
+    assert data_args.train_file == str(tmp_path / "example" / "train.json")
+    assert data_args.test_file == str(tmp_path / "example" / "test.json")
+
+    monkeypatch.setattr(run_cusa, "fetch_example_data", functools.partial(
+        fetch_example_data, tmp_path / "unreachable", manifest=manifest, base_url="http://127.0.0.1:9/"))  # fmt: skip
+    data_args = run_cusa.DataArguments()
+    with caplog.at_level(logging.WARNING, logger="run_cusa"):
+        description = run_cusa.resolve_default_data(data_args, str(tmp_path / "out"))
+    assert "generated coloured-shapes" in description
+    assert "say nothing about real image-text retrieval" in caplog.text and "127.0.0.1:9" in caplog.text
