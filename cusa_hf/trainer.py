@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any, Sequence
 
+import datasets
 import numpy as np
 import torch
 from torch import nn
@@ -203,6 +204,7 @@ class CusaTrainer(Trainer):
         if model is not None and train_dataset is not None:
             check_teacher_columns(model.config, train_dataset, data_collator)
             train_dataset = check_tower_columns(model, train_dataset, data_collator, processing_class)
+            train_dataset = with_numpy_feature_columns(train_dataset, data_collator)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
         super().__init__(
             model=model,
@@ -326,6 +328,19 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def with_numpy_feature_columns(dataset: Any, collator: Any) -> Any:
+    """The dataset with its feature columns (teacher and cached tower features) read as numpy arrays: the collator
+    stacks them, and turning every float of a batch into a Python object first costs more than a cached-tower step."""
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    names = ("teacher_image_column", "teacher_text_column", "image_tower_column", "text_tower_column")
+    columns = [getattr(collator, name, None) for name in names]
+    columns = [column for column in columns if column in dataset.column_names]
+    if not columns or dataset.format["type"] is not None:
+        return dataset
+    return dataset.with_format("numpy", columns=columns, output_all_columns=True)
 
 
 def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any) -> Any:

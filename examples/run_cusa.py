@@ -10,8 +10,8 @@
 Arguments come from four dataclasses (model, data, CUSA, ``TrainingArguments``), from a YAML/JSON file given as
 the first argument, or both (command-line flags override the file). Without a config file and without
 ``--backbone`` the script starts from ``examples/configs/builtin_default.yaml`` (flags still override it): a dual
-encoder of pretrained EfficientNet-Lite0 + MiniLM towers trained on coco_mini (or generated data when coco_mini is
-absent) as the InfoNCE baseline and with CUSA, offline, on CPU.
+encoder of frozen pretrained EfficientNet-Lite0 + MiniLM towers trained on coco_mini (else the CUSA authors' example
+data, fetched once; offline, generated shapes) as the InfoNCE baseline and with CUSA, on CPU.
 
 ``--backbone sgraf`` (or a saved/converted SGR/SAF folder) takes its own data path: precomputed region features in
 the SCAN format (``--features_dir``), a word-level ``SgrafTokenizer``, pairwise scoring for evaluation, and the test
@@ -187,11 +187,11 @@ def parse_arguments(argv: list[str]):
     # Abbreviated flags (--backb) would slip past _backbone_flag and pick up the built-in default's settings.
     parser.allow_abbrev = False
     if not (argv and argv[0].endswith(CONFIG_SUFFIXES)) and _backbone_flag(argv) in (None, BUILTIN_BACKBONE):
-        # The built-in backbone comes with its settings (epochs, batch, teachers, frozen tower): flags refine them.
+        # The built-in backbone comes with its settings (epochs, batch, teachers, frozen towers): flags refine them.
         if argv:
             logger.warning(
-                "no config file and no --backbone: starting from %s (built-in towers, 1 epoch, batch 64, use_cpu, "
-                "offline teachers); the flags given override its values", BUILTIN_CONFIG.relative_to(EXAMPLES.parent)
+                "no config file and no --backbone: starting from %s (built-in frozen towers, its schedule and offline "
+                "teachers); the flags given override its values", BUILTIN_CONFIG.relative_to(EXAMPLES.parent)
             )
         argv = [str(BUILTIN_CONFIG), *argv]
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
