@@ -220,7 +220,8 @@ class _RowBuilder:
 def normalize_image_ids(values: Iterable[Any]) -> list[Any]:
     """Image ids as one Arrow-storable type: all integers stay integers, anything else becomes its string form.
 
-    ``numpy`` integers count as integers; booleans are rejected (``True == 1`` would merge two images).
+    ``numpy`` integers count as integers; booleans are rejected (``True == 1`` would merge two images), and so is a
+    mix of integers and strings (``1`` and ``"1"`` would merge).
     """
     values = list(values)
     for value in values:
@@ -229,6 +230,14 @@ def normalize_image_ids(values: Iterable[Any]) -> list[Any]:
     as_ints = [value.item() if hasattr(value, "item") and not isinstance(value, str) else value for value in values]
     if all(isinstance(value, int) for value in as_ints):
         return as_ints
+    first_int = next((row for row, value in enumerate(as_ints) if isinstance(value, int)), None)
+    first_str = next((row for row, value in enumerate(as_ints) if isinstance(value, str)), None)
+    if first_int is not None and first_str is not None:
+        raise ValueError(
+            f"image ids mix integers and strings (row {first_int}: {as_ints[first_int]!r}, row {first_str}: "
+            f"{as_ints[first_str]!r}); stored as one column they would merge ids such as 1 and '1' into one image. "
+            "Give every image id the same type"
+        )
     return [str(value) for value in as_ints]
 
 

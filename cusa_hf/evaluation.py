@@ -808,11 +808,18 @@ def _encode(
     return features
 
 
-def _head_kwargs(head: str | None) -> dict[str, str]:
+def _head_kwargs(head: str | None, model: torch.nn.Module) -> dict[str, str]:
     if head is None:
         return {}
     if head not in ("cross", "uni"):
         raise ValueError(f"head={head!r} is not supported; use 'cross', 'uni' or None (a plain backbone)")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type != "cusa":
+        # A plain backbone's get_*_features would accept head= among its keyword arguments and ignore it.
+        raise ValueError(
+            f"head={head!r} selects a CusaModel's embeddings, but the model is a {model_type or type(model).__name__!r} "
+            "model without CUSA heads; use head=None for a plain backbone"
+        )
     return {"head": head}
 
 
@@ -848,7 +855,7 @@ def encode_images(
         pil_images = [load_image(unique[i], image_root, where=f"image {i}") for i in indices]
         return {"pixel_values": image_processor(images=pil_images, return_tensors="pt")["pixel_values"]}
 
-    kwargs = _head_kwargs(head)
+    kwargs = _head_kwargs(head, model)
 
     def encode_batch(pixel_values: torch.Tensor) -> Any:
         return model.get_image_features(pixel_values=pixel_values, **kwargs)
@@ -883,7 +890,7 @@ def encode_texts(
                            return_tensors="pt")
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
-    kwargs = _head_kwargs(head)
+    kwargs = _head_kwargs(head, model)
 
     def encode_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

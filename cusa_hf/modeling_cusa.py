@@ -85,6 +85,29 @@ class CusaPreTrainedModel(PreTrainedModel):
     # BatchNorm with momentum=None, so a fresh counter is not a missing weight.
     _keys_to_ignore_on_load_missing = [r"num_batches_tracked$"]
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """``PreTrainedModel.from_pretrained``, refusing a folder or Hub repo that holds another kind of model (a
+        plain CLIP or BERT would otherwise load as a randomly initialised CUSA model with a warning)."""
+        if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
+            hub_options = {
+                key: kwargs[key]
+                for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
+                if key in kwargs
+            }
+            try:
+                config_dict, _ = CusaConfig.get_config_dict(pretrained_model_name_or_path, **hub_options)
+            except OSError:
+                config_dict = None  # no config to read: the stock loader raises its own error
+            model_type = (config_dict or {}).get("model_type", CusaConfig.model_type)
+            if config_dict is not None and model_type != CusaConfig.model_type:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a {model_type!r} model (config.json model_type), not a "
+                    f"CUSA checkpoint. To fine-tune it with CUSA, wrap it: "
+                    f"CusaModel.from_backbone({str(pretrained_model_name_or_path)!r})"
+                )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, CusaProjection):
             init.normal_(module.linear.weight, mean=0.0, std=0.02)
@@ -356,6 +379,12 @@ class CusaModel(CusaPreTrainedModel):
                 "their B x B scores need every process's token features"
             )
         global_image_embeds, global_text_embeds = gather(image_embeds), gather(text_embeds)
+        if return_loss and global_image_embeds.shape[0] < 2:
+            raise ValueError(
+                f"a contrastive batch needs at least two image-text pairs, got {global_image_embeds.shape[0]}: with one "
+                "pair every loss term and gradient is exactly 0. Use a per-device batch size of 2 or more (and drop a "
+                "last batch of one pair with dataloader_drop_last=True)"
+            )
         if features.similarity is not None:
             similarity = features.similarity
         else:

@@ -202,6 +202,7 @@ class CusaTrainer(Trainer):
                 raise ValueError("CusaTrainer needs a data_collator or a processing_class (the backbone's processor)")
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
         if model is not None and train_dataset is not None:
+            check_contrastive_batches(args, train_dataset, getattr(model.config, "gather_features", False))
             check_teacher_columns(model.config, train_dataset, data_collator)
             train_dataset = check_tower_columns(model, train_dataset, data_collator, processing_class)
             train_dataset = with_numpy_feature_columns(train_dataset, data_collator)
@@ -328,6 +329,31 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
+    """Refuse, before training, settings that certainly give a contrastive batch of one pair (whose loss and
+    gradients are exactly 0): a per-device batch of 1 (unless features are gathered across processes), a training
+    set of one row, or a last batch of one row."""
+    if args is None:
+        return
+    processes = args.world_size if gather_features else 1
+    batch = args.per_device_train_batch_size
+    if batch * processes < 2:
+        raise ValueError(
+            f"per_device_train_batch_size={batch} gives contrastive batches of {batch * processes} pair: InfoNCE, CSA "
+            "and USA compare the pairs of a batch with each other, so every loss and gradient would be 0. Use 2 or more"
+        )
+    rows = len(dataset) if hasattr(dataset, "__len__") else None
+    if rows is None or args.max_steps > 0:
+        return
+    if rows < 2:
+        raise ValueError(f"the training set has {rows} row(s); a contrastive batch needs at least two image-text pairs")
+    if args.world_size == 1 and rows % batch == 1 and not args.dataloader_drop_last:
+        raise ValueError(
+            f"{rows} training rows in batches of {batch} leave a last batch of one pair, whose loss is 0; pass "
+            "dataloader_drop_last=True or change the batch size"
+        )
 
 
 def with_numpy_feature_columns(dataset: Any, collator: Any) -> Any:

@@ -95,9 +95,18 @@ def test_skip_invalid_reports_and_keeps_the_rest(tmp_path, image_files):
 
 def test_image_ids_get_one_storable_type():
     assert normalize_image_ids([3, 1, 3]) == [3, 1, 3]
-    assert normalize_image_ids([3, "coco_1"]) == ["3", "coco_1"]
+    assert normalize_image_ids(["3", "coco_1"]) == ["3", "coco_1"]
     with pytest.raises(ValueError, match="boolean"):
         normalize_image_ids([True, 2])
+
+
+def test_integer_and_string_image_ids_are_not_merged(tmp_path):
+    # 1 and "1" are two different images in the file; one Arrow column would store them as one id.
+    with pytest.raises(ValueError, match=r"image ids mix integers and strings \(row 0: 1, row 1: '1'\)"):
+        normalize_image_ids([1, "1"])
+    records = [{"image": "a.jpg", "caption": "first", "image_id": 1}, {"image": "b.jpg", "caption": "second", "image_id": "1"}]
+    with pytest.raises(ValueError, match="mix integers and strings"):
+        load_json_dataset(write_json(tmp_path / "train.json", records), check_files=False)
 
 
 def test_flatten_captions_with_image_feature_and_id_column():

@@ -1,0 +1,51 @@
+"""Settings that used to go on silently with a wrong result now stop with a message that names the problem."""
+
+import pytest
+import torch
+from tiny_models import synthetic_dataset, tiny_clip_config, tiny_clip_processor, tiny_cusa_model
+
+from cusa_hf import CusaModel, CusaTrainer, cusa_training_arguments, encode_texts
+
+
+def test_from_pretrained_refuses_a_folder_that_is_not_a_cusa_checkpoint(tmp_path):
+    from transformers import CLIPModel
+
+    CLIPModel(tiny_clip_config()).save_pretrained(tmp_path / "clip")
+    with pytest.raises(ValueError, match=r"holds a 'clip' model .*not a CUSA checkpoint.*CusaModel\.from_backbone"):
+        CusaModel.from_pretrained(tmp_path / "clip")
+    tiny_cusa_model(0).save_pretrained(tmp_path / "cusa")
+    assert isinstance(CusaModel.from_pretrained(tmp_path / "cusa"), CusaModel)
+
+
+def test_a_contrastive_batch_of_one_pair_is_refused(tmp_path):
+    dataset = synthetic_dataset(num_images=4, captions_per_image=2)
+    model = tiny_cusa_model(0, use_csa=False, use_usa=False)
+
+    def trainer(**overrides):
+        args = cusa_training_arguments(str(tmp_path), use_cpu=True, report_to=[], **overrides)
+        return CusaTrainer(model=model, args=args, train_dataset=dataset, processing_class=tiny_clip_processor())
+
+    with pytest.raises(ValueError, match="per_device_train_batch_size=1 gives contrastive batches of 1 pair"):
+        trainer(per_device_train_batch_size=1)
+    with pytest.raises(ValueError, match="8 training rows in batches of 7 leave a last batch of one pair"):
+        trainer(per_device_train_batch_size=7)
+    trainer(per_device_train_batch_size=7, dataloader_drop_last=True)
+    with pytest.raises(ValueError, match="the training set has 1 row"):
+        CusaTrainer(model=model, args=cusa_training_arguments(str(tmp_path), use_cpu=True, report_to=[]),
+                    train_dataset=dataset.select([0]), processing_class=tiny_clip_processor())  # fmt: skip
+    # A custom loop gets the same answer from the model itself.
+    processor = tiny_clip_processor()
+    inputs = processor(text=["a red cat"], images=[dataset[0]["image"]], return_tensors="pt")
+    with pytest.raises(ValueError, match="at least two image-text pairs, got 1"):
+        model.train()(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"], return_loss=True)
+
+
+def test_a_cusa_head_is_refused_for_a_model_without_cusa_heads():
+    from transformers import CLIPModel
+
+    torch.manual_seed(0)
+    plain = CLIPModel(tiny_clip_config())
+    tokenizer = tiny_clip_processor().tokenizer
+    with pytest.raises(ValueError, match="head='uni' selects a CusaModel's embeddings, but the model is a 'clip'"):
+        encode_texts(plain, ["a red cat"], tokenizer, head="uni", show_progress=False)
+    assert encode_texts(plain, ["a red cat"], tokenizer, head=None, show_progress=False).shape == (1, 16)
