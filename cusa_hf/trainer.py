@@ -331,6 +331,36 @@ class CusaTrainer(Trainer):
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
 
 
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` that was saved completely, to resume from.
+
+    The Trainer writes ``trainer_state.json`` last when it saves a checkpoint, so a folder without it was cut off
+    while saving (a killed run): it is skipped with a warning and the previous complete checkpoint is returned.
+
+    Raises:
+        FileNotFoundError: ``output_dir`` does not exist.
+        ValueError: it holds no complete checkpoint, so there is nothing to resume.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    folder = os.fspath(output_dir)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot resume: the output folder {folder} does not exist")
+    numbered = []
+    for name in os.listdir(folder):
+        prefix, _, number = name.partition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() and os.path.isdir(os.path.join(folder, name)):
+            numbered.append((int(number), os.path.join(folder, name)))
+    for _, path in sorted(numbered, reverse=True):
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return path
+        logger.warning("skipping %s: it has no trainer_state.json, so its saving was cut off", path)
+    raise ValueError(
+        f"nothing to resume in {folder}: it holds no complete checkpoint-N folder (checkpoints are written with "
+        "save_strategy 'steps' or 'epoch'). Start the run without resume_from_checkpoint"
+    )
+
+
 def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
     """Refuse, before training, settings that certainly give a contrastive batch of one pair (whose loss and
     gradients are exactly 0): a per-device batch of 1 (unless features are gathered across processes), a training

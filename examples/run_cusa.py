@@ -33,7 +33,6 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from cusa_hf import CusaConfig, CusaModel, add_image_tower_features, add_text_tower_features, freeze_tower
 from cusa_hf.data import hold_out_images, load_retrieval_dataset
@@ -43,7 +42,7 @@ from cusa_hf.models.sgraf import SgrafConfig, SgrafModel
 from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf
 from cusa_hf.models.sgraf.training_data import SgrafTrainingData, load_sgraf_training_data, with_image_paths
 from cusa_hf.teachers import add_teacher_features
-from cusa_hf.trainer import CusaTrainer
+from cusa_hf.trainer import CusaTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("run_cusa")
 EXAMPLES = Path(__file__).resolve().parent
@@ -420,7 +419,7 @@ def train_one(
         run_args.run_name = name
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "true", "True"):
-        resume = get_last_checkpoint(run_args.output_dir)
+        resume = last_complete_checkpoint(run_args.output_dir)
     trainer = CusaTrainer(
         model=model,
         args=run_args,

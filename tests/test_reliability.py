@@ -49,3 +49,22 @@ def test_a_cusa_head_is_refused_for_a_model_without_cusa_heads():
     with pytest.raises(ValueError, match="head='uni' selects a CusaModel's embeddings, but the model is a 'clip'"):
         encode_texts(plain, ["a red cat"], tokenizer, head="uni", show_progress=False)
     assert encode_texts(plain, ["a red cat"], tokenizer, head=None, show_progress=False).shape == (1, 16)
+
+
+def test_resuming_needs_a_complete_checkpoint(tmp_path, caplog):
+    import logging
+
+    from cusa_hf.trainer import last_complete_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="output folder .*absent does not exist"):
+        last_complete_checkpoint(tmp_path / "absent")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match="nothing to resume in .*run: it holds no complete checkpoint-N folder"):
+        last_complete_checkpoint(tmp_path / "run")
+    for step in (2, 4, 10):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir()
+    for step in (2, 4):
+        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-4")
+    assert "checkpoint-10: it has no trainer_state.json, so its saving was cut off" in caplog.text
