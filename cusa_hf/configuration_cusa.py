@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -16,6 +19,34 @@ TEMPERATURE_FIELDS = (
     ("usa_image_temperature", "usa_temperature_min", "usa_temperature_max"),
     ("usa_text_temperature", "usa_temperature_min", "usa_temperature_max"),
 )
+
+
+#: Fields that must be real booleans (a string like "no" is truthy) or finite numbers (NaN / inf make the loss NaN).
+BOOLEAN_FIELDS = ("use_csa", "use_usa", "learnable_temperatures", "gather_features")
+NUMBER_FIELDS = (
+    "csa_weight", "usa_weight", "softlabel_temperature", "tower_dropout",
+    *(name for triple in TEMPERATURE_FIELDS for name in triple),
+)  # fmt: skip
+#: Keywords that ``PreTrainedConfig`` itself handles (from ``from_pretrained`` and saved config files).
+_BASE_KEYWORDS = {
+    "auto_map", "model_type", "name_or_path", "transformers_version", "torch_dtype", "output_attentions",
+    "attn_implementation", "experts_implementation", "per_layer_config", "num_labels", "architectures",
+    "rope_scaling", "rope_theta",
+}  # fmt: skip
+
+
+def _refuse_unknown_keywords(kwargs: dict[str, Any]) -> None:
+    """An unknown keyword (``csa_wieght=0.0``) would become a silently ignored attribute: refuse it, with the
+    closest field name."""
+    from transformers import GenerationConfig
+
+    allowed = _BASE_KEYWORDS | set(GenerationConfig._get_default_generation_params())
+    unknown = [key for key in kwargs if key not in allowed and not key.startswith("_")]
+    if unknown:
+        fields = [f.name for f in dataclasses.fields(CusaConfig)]
+        hints = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+        described = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
+        raise ValueError(f"CusaConfig got unknown keyword(s) {described}; see CusaConfig's docstring for its fields")
 
 
 class CusaConfig(PreTrainedConfig):
@@ -89,6 +120,7 @@ class CusaConfig(PreTrainedConfig):
     teacher_info: dict | None = None
 
     def __post_init__(self, **kwargs: Any):
+        _refuse_unknown_keywords(kwargs)
         super().__post_init__(**kwargs)
         self._validate_cusa_fields()
 
@@ -100,10 +132,19 @@ class CusaConfig(PreTrainedConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CusaConfig.{name}={getattr(self, name)!r} is not supported; allowed: {list(allowed)}")
-        for name in ("csa_weight", "usa_weight"):
+        for name in BOOLEAN_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"CusaConfig.{name} must be True or False, got {getattr(self, name)!r} (a string such as 'no' "
+                    "would count as true)"
+                )
+        for name in NUMBER_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"CusaConfig.{name} must be a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"CusaConfig.{name} must be a finite number, got {value!r}")
+        for name in ("csa_weight", "usa_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CusaConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
         if self.softlabel_temperature <= 0:
             raise ValueError(f"CusaConfig.softlabel_temperature must be > 0, got {self.softlabel_temperature!r}")
         for value_name, min_name, max_name in TEMPERATURE_FIELDS:

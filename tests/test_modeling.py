@@ -147,10 +147,16 @@ def test_every_trainable_parameter_gets_a_gradient():
     assert missing == []
 
 
-@pytest.mark.parametrize("size", [1, 2])
+@pytest.mark.parametrize("size", [2, 3])
 def test_small_batches_work(size):
     output = tiny_cusa_model()(**batch(size=size), return_loss=True)
     assert torch.isfinite(output.loss)
+
+
+def test_a_batch_of_one_pair_has_no_contrastive_loss():
+    with pytest.raises(ValueError, match="at least two image-text pairs, got 1"):
+        tiny_cusa_model()(**batch(size=1), return_loss=True)
+    assert tiny_cusa_model()(**batch(size=1), return_loss=False).image_embeds.shape[0] == 1
 
 
 def test_bad_teacher_inputs_raise_clear_errors():

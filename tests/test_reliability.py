@@ -68,3 +68,28 @@ def test_resuming_needs_a_complete_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-4")
     assert "checkpoint-10: it has no trainer_state.json, so its saving was cut off" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"csa_wieght": 0.0}, r"unknown keyword\(s\) 'csa_wieght' \(did you mean 'csa_weight'\?\)"),
+        ({"use_csa": "no"}, r"use_csa must be True or False, got 'no'"),
+        ({"csa_weight": float("nan")}, r"csa_weight must be a finite number, got nan"),
+        ({"usa_weight": float("inf")}, r"usa_weight must be a finite number, got inf"),
+        ({"itc_temperature": float("nan")}, r"itc_temperature must be a finite number"),
+    ],
+)
+def test_cusa_config_refuses_typos_truthy_strings_and_non_finite_numbers(fields, message):
+    from cusa_hf import CusaConfig
+
+    with pytest.raises(ValueError, match=message):
+        CusaConfig(**fields)
+
+
+def test_a_saved_config_still_loads(tmp_path):
+    from cusa_hf import CusaConfig
+
+    tiny_cusa_model(0, csa_weight=0.3, tower_dropout=0.1).save_pretrained(tmp_path)
+    config = CusaConfig.from_pretrained(tmp_path)
+    assert (config.csa_weight, config.tower_dropout) == (0.3, 0.1)
