@@ -587,6 +587,56 @@ def add_teacher_features(
     return result
 
 
+def reuse_or_add_teacher_features(
+    dataset: datasets.Dataset,
+    image_teacher: str,
+    text_teacher: str,
+    *,
+    image_feature_column: str = IMAGE_FEATURE_COLUMN,
+    text_feature_column: str = TEXT_FEATURE_COLUMN,
+    provenance_column: str = PROVENANCE_COLUMN,
+    **options: Any,
+) -> datasets.Dataset:
+    """The dataset with the named teachers' features: the columns it already has when their recorded teachers are
+    the ones named (e.g. a folder written by ``cusa-extract-teachers``), else :func:`add_teacher_features` with
+    ``options``.
+
+    Args:
+        image_teacher, text_teacher: teacher names or paths as :func:`add_teacher_features` takes them; compared with
+            the ``name_or_path`` recorded in the provenance column.
+
+    Raises:
+        ValueError: the dataset has feature columns made by other teachers (both names given), or only one of the
+            two columns, or columns without provenance.
+    """
+    present = [column for column in (image_feature_column, text_feature_column) if column in dataset.column_names]
+    if not present:
+        return add_teacher_features(
+            dataset, image_teacher=image_teacher, text_teacher=text_teacher, image_feature_column=image_feature_column,
+            text_feature_column=text_feature_column, provenance_column=provenance_column, **options,
+        )  # fmt: skip
+    if len(present) == 1:
+        raise ValueError(
+            f"the dataset has the teacher column {present[0]!r} but not the other one; compute both with "
+            "add_teacher_features (or cusa-extract-teachers) or remove it"
+        )
+    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {})
+    for column, requested in ((image_feature_column, image_teacher), (text_feature_column, text_teacher)):
+        made_with = recorded.get(column, {}).get("name_or_path")
+        if made_with is None:
+            raise ValueError(f"the dataset's column {column!r} records no teacher, so it cannot be checked; recompute it")
+        if str(made_with) != str(requested):
+            raise ValueError(
+                f"the dataset's column {column!r} was computed with the teacher {made_with!r}, but {requested!r} was "
+                "asked for; ask for that teacher, or remove the column to compute it with the new one"
+            )
+    logger.info(
+        "using the dataset's teacher features (%s: %s, %s: %s) recorded in its provenance",
+        image_feature_column, image_teacher, text_feature_column, text_teacher,
+    )  # fmt: skip
+    return dataset
+
+
 def _compute_feature_columns(
     dataset, encoders, batch_size, image_column, caption_column, image_id_column, image_root,
     image_feature_column, text_feature_column, normalize, dtype, skip_bad_images, state, show_progress,

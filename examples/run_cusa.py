@@ -41,7 +41,7 @@ from cusa_hf.model_card import write_model_card
 from cusa_hf.models.sgraf import SgrafConfig, SgrafModel
 from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf
 from cusa_hf.models.sgraf.training_data import SgrafTrainingData, load_sgraf_training_data, with_image_paths
-from cusa_hf.teachers import add_teacher_features
+from cusa_hf.teachers import reuse_or_add_teacher_features
 from cusa_hf.trainer import CusaTrainer, last_complete_checkpoint
 
 logger = logging.getLogger("run_cusa")
@@ -494,7 +494,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             splits["train"] = with_image_paths(
                 splits["train"], data_args.image_root, f"{data_args.features_dir}/{data_args.train_split}_image_ids.txt"
             )
-        splits["train"] = add_teacher_features(
+        splits["train"] = reuse_or_add_teacher_features(
             splits["train"],
             image_column="image" if sgraf is None else "image_path",
             image_teacher=data_args.image_teacher,

@@ -323,3 +323,27 @@ def test_without_coco_mini_the_default_fetches_the_example_data_and_offline_fall
         description = run_cusa.resolve_default_data(data_args, str(tmp_path / "out"))
     assert "generated coloured-shapes" in description
     assert "say nothing about real image-text retrieval" in caplog.text and "127.0.0.1:9" in caplog.text
+
+
+def test_a_cusa_extract_teachers_folder_trains_with_its_own_columns(tiny_backbone, shapes, tmp_path, caplog):
+    import logging
+
+    from cusa_hf import teachers
+
+    records = json.loads((shapes / "train.json").read_text())
+    for record in records:
+        record["image"] = str(shapes / record["image"])
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    assert teachers.main(
+        [str(tmp_path / "train.json"), str(tmp_path / "extracted"), "--image-teacher", "offline:efficientnet-lite0",
+         "--text-teacher", "offline:all-MiniLM-L6-v2", "--cache-dir", str(tmp_path / "cache")]
+    ) == 0  # fmt: skip
+    args = tiny_run_args(tiny_backbone, shapes, tmp_path / "run", "--num_train_epochs", "1")
+    args[args.index("--train_file") + 1] = str(tmp_path / "extracted")
+    with caplog.at_level(logging.INFO, logger="cusa_hf.teachers"):
+        results = run_cusa.main(args)
+    assert "using the dataset's teacher features" in caplog.text and results["cusa"]["test_rsum"] > 0
+    other_teacher = [*args, "--text_teacher", "offline:all-mpnet-base-v2", "--output_dir", str(tmp_path / "other")]
+    with pytest.raises(ValueError, match="computed with the teacher 'offline:all-MiniLM-L6-v2', but "
+                                         "'offline:all-mpnet-base-v2' was asked for"):  # fmt: skip
+        run_cusa.main(other_teacher)
