@@ -41,10 +41,16 @@ def _refuse_unknown_keywords(kwargs: dict[str, Any]) -> None:
     from transformers import GenerationConfig
 
     allowed = _BASE_KEYWORDS | set(GenerationConfig._get_default_generation_params())
-    unknown = [key for key in kwargs if key not in allowed and not key.startswith("_")]
+    unknown = [
+        key for key in kwargs if key not in allowed and not key.startswith("_") and not key.endswith(("_token_id", "_token_ids"))
+    ]  # fmt: skip
+    fields = [f.name for f in dataclasses.fields(CusaConfig)]
+    hints = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
+    if "model_type" in kwargs:
+        # A saved config.json (to_dict always writes model_type): other libraries may have stored attributes of their
+        # own on it (the Trainer aligns token ids, ...), so only near-misses of CUSA's own fields are refused.
+        unknown = [key for key in unknown if hints[key]]
     if unknown:
-        fields = [f.name for f in dataclasses.fields(CusaConfig)]
-        hints = {key: difflib.get_close_matches(key, fields, n=1) for key in unknown}
         described = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
         raise ValueError(f"CusaConfig got unknown keyword(s) {described}; see CusaConfig's docstring for its fields")
 

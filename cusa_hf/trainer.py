@@ -224,6 +224,15 @@ class CusaTrainer(Trainer):
         self.pairwise_scorer = pairwise_scorer
         self._eval_views: dict[str, RetrievalEvalView] = {}
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """``Trainer.train``, after checking that a checkpoint to resume from was trained with the same CUSA settings
+        and teachers as this run (``True`` resumes from the last complete checkpoint of ``output_dir``)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_resumable(resume_from_checkpoint, self.accelerator.unwrap_model(self.model).config)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -329,6 +338,44 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+#: CusaConfig fields that decide which parameters a model has, or what its teacher columns mean: a checkpoint resumes
+#: only into a run that agrees on all of them.
+RESUME_FIELDS = (
+    "use_csa", "use_usa", "learnable_temperatures", "cross_projection", "projection_dim", "teacher_image_dim",
+    "teacher_text_dim",
+)  # fmt: skip
+
+
+def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
+    """Refuse to resume ``checkpoint`` into a model whose CUSA settings or teachers differ from the checkpoint's
+    (the optimiser state would not fit, or training would go on against other soft labels while the saved config
+    claimed the new ones); the message names both values."""
+    from .configuration_cusa import CusaConfig
+
+    if not os.path.isfile(os.path.join(os.fspath(checkpoint), "config.json")):
+        return  # not a CusaModel checkpoint; the stock Trainer reports what is missing
+    saved = CusaConfig.from_pretrained(checkpoint)
+    differences = [
+        f"{name}: checkpoint {getattr(saved, name)!r}, this run {getattr(config, name, None)!r}"
+        for name in RESUME_FIELDS
+        if getattr(saved, name) is not None and getattr(saved, name) != getattr(config, name, None)
+    ]
+    if saved.backbone_config.model_type != config.backbone_config.model_type:
+        differences.append(
+            f"backbone: checkpoint {saved.backbone_config.model_type!r}, this run {config.backbone_config.model_type!r}"
+        )
+    for column, info in (saved.teacher_info or {}).items():
+        current = (getattr(config, "teacher_info", None) or {}).get(column, {})
+        for key in ("name_or_path", "dim", "weights_sha256"):
+            if info.get(key) != current.get(key):
+                differences.append(f"{column} {key}: checkpoint {info.get(key)!r}, this run {current.get(key)!r}")
+    if differences:
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it was trained with other settings ({'; '.join(differences)}). Resume "
+            "with the checkpoint's settings and teachers, or start a new run in another output_dir"
+        )
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:

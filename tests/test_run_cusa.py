@@ -144,6 +144,15 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tiny_backbone, shapes, 
     resumed = CusaModel.from_pretrained(interrupted).state_dict()
     for name, tensor in reference.items():
         assert torch.allclose(resumed[name], tensor, atol=1e-6), name
+    # Resuming with another teacher, or as the baseline, is refused with both values named.
+    resume_full = ["--resume_from_checkpoint", str(full / "checkpoint-2")]
+    with pytest.raises(ValueError, match="teacher_image_embeds name_or_path: checkpoint 'offline:efficientnet-lite0', "
+                                         "this run 'offline:efficientnet-lite2'"):  # fmt: skip
+        run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "other", *common, *resume_full,
+                                    "--image_teacher", "offline:efficientnet-lite2"))  # fmt: skip
+    with pytest.raises(ValueError, match="use_csa: checkpoint True, this run False"):
+        run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "other", *common[2:], *resume_full,
+                                    "--cusa", "false"))  # fmt: skip
 
 
 def test_bad_input_stops_before_training(tiny_backbone, shapes, tmp_path):
