@@ -131,7 +131,8 @@ def run_one(row: str, seed: int, args: argparse.Namespace, data_flags: list[str]
 
     run_dir = Path(args.output_dir) / f"{row}-seed{seed}"
     argv = [str(run_cusa.BUILTIN_CONFIG), *ROWS[row][1], "--compare_with_baseline", "false", "--seed", str(seed),
-            "--output_dir", str(run_dir), "--teacher_cache_dir", args.teacher_cache_dir, "--disable_tqdm", "true",
+            "--output_dir", str(run_dir), "--overwrite_output_dir", "true", "--teacher_cache_dir", args.teacher_cache_dir,
+            "--disable_tqdm", "true",
             *data_flags, *args.extra]
     start = time.time()
     results = run_cusa.main(argv)

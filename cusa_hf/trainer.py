@@ -378,6 +378,30 @@ def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
         )
 
 
+def claim_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, resuming: bool = False) -> None:
+    """Make sure a new run does not write over another run's results.
+
+    A missing or empty folder is fine. A folder that holds anything is refused unless the run resumes from it
+    (``resuming``) or ``overwrite`` is set, in which case its contents are deleted first (so no checkpoint of the old
+    run is left for a later ``resume_from_checkpoint`` to pick up).
+    """
+    import shutil
+
+    folder = os.fspath(output_dir)
+    if not os.path.isdir(folder) or not os.listdir(folder) or resuming:
+        return
+    if not overwrite:
+        shown = ", ".join(sorted(os.listdir(folder))[:6])
+        raise ValueError(
+            f"the output folder {folder} already holds a run ({shown}); pass overwrite_output_dir=True to replace it, "
+            "resume_from_checkpoint to continue it, or another output_dir"
+        )
+    logger.warning("overwrite_output_dir: deleting the earlier run in %s", folder)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
     """The newest ``checkpoint-N`` folder of ``output_dir`` that was saved completely, to resume from.
 

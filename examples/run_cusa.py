@@ -42,7 +42,7 @@ from cusa_hf.models.sgraf import SgrafConfig, SgrafModel
 from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf
 from cusa_hf.models.sgraf.training_data import SgrafTrainingData, load_sgraf_training_data, with_image_paths
 from cusa_hf.teachers import reuse_or_add_teacher_features
-from cusa_hf.trainer import CusaTrainer, last_complete_checkpoint
+from cusa_hf.trainer import CusaTrainer, claim_output_dir, last_complete_checkpoint
 
 logger = logging.getLogger("run_cusa")
 EXAMPLES = Path(__file__).resolve().parent
@@ -170,6 +170,11 @@ def _cusa_arguments_class():
             "compare_with_baseline",
             bool,
             field(default=False, metadata={"help": "Also train the baseline with identical settings and print both."}),
+        ),
+        (
+            "overwrite_output_dir",
+            bool,
+            field(default=False, metadata={"help": "Replace an earlier run in --output_dir (deleted first)."}),
         ),
     ]
     for name in CUSA_FLAGS:
@@ -475,6 +480,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     argv = sys.argv[1:] if argv is None else argv
     command = "accelerate launch examples/run_cusa.py " + shlex.join(argv)
     model_args, data_args, cusa_args, training_args = parse_arguments(argv)
+    if training_args.process_index == 0:
+        claim_output_dir(
+            training_args.output_dir, cusa_args.overwrite_output_dir, training_args.resume_from_checkpoint is not None
+        )
     backbone_type = check_backbone(model_args)
     if backbone_type == SgrafConfig.model_type:
         sgraf = load_sgraf_data(model_args, data_args, training_args)

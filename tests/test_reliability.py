@@ -93,3 +93,18 @@ def test_a_saved_config_still_loads(tmp_path):
     tiny_cusa_model(0, csa_weight=0.3, tower_dropout=0.1).save_pretrained(tmp_path)
     config = CusaConfig.from_pretrained(tmp_path)
     assert (config.csa_weight, config.tower_dropout) == (0.3, 0.1)
+
+
+def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
+    from cusa_hf.trainer import claim_output_dir
+
+    claim_output_dir(tmp_path / "new")  # a folder that does not exist yet
+    run = tmp_path / "run"
+    (run / "checkpoint-4").mkdir(parents=True)
+    (run / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-4, results.json\); pass overwrite_output_dir"):
+        claim_output_dir(run)
+    claim_output_dir(run, resuming=True)
+    assert (run / "results.json").exists()
+    claim_output_dir(run, overwrite=True)
+    assert run.is_dir() and not any(run.iterdir())

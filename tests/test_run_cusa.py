@@ -115,6 +115,10 @@ def test_train_compare_save_and_reload(tiny_backbone, shapes, tmp_path, capsys):
     assert json.loads((output_dir / "results.json").read_text()) == results
     printed = capsys.readouterr().out
     assert "baseline" in printed and "cusa" in printed and "rsum" in printed
+    # The same command again does not replace the results unless asked to.
+    with pytest.raises(ValueError, match="already holds a run .*overwrite_output_dir"):
+        run_cusa.main(tiny_run_args(tiny_backbone, shapes, output_dir, "--compare_with_baseline", "true"))
+    assert json.loads((output_dir / "results.json").read_text()) == results
 
 
 def test_resume_from_checkpoint_reaches_the_same_weights(tiny_backbone, shapes, tmp_path, monkeypatch):
@@ -233,7 +237,8 @@ def test_two_processes_train_and_evaluate_like_one(vision_tower, tiny_backbone, 
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     tables = sorted((tmp_path / "cache_two").rglob("cusa-teachers-*.arrow"))
-    assert len(tables) == (2 if vision_tower == "frozen" else 1), tables  # teachers (+ the tower's output)
+    # teachers (+ the frozen tower's output for the train, validation and test splits)
+    assert len(tables) == (4 if vision_tower == "frozen" else 1), tables
     single_state = CusaModel.from_pretrained(one).state_dict()
     double_state = CusaModel.from_pretrained(two).state_dict()
     for name, tensor in single_state.items():
