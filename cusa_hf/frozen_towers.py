@@ -30,6 +30,7 @@ import datasets
 import torch
 
 from .backbones import TOWER_NAMES
+from .data import caption_max_length
 from .teachers import (
     PROVENANCE_COLUMN,
     TeacherEncoder,
@@ -221,7 +222,7 @@ def _text_settings(model: Any, tokenizer: Any, max_length: int | None) -> dict[s
     adapter = model.adapter
     return {
         "tokenizer": _tokenizer_description(tokenizer),
-        "max_length": _max_length(tokenizer, max_length),
+        "max_length": caption_max_length(tokenizer, max_length),
         "pooling": getattr(adapter, "text_pooling", "pooler"),
         "normalize": bool(getattr(adapter, "text_pooling_normalize", False)),
     }
@@ -231,14 +232,6 @@ def _tokenizer_description(tokenizer: Any) -> str:
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     vocab_sha = hashlib.sha256(repr(sorted(vocab.items())).encode("utf-8")).hexdigest()
     return f"{type(tokenizer).__name__}:{vocab_sha}:{getattr(tokenizer, 'do_lower_case', None)}"
-
-
-def _max_length(tokenizer: Any, max_length: int | None) -> int:
-    """The caption length limit ``CusaDataCollator`` uses (the tokenizer's own, else 77)."""
-    if max_length is not None:
-        return max_length
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if limit and limit < 100_000 else 77
 
 
 def add_image_tower_features(
@@ -316,7 +309,7 @@ def add_text_tower_features(
         the dataset plus ``column``: `(text_tower_dim,)` float32 features per row (after the tower's pooling and,
         where configured, its L2 normalisation; before the backbone's projection).
     """
-    limit = _max_length(tokenizer, max_length)
+    limit = caption_max_length(tokenizer, max_length)
 
     def preprocess(captions: list[str]) -> dict[str, torch.Tensor]:
         tokens = tokenizer(captions, padding=True, truncation=True, max_length=limit, return_tensors="pt")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import RetrievalEvalView, build_eval_view, load_image
+from .data import RetrievalEvalView, build_eval_view, caption_max_length, load_image
 from .frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN, check_tower_features
 
 logger = logging.getLogger(__name__)
@@ -79,10 +79,7 @@ class CusaDataCollator:
         self.image_tower_column = image_tower_column
         self.text_tower_column = text_tower_column
         self.image_root = image_root
-        tokenizer_limit = getattr(processor.tokenizer, "model_max_length", None)
-        if max_length is None:
-            max_length = tokenizer_limit if tokenizer_limit and tokenizer_limit < 100_000 else 77
-        self.max_length = max_length
+        self.max_length = caption_max_length(processor.tokenizer, max_length)
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
