@@ -35,6 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 
 TRAINING_FIELDS = ("learning_rate", "num_train_epochs", "per_device_train_batch_size", "weight_decay")
+#: Settings that only CUSA's terms read: the baseline of a variant that changes only these is the default's baseline.
+CUSA_ONLY_FIELDS = (
+    "csa_weight", "usa_weight", "softlabel_temperature", "softlabel_mode", "softlabel_loss", "csa_temperature",
+    "usa_image_temperature", "usa_text_temperature",
+)  # fmt: skip
 
 
 def prepare(output_dir: str):
@@ -184,7 +189,12 @@ def main(argv: list[str] | None = None) -> str:
                 if any(r["variant"] == variant and r["seed"] == seed and r["cusa"] == cusa for r in done):
                     continue
                 start = time.time()
-                result = {"variant": variant, "seed": seed, "cusa": cusa, **train_one(context, variant, cusa, seed)}
+                baseline_of = {k: v for k, v in variant.items() if k not in CUSA_ONLY_FIELDS}
+                same = [r for r in done if not cusa and not r["cusa"] and r["seed"] == seed and r["variant"] == baseline_of]
+                if same:  # the baseline does not read this variant's settings: the same run, not run again
+                    result = {**same[0], "variant": variant, "baseline_of": baseline_of}
+                else:
+                    result = {"variant": variant, "seed": seed, "cusa": cusa, **train_one(context, variant, cusa, seed)}
                 result["seconds"] = round(time.time() - start, 1)
                 done.append(result)
                 with output.open("a") as handle:
