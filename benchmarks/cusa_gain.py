@@ -1,10 +1,10 @@
 """Gain of CUSA on real data: the paper's ablation rows (InfoNCE, +CSA, +USA, CUSA) on coco_mini, several seeds.
 
 Every row trains the built-in student of ``examples/configs/builtin_default.yaml`` (pretrained EfficientNet-Lite0
-image tower, frozen with its BatchNorm statistics, + all-MiniLM-L6-v2 text tower, new 256-d projections) with the
-built-in teachers (EfficientNet-Lite2 and all-mpnet-base-v2: not the student's towers) and the same
-hyper-parameters (lr 1e-4, 1 epoch, batch 64, 60 training images held out for validation). Rows differ only in
-which terms are on. Nothing is selected on the test split: the single epoch's checkpoint is the one tested.
+and all-MiniLM-L6-v2 towers, frozen and cached, new 256-d projections) with the built-in teachers
+(EfficientNet-Lite2 and all-mpnet-base-v2: not the student's towers) and the default's hyper-parameters (60 training
+images held out for validation); run_cusa flags after ``--`` change them for every row. Rows differ only in which
+terms are on. Nothing is selected on the test split: each run's final model is the one tested.
 
 After each run the saved model is reloaded and its uni-modal text-text retrieval is measured on the test split:
 every caption queries the other 999 test captions and a hit is a caption of the same image (R@1, and mAP over its
