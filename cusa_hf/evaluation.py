@@ -21,6 +21,7 @@ scores) is available for comparison.
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -808,17 +809,17 @@ def _encode(
     return features
 
 
-def _head_kwargs(head: str | None, model: torch.nn.Module) -> dict[str, str]:
+def _head_kwargs(head: str | None, get_features: Callable[..., Any]) -> dict[str, str]:
     if head is None:
         return {}
     if head not in ("cross", "uni"):
         raise ValueError(f"head={head!r} is not supported; use 'cross', 'uni' or None (a plain backbone)")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type != "cusa":
-        # A plain backbone's get_*_features would accept head= among its keyword arguments and ignore it.
+    if "head" not in inspect.signature(get_features).parameters:
+        # A plain backbone's get_*_features takes **kwargs and would silently ignore head=.
+        owner = type(getattr(get_features, "__self__", get_features)).__name__
         raise ValueError(
-            f"head={head!r} selects a CusaModel's embeddings, but the model is a {model_type or type(model).__name__!r} "
-            "model without CUSA heads; use head=None for a plain backbone"
+            f"head={head!r} selects a CusaModel's embeddings, but {owner}.{get_features.__name__} has no head "
+            "parameter (a model without CUSA heads); use head=None for a plain backbone"
         )
     return {"head": head}
 
@@ -855,7 +856,7 @@ def encode_images(
         pil_images = [load_image(unique[i], image_root, where=f"image {i}") for i in indices]
         return {"pixel_values": image_processor(images=pil_images, return_tensors="pt")["pixel_values"]}
 
-    kwargs = _head_kwargs(head, model)
+    kwargs = _head_kwargs(head, model.get_image_features)
 
     def encode_batch(pixel_values: torch.Tensor) -> Any:
         return model.get_image_features(pixel_values=pixel_values, **kwargs)
@@ -890,7 +891,7 @@ def encode_texts(
                            return_tensors="pt")
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
-    kwargs = _head_kwargs(head, model)
+    kwargs = _head_kwargs(head, model.get_text_features)
 
     def encode_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
         return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
