@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune an image-text retrieval model with CUSA: train, select on validation RSUM, test once, save, push.
 
-    accelerate launch examples/run_cusa.py                                      # built-in offline default
+    accelerate launch --cpu --num_processes 1 examples/run_cusa.py              # built-in offline default, all cores
     accelerate launch examples/run_cusa.py examples/configs/clip_vitb32_coco_cusa.yaml --num_train_epochs 5
     python examples/run_cusa.py --backbone openai/clip-vit-base-patch32 --train_file train.json \
         --validation_file val.json --test_file test.json --output_dir out --cusa false
