@@ -62,6 +62,9 @@ def load_image(value: Any, image_root: str | os.PathLike | None = None, where: s
             path = os.path.join(os.fspath(image_root), path)
         source = path
         label = f"{where} ({path})".strip() if where else path
+        if os.path.exists(path) and not os.path.isfile(path):
+            # A FIFO or device would block the reader forever; a folder is a wrong path.
+            raise BadImageError(f"{label}: not a regular file, so not an image")
     try:
         with Image.open(source) as image:
             return image.convert("RGB")
@@ -257,7 +260,10 @@ def _resolve_path(path: str, image_root: str | os.PathLike | None) -> str:
 
 
 def _read_json_records(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save the file as UTF-8") from None
     if path.suffix == ".jsonl":
         records = []
         for line_number, line in enumerate(text.splitlines(), start=1):

@@ -204,6 +204,11 @@ def parse_arguments(argv: list[str]):
             raise FileNotFoundError(f"config file {config_path} does not exist")
         text = config_path.read_text()
         values = json.loads(text) if config_path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"{config_path}: expected a mapping of setting names to values, got {type(values).__name__} "
+                f"{'(the file is empty)' if values is None else ''}".rstrip()
+            )
         known = {f.name for dataclass_type in parser.dataclass_types for f in dataclasses.fields(dataclass_type)}
         for key in values:
             if key not in known:
@@ -278,6 +283,8 @@ def load_splits(data_args: DataArguments) -> dict[str, Any]:
     if data_args.test_file:
         splits["test"] = load(data_args.test_file, data_args.test_split)
     if data_args.max_train_samples is not None:
+        if data_args.max_train_samples < 1:
+            raise ValueError(f"max_train_samples={data_args.max_train_samples} leaves the training set empty")
         splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
     return splits
 
@@ -480,6 +487,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     argv = sys.argv[1:] if argv is None else argv
     command = "accelerate launch examples/run_cusa.py " + shlex.join(argv)
     model_args, data_args, cusa_args, training_args = parse_arguments(argv)
+    CusaConfig(**cusa_fields(cusa_args, True))  # invalid CUSA settings stop here, before minutes of teacher extraction
     if training_args.process_index == 0:
         claim_output_dir(
             training_args.output_dir, cusa_args.overwrite_output_dir, training_args.resume_from_checkpoint is not None

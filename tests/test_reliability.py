@@ -108,3 +108,29 @@ def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
     assert (run / "results.json").exists()
     claim_output_dir(run, overwrite=True)
     assert run.is_dir() and not any(run.iterdir())
+
+
+def test_clearer_errors_for_bad_files_and_settings(tmp_path):
+    import os
+    import sys
+    from pathlib import Path
+
+    from cusa_hf.data import BadImageError, load_image, load_json_dataset
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import run_cusa
+
+    (tmp_path / "latin1.json").write_bytes(b'[{"image": "a.jpg", "caption": "caf\xe9"}]')
+    with pytest.raises(ValueError, match="latin1.json: not UTF-8 text"):
+        load_json_dataset(tmp_path / "latin1.json", check_files=False)
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(BadImageError, match="pipe.jpg.*not a regular file"):
+        load_image(str(tmp_path / "pipe.jpg"))
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ValueError, match="empty.yaml: expected a mapping .*NoneType \\(the file is empty\\)"):
+        run_cusa.parse_arguments([str(tmp_path / "empty.yaml")])
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="list.yaml: expected a mapping of setting names to values, got list"):
+        run_cusa.parse_arguments([str(tmp_path / "list.yaml")])
+    with pytest.raises(ValueError, match="use_csa must be True or False|csa_weight must be"):
+        run_cusa.main(["--csa_weight", "nan", "--output_dir", str(tmp_path / "out")])
