@@ -192,8 +192,10 @@ def test_validation_split_files_and_saved_folders(scan_data, tmp_path):
 
 
 def test_bad_sgraf_input_stops_before_training(scan_data, tmp_path):
-    def run(*extra):
-        return run_cusa.main(sgraf_run_args(scan_data, tmp_path / "out", *extra))
+    attempts = iter(range(100))
+
+    def run(*extra):  # each attempt in a fresh folder: an earlier attempt may have written its vocabulary
+        return run_cusa.main(sgraf_run_args(scan_data, tmp_path / f"out{next(attempts)}", *extra))
 
     with pytest.raises(ValueError, match="pass --features_dir"):
         run_cusa.main([arg for arg in sgraf_run_args(scan_data, tmp_path / "out") if arg not in ("--features_dir", str(scan_data))])
