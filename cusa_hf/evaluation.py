@@ -25,6 +25,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
@@ -415,41 +416,49 @@ def load_eccv_positives(path: str | os.PathLike) -> dict[int, list[int]]:
 
 def _index_positives(
     positives: Mapping[Any, Sequence[Any]], query_ids: Sequence[Any], item_ids: Sequence[Any], direction: str
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """Query rows, the item columns of each query's positives, and each query's number of positives R. Positives that
+    are not among the evaluated items count in R but can never be retrieved, as in the official ECCV Caption code
+    (two of its caption-to-image positives are outside its own 25,000 test captions); a warning names them."""
     query_index = {int(q): i for i, q in enumerate(query_ids)}
     item_index = {int(v): i for i, v in enumerate(item_ids)}
-    queries, items = [], []
+    queries, items, counts, missing = [], [], [], []
     for query, positive_ids in positives.items():
         if int(query) not in query_index:
             raise ValueError(f"ECCV {direction} query id {query} is not among the evaluated ids")
-        missing = [p for p in positive_ids if int(p) not in item_index]
-        if missing:
-            raise ValueError(
-                f"ECCV {direction} query {query}: positive ids {missing[:5]} are not among the evaluated items; "
-                "ECCV Caption needs the full COCO 5K test split"
-            )
+        unique = {int(p) for p in positive_ids}
+        missing += [(query, p) for p in sorted(unique) if p not in item_index]
         queries.append(query_index[int(query)])
-        items.append(torch.tensor(sorted({item_index[int(p)] for p in positive_ids}), dtype=torch.long))
-    return torch.tensor(queries, dtype=torch.long), items
+        items.append(torch.tensor(sorted(item_index[p] for p in unique if p in item_index), dtype=torch.long))
+        counts.append(len(unique))
+    if missing:
+        warnings.warn(
+            f"ECCV {direction}: {len(missing)} positive id(s) are not among the evaluated items (first: query "
+            f"{missing[0][0]}, positive {missing[0][1]}); they count as never retrieved, as in the official code",
+            stacklevel=3,
+        )
+    return torch.tensor(queries, dtype=torch.long), items, torch.tensor(counts, dtype=torch.long)
 
 
 def _map_at_r(
-    scores: torch.Tensor, query_rows: torch.Tensor, positives: list[torch.Tensor], chunk_size: int
+    scores: torch.Tensor, query_rows: torch.Tensor, positives: list[torch.Tensor], counts: torch.Tensor, chunk_size: int
 ) -> dict[str, float]:
     """mAP@R, R-Precision and R@1 (fractions) of the queries ``query_rows`` of ``scores`` (queries x items).
 
-    With pessimistic ties, the j-th best positive (0-based) of a query sits at 0-based position
-    ``j + #(non-positives scoring >= it)``; from those positions, over the first R = |positives| places:
-    R-Precision = hits / R, AP@R = (1/R) * sum over hits of precision at that place, R@1 = hit at place 0.
+    ``counts`` is each query's R, which may exceed its retrievable ``positives``. With pessimistic ties, the j-th best
+    retrievable positive (0-based) of a query sits at 0-based position ``j + #(non-positives scoring >= it)``; from
+    those positions, over the first R places: R-Precision = hits / R, AP@R = (1/R) * sum over hits of precision at
+    that place, R@1 = hit at place 0.
     """
-    max_r = max(len(p) for p in positives)
+    max_r = max(1, max(len(p) for p in positives))
     totals = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(query_rows), chunk_size):
         rows = query_rows[start : start + chunk_size].to(scores.device)
         block = scores[rows].to(torch.float64)
         sorted_block = block.sort(dim=1).values  # ascending, for "how many are >= s" by binary search
         padded = torch.full((len(rows), max_r), -1, dtype=torch.long, device=scores.device)
-        n_pos = torch.tensor([len(p) for p in positives[start : start + chunk_size]], device=scores.device)
+        n_found = torch.tensor([len(p) for p in positives[start : start + chunk_size]], device=scores.device)
+        n_pos = counts[start : start + chunk_size].to(scores.device)
         for r, p in enumerate(positives[start : start + chunk_size]):
             padded[r, : len(p)] = p.to(scores.device)
         valid = padded >= 0
@@ -460,11 +469,11 @@ def _map_at_r(
         negatives_before = at_or_above - positives_at_or_above.sum(-1)
         j = torch.arange(max_r, device=scores.device)
         place = j + negatives_before  # 0-based position of the j-th best positive
-        within_r = (place < n_pos[:, None]) & (j < n_pos[:, None])
+        within_r = (place < n_pos[:, None]) & (j < n_found[:, None])
         precision_at_hit = (j + 1).double() / (place + 1).double()
         totals[0] += float(((precision_at_hit * within_r).sum(1) / n_pos).sum())
         totals[1] += float((within_r.sum(1).double() / n_pos).sum())
-        totals[2] += float((place[:, 0] == 0).sum())
+        totals[2] += float(((place[:, 0] == 0) & (n_found > 0)).sum())
     totals /= len(query_rows)
     return {"map_at_r": float(totals[0]), "rprecision": float(totals[1]), "r1": float(totals[2])}
 
@@ -483,8 +492,10 @@ def eccv_metrics(
         similarity: `(n_images, n_texts)` scores over the whole COCO 5K test split (5000 x 25010).
         image_ids: COCO image id of each row; caption_ids: COCO caption annotation id of each column.
         i2t_positives: ``{image_id: [caption ids]}`` (``eccv_image_to_caption.json``, see :func:`load_eccv_positives`);
-            only these images are queries (1,332 in ECCV Caption).
-        t2i_positives: ``{caption_id: [image ids]}`` (``eccv_caption_to_image.json``; 1,261 query captions).
+            only these images are queries (1,261 in ECCV Caption).
+        t2i_positives: ``{caption_id: [image ids]}`` (``eccv_caption_to_image.json``; 1,332 query captions).
+            Positives outside ``image_ids`` / ``caption_ids`` are counted as never retrieved, with a warning, as the
+            official code does (the official ``coco_test_ids.npy`` misses two of its own positives).
 
     Definitions follow Chun et al. 2022: for a query with R positives, R@1 = first result is positive,
     R-Precision = positives among the top R / R, mAP@R = (1/R) * sum_{r<=R} P@r * [result r is positive]
@@ -508,8 +519,8 @@ def eccv_metrics(
     ):
         if not positives:
             raise ValueError(f"ECCV {direction} positives are empty")
-        rows, items = _index_positives(positives, query_ids, item_ids, direction)
-        for name, value in _map_at_r(scores, rows, items, chunk_size).items():
+        rows, items, counts = _index_positives(positives, query_ids, item_ids, direction)
+        for name, value in _map_at_r(scores, rows, items, counts, chunk_size).items():
             metrics[f"eccv_{name}_{direction}"] = 100.0 * value
     return metrics
 

@@ -88,10 +88,46 @@ def test_matches_reference_on_random_scores(integer_scores):
     np.testing.assert_allclose(got_t2i, expected_t2i, rtol=1e-12)
 
 
+def test_positives_outside_the_evaluated_items_count_as_never_retrieved():
+    # 101 ranks 11 first: with the unreachable positive 99, R = 2 and one of the two places holds a positive.
+    with pytest.warns(UserWarning, match="1 positive id\\(s\\) are not among the evaluated items .*positive 99"):
+        metrics = eccv_metrics(SIMILARITY, IMAGE_IDS, CAPTION_IDS, {101: [11, 99]}, {11: [101]})
+    assert metrics["eccv_r1_i2t"] == 100.0
+    assert metrics["eccv_rprecision_i2t"] == pytest.approx(50.0)
+    assert metrics["eccv_map_at_r_i2t"] == pytest.approx(50.0)  # (1/R) * P@1 = 1/2
+
+
+def test_matches_the_official_eccv_caption_code_on_its_own_ground_truth():
+    """The official package (pip install eccv-caption) and its ECCV positives: random scores over a slice of its
+    queries, with many positives outside the slice (counted as never retrieved by both)."""
+    official = pytest.importorskip("eccv_caption._metrics")
+    import eccv_caption
+
+    data = Path(eccv_caption.__file__).parent / "data"
+    i2t_all = load_eccv_positives(data / "eccv_image_to_caption.json")
+    t2i_all = load_eccv_positives(data / "eccv_caption_to_image.json")
+    image_ids = sorted(i2t_all)[:60]
+    caption_ids = sorted({c for i in image_ids for c in i2t_all[i]} | set(sorted(t2i_all)[:200]))
+    i2t = {i: i2t_all[i] for i in image_ids}
+    t2i = {c: t2i_all[c] for c in caption_ids if c in t2i_all}
+    image_ids = sorted(set(image_ids) | {i for c in list(t2i)[:40] for i in t2i[c]})
+    scores = torch.from_numpy(np.random.default_rng(0).permutation(len(image_ids) * len(caption_ids)).astype(np.float64))
+    similarity = scores.reshape(len(image_ids), len(caption_ids))  # distinct values: no ties
+    with pytest.warns(UserWarning, match="not among the evaluated items"):
+        ours = eccv_metrics(similarity, image_ids, caption_ids, i2t, t2i)
+    i2t_ranked = {i: [caption_ids[j] for j in similarity[row].argsort(descending=True).tolist()]
+                  for row, i in enumerate(image_ids)}  # fmt: skip
+    t2i_ranked = {c: [image_ids[j] for j in similarity[:, col].argsort(descending=True).tolist()]
+                  for col, c in enumerate(caption_ids)}  # fmt: skip
+    for direction, ranked, gts in (("i2t", i2t_ranked, i2t), ("t2i", t2i_ranked, t2i)):
+        reference = official.compute_eccv_metrics(ranked, gts)
+        for name in ("map_at_r", "rprecision", "r1"):
+            assert ours[f"eccv_{name}_{direction}"] == pytest.approx(100.0 * reference[f"eccv_{name}"], abs=1e-9), (
+                direction, name
+            )
+
+
 def test_ids_outside_the_evaluated_split_are_errors():
-    i2t = {101: [11, 99]}
-    with pytest.raises(ValueError, match="positive ids \\[99\\]"):
-        eccv_metrics(SIMILARITY, IMAGE_IDS, CAPTION_IDS, i2t, {11: [101]})
     with pytest.raises(ValueError, match="query id 7"):
         eccv_metrics(SIMILARITY, IMAGE_IDS, CAPTION_IDS, {7: [11]}, {11: [101]})
     with pytest.raises(ValueError, match="2 image ids"):
