@@ -73,11 +73,6 @@ def frozen_tower(model: Any, modality: str) -> torch.nn.Module:
     return tower
 
 
-def frozen_image_tower(model: Any) -> torch.nn.Module:
-    """The vision tower of a ``CusaModel``, after checking that none of its parameters is trainable."""
-    return frozen_tower(model, "image")
-
-
 def freeze_tower(module: torch.nn.Module) -> torch.nn.Module:
     """Freeze a tower so that it computes in training mode exactly what it computes in evaluation: weights without
     gradients, BatchNorm on its running statistics (timm's ``freeze_batch_norm_2d``) and dropout off (dropout
@@ -365,14 +360,3 @@ def check_tower_features(
             f"(which evaluation uses: processor settings, length limit, pooling); recompute it with "
             f"{add}(dataset, model, ...)"
         )
-
-
-def check_image_tower_features(
-    model: Any,
-    dataset: datasets.Dataset | datasets.IterableDataset,
-    column: str = IMAGE_TOWER_COLUMN,
-    image_processor: Any = None,
-    provenance_column: str = PROVENANCE_COLUMN,
-) -> None:
-    """:func:`check_tower_features` for the vision tower."""
-    check_tower_features(model, dataset, "image", column, image_processor, provenance_column=provenance_column)
