@@ -6,7 +6,9 @@ Formulas and defaults follow ``docs/method.md`` (Huang et al., AAAI 2024, and th
 * multi-positive InfoNCE (``info_nce``),
 * teacher soft labels from uni-modal teacher features in modes ``each`` / ``add`` / ``dot`` (``teacher_soft_labels``),
 * soft-label alignment, KL or soft-target cross-entropy (``soft_label_loss``),
-* CSA (``csa_loss``) and USA (``usa_loss``), each returning both directional terms and their mean.
+* CSA (``csa_loss``) and USA (``usa_loss``), each returning both directional terms and their mean,
+* ``CusaLoss``, the module that assembles ``loss_itc + csa_weight * CSA + usa_weight * USA`` over the (gathered) batch,
+  in the spirit of open_clip's ``ClipLoss``: the model hands it embeddings and temperatures, it returns the terms.
 
 All softmax / log-softmax / KL arithmetic runs in float32 with autocast disabled, whatever the input dtype, so bf16 or
 fp16 training cannot overflow them.
@@ -14,10 +16,14 @@ fp16 training cannot overflow them.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .distributed import gather_with_grad, is_distributed
 
 #: Reductions of (soft-)cross-entropy terms.
 #: ``"all_entries_mean"`` (the authors' ``contrastive_loss_mode: mean``) averages target-weighted log-probabilities over
@@ -229,3 +235,198 @@ def usa_loss(
     image_term = soft_label_loss(image_logits, soft_labels.image, loss, reduction)
     text_term = soft_label_loss(text_logits, soft_labels.text, loss, reduction)
     return DirectionalLoss(image_term, text_term, (image_term + text_term) / 2)
+
+
+@dataclass
+class CusaLossOutput:
+    """The terms of one CUSA loss evaluation.
+
+    Attributes:
+        loss: `()` ``loss_itc + csa_weight * loss_csa + usa_weight * loss_usa``.
+        loss_itc, loss_csa, loss_usa: `()` each term (CSA/USA are 0 when inactive).
+        logits_per_image: `(global_batch, global_batch)` image-by-text similarities over the gathered batch, divided
+            by the InfoNCE temperature when there is one.
+        softlabel_stats: :func:`soft_label_diagnostics` of the teachers' soft labels (empty without teachers).
+    """
+
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_csa: torch.Tensor
+    loss_usa: torch.Tensor
+    logits_per_image: torch.Tensor
+    softlabel_stats: dict[str, torch.Tensor]
+
+
+class CusaLoss(nn.Module):
+    """``loss_itc + csa_weight * CSA + usa_weight * USA`` over a batch of embeddings (docs/method.md).
+
+    The module holds the loss settings and no parameters: temperatures are the model's (they are trained and saved
+    with it) and are passed in, as open_clip passes ``logit_scale`` to ``ClipLoss``. With ``gather_features`` in a
+    distributed run every input is all-gathered (with gradients) first, so the soft labels and InfoNCE are
+    distributions over the global batch.
+
+    Example:
+        >>> loss_fn = CusaLoss(csa_weight=0.1, usa_weight=0.1)
+        >>> out = loss_fn(image_embeds, text_embeds, itc_temperature=0.05, csa_temperature=0.05,
+        ...               uni_image_embeds=u_img, uni_text_embeds=u_txt, usa_image_temperature=0.05,
+        ...               usa_text_temperature=0.05, image_ids=ids, teacher_image_embeds=t_img, teacher_text_embeds=t_txt)
+        >>> out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        csa_weight: float = 0.1,
+        usa_weight: float = 0.1,
+        use_csa: bool = True,
+        use_usa: bool = True,
+        softlabel_mode: str = "each",
+        softlabel_temperature: float = 1.0,
+        softlabel_loss: str = "kl",
+        reduction: str = "all_entries_mean",
+        gather_features: bool = False,
+    ):
+        super().__init__()
+        _check_choice("softlabel_mode", softlabel_mode, SOFTLABEL_MODES)
+        _check_choice("softlabel_loss", softlabel_loss, SOFTLABEL_LOSSES)
+        _check_choice("itc_reduction", reduction, REDUCTIONS)
+        self.csa_weight, self.usa_weight = float(csa_weight), float(usa_weight)
+        self.csa_active = bool(use_csa) and self.csa_weight > 0
+        self.usa_active = bool(use_usa) and self.usa_weight > 0
+        self.softlabel_mode, self.softlabel_temperature = softlabel_mode, softlabel_temperature
+        self.softlabel_loss, self.reduction = softlabel_loss, reduction
+        self.gather_features = gather_features
+
+    @classmethod
+    def from_config(cls, config: Any) -> "CusaLoss":
+        """The loss a [`CusaConfig`] describes."""
+        return cls(
+            csa_weight=config.csa_weight,
+            usa_weight=config.usa_weight,
+            use_csa=config.use_csa,
+            use_usa=config.use_usa,
+            softlabel_mode=config.softlabel_mode,
+            softlabel_temperature=config.softlabel_temperature,
+            softlabel_loss=config.softlabel_loss,
+            reduction=config.itc_reduction,
+            gather_features=config.gather_features,
+        )
+
+    @property
+    def needs_teachers(self) -> bool:
+        return self.csa_active or self.usa_active
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` from every process concatenated in rank order (with gradients) when features are gathered;
+        ``tensor`` itself otherwise."""
+        return gather_with_grad(tensor) if self.gather_features and is_distributed() else tensor
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        *,
+        itc_temperature: torch.Tensor | float | None = None,
+        csa_temperature: torch.Tensor | float | None = None,
+        usa_image_temperature: torch.Tensor | float | None = None,
+        usa_text_temperature: torch.Tensor | float | None = None,
+        uni_image_embeds: torch.Tensor | None = None,
+        uni_text_embeds: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        teacher_image_embeds: torch.Tensor | None = None,
+        teacher_text_embeds: torch.Tensor | None = None,
+        pair_similarity: torch.Tensor | None = None,
+        itc_terms: dict[str, torch.Tensor] | None = None,
+    ) -> CusaLossOutput:
+        """
+        Args:
+            image_embeds, text_embeds: `(batch_size, dim)` L2-normalised cross-modal embeddings of aligned pairs.
+            itc_temperature: InfoNCE temperature (``None``: the similarities are already logits).
+            csa_temperature, usa_image_temperature, usa_text_temperature: needed while CSA / USA are active.
+            uni_image_embeds, uni_text_embeds: `(batch_size, feature_dim)` L2-normalised USA-head embeddings.
+            image_ids: `(batch_size,)` image id per pair; pairs sharing one are all positives of each other.
+            teacher_image_embeds, teacher_text_embeds: `(batch_size, teacher_dim)` frozen teacher features.
+            pair_similarity: `(batch_size, batch_size)` scores of a backbone that scores pairs itself (SGRAF), used
+                instead of ``image_embeds @ text_embeds.T``; such scores cannot be gathered.
+            itc_terms: the backbone's own loss terms (X2VLM's ITC + ITM), summed into ``loss_itc`` instead of InfoNCE.
+        """
+        batch_size = image_embeds.shape[0]
+        if text_embeds.shape[0] != batch_size:
+            raise ValueError(f"got {batch_size} images but {text_embeds.shape[0]} captions: CUSA trains on aligned pairs")
+        if image_ids is not None and image_ids.reshape(-1).shape[0] != batch_size:
+            raise ValueError(f"image_ids has {image_ids.reshape(-1).shape[0]} entries for a batch of {batch_size} pairs")
+        gathering = self.gather_features and is_distributed()
+        if gathering and pair_similarity is not None:
+            raise ValueError(
+                "gather_features=True is not supported for backbones that score pairs themselves (e.g. SGRAF): "
+                "their B x B scores need every process's token features"
+            )
+        global_image_embeds, global_text_embeds = self.gather(image_embeds), self.gather(text_embeds)
+        if global_image_embeds.shape[0] < 2:
+            raise ValueError(
+                f"a contrastive batch needs at least two image-text pairs, got {global_image_embeds.shape[0]}: with one "
+                "pair every loss term and gradient is exactly 0. Use a per-device batch size of 2 or more (and drop a "
+                "last batch of one pair with dataloader_drop_last=True)"
+            )
+        if pair_similarity is not None:
+            similarity = pair_similarity
+        else:
+            similarity = global_image_embeds @ global_text_embeds.t()
+        logits_per_image = similarity / itc_temperature if itc_temperature is not None else similarity
+
+        global_image_ids = self.gather(image_ids) if image_ids is not None else None
+        if itc_terms is None:
+            loss_itc = info_nce(logits_per_image, global_image_ids, self.reduction)
+        else:
+            loss_itc = sum(itc_terms.values())
+        zero = similarity.new_zeros((), dtype=torch.float32)
+        loss_csa = loss_usa = zero
+        stats: dict[str, torch.Tensor] = {}
+        if self.needs_teachers:
+            self._check_teacher_shapes(batch_size, teacher_image_embeds, teacher_text_embeds)
+            soft_labels = teacher_soft_labels(
+                self.gather(teacher_image_embeds),
+                self.gather(teacher_text_embeds),
+                mode=self.softlabel_mode,
+                temperature=self.softlabel_temperature,
+            )
+            stats = soft_label_diagnostics(soft_labels, global_image_ids)
+            if self.csa_active:
+                loss_csa = csa_loss(similarity, soft_labels, csa_temperature, self.softlabel_loss, self.reduction).mean
+            if self.usa_active:
+                loss_usa = usa_loss(
+                    self.gather(uni_image_embeds),
+                    self.gather(uni_text_embeds),
+                    soft_labels,
+                    usa_image_temperature,
+                    usa_text_temperature,
+                    self.softlabel_loss,
+                    self.reduction,
+                ).mean
+        loss = loss_itc + self.csa_weight * loss_csa + self.usa_weight * loss_usa
+        return CusaLossOutput(loss, loss_itc, loss_csa, loss_usa, logits_per_image, stats)
+
+    def _check_teacher_shapes(
+        self, batch_size: int, teacher_image_embeds: torch.Tensor | None, teacher_text_embeds: torch.Tensor | None
+    ) -> None:
+        """Shapes only: value checks (NaN/inf rows) run once over the whole table when the trainer is built
+        (``check_teacher_features``), not at every step where they would cost a device synchronisation."""
+        active = " and ".join(
+            term
+            for term, on in (
+                (f"CSA (csa_weight={self.csa_weight})", self.csa_active),
+                (f"USA (usa_weight={self.usa_weight})", self.usa_active),
+            )
+            if on
+        )
+        for name, embeds in (("teacher_image_embeds", teacher_image_embeds), ("teacher_text_embeds", teacher_text_embeds)):
+            if embeds is None:
+                raise ValueError(
+                    f"{active} needs {name}, but it was not given. Add the teacher-feature columns to the dataset "
+                    "with cusa_hf.add_teacher_features(...) (or the cusa-extract-teachers CLI), or switch the terms "
+                    "off with use_csa=False / use_usa=False (or weight 0) to train the plain baseline."
+                )
+            if embeds.ndim != 2 or embeds.shape[0] != batch_size:
+                raise ValueError(
+                    f"{name} has shape {tuple(embeds.shape)} but the batch has {batch_size} pairs: expected "
+                    f"({batch_size}, teacher_dim)"
+                )

@@ -15,8 +15,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import TOWER_NAMES, BackboneAdapter, BackboneFeatures, adapter_class_for
 from .configuration_cusa import TEMPERATURE_FIELDS, CusaConfig
-from .distributed import gather_with_grad, is_distributed
-from .losses import csa_loss, info_nce, soft_label_diagnostics, teacher_soft_labels, usa_loss
+from .losses import CusaLoss
 
 
 @dataclass
@@ -179,6 +178,7 @@ class CusaModel(CusaPreTrainedModel):
             parameter = nn.Parameter(torch.tensor(float(getattr(config, name))))
             parameter.requires_grad_(config.learnable_temperatures)
             self.register_parameter(name, parameter)
+        self.cusa_loss = CusaLoss.from_config(config)
         self.post_init()
 
     # ------------------------------------------------------------------ construction
@@ -212,7 +212,10 @@ class CusaModel(CusaPreTrainedModel):
     # ------------------------------------------------------------------ temperatures
     @torch.no_grad()
     def clamp_temperatures_(self) -> None:
-        """Clamp every learnable temperature to its configured bounds (in place), as the authors do every step."""
+        """Clamp every learnable temperature to its configured bounds (in place), as the authors do every step.
+
+        ``CusaTrainer`` calls this after every optimiser step; a hand-written training loop should too (after
+        ``optimizer.step()``), as open_clip clamps ``logit_scale``."""
         for name, min_name, max_name in TEMPERATURE_FIELDS:
             parameter = getattr(self, name, None)
             if parameter is not None:
@@ -343,9 +346,6 @@ class CusaModel(CusaPreTrainedModel):
                 "CusaModel.forward needs a batch of image-text pairs: exactly one of pixel_values or "
                 "image_tower_features, and exactly one of input_ids or text_tower_features"
             )
-        if self.training:
-            self.clamp_temperatures_()
-
         if image_tower_features is None and text_tower_features is None and self.tower_dropout is None:
             features = self.adapter.forward_features(pixel_values, input_ids, attention_mask, **backbone_kwargs)
         else:
@@ -353,14 +353,6 @@ class CusaModel(CusaPreTrainedModel):
                 image_features=self._image_features(pixel_values, image_tower_features, **backbone_kwargs),
                 text_features=self._text_features(input_ids, attention_mask, text_tower_features, **backbone_kwargs),
             )
-        batch_size = features.image_features.shape[0]
-        if features.text_features.shape[0] != batch_size:
-            raise ValueError(
-                f"got {batch_size} images but {features.text_features.shape[0]} captions: CUSA trains on aligned pairs"
-            )
-        if return_loss:
-            self._check_loss_inputs(batch_size, image_ids, teacher_image_embeds, teacher_text_embeds)
-
         if self.adapter.scores_pairs_itself:
             image_embeds = F.normalize(features.image_features, dim=-1)
             text_embeds = F.normalize(features.text_features, dim=-1)
@@ -371,70 +363,41 @@ class CusaModel(CusaPreTrainedModel):
         if self.config.use_usa:
             uni_image_embeds = self._uni_embeds(features.image_features, "usa_image_head")
             uni_text_embeds = self._uni_embeds(features.text_features, "usa_text_head")
-
-        gather = gather_with_grad if self.config.gather_features and is_distributed() else _identity
-        if gather is not _identity and self.adapter.scores_pairs_itself:
-            raise ValueError(
-                "gather_features=True is not supported for backbones that score pairs themselves (e.g. SGRAF): "
-                "their B x B scores need every process's token features"
-            )
-        global_image_embeds, global_text_embeds = gather(image_embeds), gather(text_embeds)
-        if return_loss and global_image_embeds.shape[0] < 2:
-            raise ValueError(
-                f"a contrastive batch needs at least two image-text pairs, got {global_image_embeds.shape[0]}: with one "
-                "pair every loss term and gradient is exactly 0. Use a per-device batch size of 2 or more (and drop a "
-                "last batch of one pair with dataloader_drop_last=True)"
-            )
-        if features.similarity is not None:
-            similarity = features.similarity
-        else:
-            similarity = global_image_embeds @ global_text_embeds.t()
-        itc_temperature = getattr(self, "itc_temperature", None)
-        logits_per_image = similarity / itc_temperature if itc_temperature is not None else similarity
-
         output = CusaOutput(
-            logits_per_image=logits_per_image,
-            logits_per_text=logits_per_image.t(),
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             uni_image_embeds=uni_image_embeds,
             uni_text_embeds=uni_text_embeds,
         )
-        if not return_loss:
-            return output
-
-        global_image_ids = gather(image_ids) if image_ids is not None else None
-        original_terms = self.adapter.original_loss(features, image_ids, gather)
-        if original_terms is None:
-            loss_itc = info_nce(logits_per_image, global_image_ids, self.config.itc_reduction)
-        else:
-            loss_itc = sum(original_terms.values())
-        zero = similarity.new_zeros((), dtype=torch.float32)
-        loss_csa = loss_usa = zero
-        if self.config.needs_teachers:
-            soft_labels = teacher_soft_labels(
-                gather(teacher_image_embeds),
-                gather(teacher_text_embeds),
-                mode=self.config.softlabel_mode,
-                temperature=self.config.softlabel_temperature,
+        temperatures = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        if return_loss:
+            losses = self.cusa_loss(
+                image_embeds,
+                text_embeds,
+                **temperatures,
+                uni_image_embeds=uni_image_embeds,
+                uni_text_embeds=uni_text_embeds,
+                image_ids=image_ids,
+                teacher_image_embeds=teacher_image_embeds,
+                teacher_text_embeds=teacher_text_embeds,
+                pair_similarity=features.similarity,
+                itc_terms=self.adapter.original_loss(features, image_ids, self.cusa_loss.gather),
             )
-            output.softlabel_stats = soft_label_diagnostics(soft_labels, global_image_ids)
-            if self.config.csa_active:
-                loss_csa = csa_loss(
-                    similarity, soft_labels, self.csa_temperature, self.config.softlabel_loss, self.config.itc_reduction
-                ).mean
-            if self.config.usa_active:
-                loss_usa = usa_loss(
-                    gather(uni_image_embeds),
-                    gather(uni_text_embeds),
-                    soft_labels,
-                    self.usa_image_temperature,
-                    self.usa_text_temperature,
-                    self.config.softlabel_loss,
-                    self.config.itc_reduction,
-                ).mean
-        output.loss_itc, output.loss_csa, output.loss_usa = loss_itc, loss_csa, loss_usa
-        output.loss = loss_itc + self.config.csa_weight * loss_csa + self.config.usa_weight * loss_usa
+            output.loss, output.loss_itc, output.loss_csa, output.loss_usa = (
+                losses.loss, losses.loss_itc, losses.loss_csa, losses.loss_usa
+            )
+            output.softlabel_stats = losses.softlabel_stats or None
+            logits_per_image = losses.logits_per_image
+        else:
+            if features.text_features.shape[0] != features.image_features.shape[0]:
+                raise ValueError(
+                    f"got {features.image_features.shape[0]} images but {features.text_features.shape[0]} captions: "
+                    "CusaModel.forward scores aligned pairs"
+                )
+            similarity = features.similarity if features.similarity is not None else image_embeds @ text_embeds.t()
+            itc_temperature = temperatures["itc_temperature"]
+            logits_per_image = similarity / itc_temperature if itc_temperature is not None else similarity
+        output.logits_per_image, output.logits_per_text = logits_per_image, logits_per_image.t()
         return output
 
     def _project_cached_tower(self, modality: str, tower_features: torch.Tensor) -> torch.Tensor:
@@ -465,42 +428,3 @@ class CusaModel(CusaPreTrainedModel):
         if self.tower_dropout is not None:
             tower_features = self.tower_dropout(tower_features)
         return getattr(adapter, f"project_{modality}_tower")(tower_features)
-
-    def _check_loss_inputs(
-        self,
-        batch_size: int,
-        image_ids: torch.Tensor | None,
-        teacher_image_embeds: torch.Tensor | None,
-        teacher_text_embeds: torch.Tensor | None,
-    ) -> None:
-        if image_ids is not None and image_ids.reshape(-1).shape[0] != batch_size:
-            raise ValueError(f"image_ids has {image_ids.reshape(-1).shape[0]} entries for a batch of {batch_size} pairs")
-        if not self.config.needs_teachers:
-            return
-        active = " and ".join(
-            term
-            for term, on in (
-                (f"CSA (csa_weight={self.config.csa_weight})", self.config.csa_active),
-                (f"USA (usa_weight={self.config.usa_weight})", self.config.usa_active),
-            )
-            if on
-        )
-        for name, embeds in (("teacher_image_embeds", teacher_image_embeds), ("teacher_text_embeds", teacher_text_embeds)):
-            if embeds is None:
-                raise ValueError(
-                    f"{active} needs {name}, but it was not given. Add the teacher-feature columns to the dataset "
-                    "with cusa_hf.add_teacher_features(...) (or the cusa-extract-teachers CLI), or switch the terms "
-                    "off with use_csa=False / use_usa=False (or weight 0) to train the plain baseline."
-                )
-            if embeds.ndim != 2 or embeds.shape[0] != batch_size:
-                raise ValueError(
-                    f"{name} has shape {tuple(embeds.shape)} but the batch has {batch_size} pairs: expected "
-                    f"({batch_size}, teacher_dim)"
-                )
-            if not torch.isfinite(embeds).all():
-                bad_rows = (~torch.isfinite(embeds).all(dim=1)).nonzero().flatten().tolist()
-                raise ValueError(f"{name} contains NaN or inf values in batch rows {bad_rows[:10]}")
-
-
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
