@@ -2,13 +2,14 @@
 
 import argparse
 
+import nltk
 import numpy as np
 import pytest
 import torch
 
 from cusa_hf.models.sgraf import SgrafModel
 from cusa_hf.models.sgraf.convert import convert_checkpoint, load_original_checkpoint, main
-from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer, build_vocab, read_vocab, write_vocab
+from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer, build_vocab, read_vocab, word_tokenize, write_vocab
 
 E, S, V, W, D, R = 16, 8, 20, 8, 12, 4  # embed, sim, vocab, word, region feature dims; regions
 
@@ -151,3 +152,21 @@ def test_tokenizer_matches_the_original_scheme(tmp_path):
     write_vocab({"<start>": 0, "<pad>": 1, "<end>": 2, "<unk>": 3}, tmp_path / "bad.json")
     with pytest.raises(ValueError, match="'<pad>' must have id 0"):
         read_vocab(tmp_path / "bad.json")
+
+
+def test_tokenizer_splits_sentences_as_nltk_word_tokenize_does(tmp_path, monkeypatch):
+    # No punkt data anywhere NLTK looks: the tokenizer must not need the download.
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no_nltk_data")])
+    caption = "A man rides a horse. The horse is brown."
+    # What the original's nltk.word_tokenize(caption.lower()) gives: Punkt ends the first sentence at "horse.", and the
+    # Treebank tokenizer splits the final period off each sentence.
+    assert word_tokenize(caption) == ["a", "man", "rides", "a", "horse", ".", "the", "horse", "is", "brown", "."]
+    # The documented difference: the trained English model would keep the abbreviation "st." whole.
+    assert word_tokenize("A sign on Main St. near a bus") == ["a", "sign", "on", "main", "st", ".", "near", "a", "bus"]
+
+    write_vocab(build_vocab(["a man rides a horse", "the horse is brown ."], min_count=1), tmp_path / "vocab.json")
+    tokenizer = SgrafTokenizer(vocab_file=str(tmp_path / "vocab.json"))
+    unk_id = tokenizer.convert_tokens_to_ids("<unk>")
+    input_ids = tokenizer(caption)["input_ids"]
+    assert unk_id not in input_ids
+    assert tokenizer.convert_ids_to_tokens(input_ids[5:8]) == ["horse", ".", "the"]

@@ -5,14 +5,20 @@ The vocabulary file is the original JSON (``{"word2idx": {...}, "idx2word": {...
 released vocabularies come with the original repository, and :func:`build_vocab` makes one from captions
 (words seen at least ``min_count`` times, the original threshold being 4).
 
-Tokenisation: the original calls ``nltk.word_tokenize(caption.lower())``, whose sentence splitter needs NLTK's
-downloadable punkt data. Here ``word_tokenize(..., preserve_line=True)`` runs the same Treebank word tokenizer without
-sentence splitting; the two agree on one-sentence captions and differ only where a caption has several sentences
-(a period inside the caption stays attached to the word before it, e.g. ``"board."``, and maps to ``<unk>``).
+Tokenisation: the original calls ``nltk.word_tokenize(caption.lower())``, which splits the caption into sentences
+with NLTK's trained Punkt model for English and runs the Treebank word tokenizer on each sentence, so the period
+between two sentences becomes a token of its own. That model is data downloaded apart from the nltk package
+(``punkt_tab``), so here the sentences come from an untrained ``nltk.tokenize.PunktSentenceTokenizer`` (the same
+algorithm without learned parameters, no download) and each goes through the same Treebank word tokenizer. It is
+used even where ``punkt_tab`` is installed, so the tokens, and a vocabulary built from them, do not depend on the
+machine. On lower-cased captions the two splitters differ only after a word the trained model lists as an
+abbreviation (``mr``, ``dr``, ``st``, ``vs``, ``u.s``, ``a.m``, ...) when more text follows: the original keeps
+``"st."`` as one token, here it is ``"st"``, ``"."``. They agree on all 4,000 captions of the coco_mini sample.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import Counter
@@ -24,15 +30,24 @@ VOCAB_FILES_NAMES = {"vocab_file": "vocab.json"}
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")  # ids 0..3, in this order, in every SGRAF vocabulary
 
 
-def word_tokenize(text: str) -> list[str]:
-    """Lower-case Treebank word tokens of one caption (see the module docstring for the punkt caveat)."""
+@functools.lru_cache(maxsize=1)
+def _sentence_splitter():
     try:
-        from nltk.tokenize import word_tokenize as nltk_word_tokenize
+        from nltk.tokenize import PunktSentenceTokenizer
     except ImportError as error:
         raise ImportError(
             "SgrafTokenizer needs nltk for the original word tokenisation: pip install 'cusa-hf[sgraf]' (or nltk)"
         ) from error
-    return nltk_word_tokenize(text.lower(), preserve_line=True)
+    return PunktSentenceTokenizer()  # untrained: needs no punkt data (see the module docstring)
+
+
+def word_tokenize(text: str) -> list[str]:
+    """Lower-case NLTK word tokens of one caption, sentence by sentence as ``nltk.word_tokenize`` splits them (see the
+    module docstring for the one difference: abbreviations of NLTK's trained English model)."""
+    from nltk.tokenize import word_tokenize as treebank_word_tokenize
+
+    sentences = _sentence_splitter().tokenize(text.lower())
+    return [token for sentence in sentences for token in treebank_word_tokenize(sentence, preserve_line=True)]
 
 
 def read_vocab(vocab_file: str | os.PathLike) -> dict[str, int]:
