@@ -209,9 +209,9 @@ def test_bad_sgraf_input_stops_before_training(scan_data, tmp_path):
         run("--features_dir", str(tmp_path / "odd"))
     with pytest.raises(FileNotFoundError, match=r"10 of 10 images named by .*train_image_ids.txt are not under"):
         run("--image_root", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="sgraf_vocab_file .*missing.json does not exist"):
+    with pytest.raises(FileNotFoundError, match="vocab_file='.*missing.json' does not exist"):
         run("--sgraf_vocab_file", str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="eval_protocol 'coco'"):
+    with pytest.raises(ValueError, match="eval_protocol='coco'"):
         run("--eval_protocol", "coco")
     with pytest.raises(ValueError, match="--features_dir is for SGRAF backbones"):
         run("--backbone", run_cusa.BUILTIN_BACKBONE)

@@ -1,5 +1,6 @@
 """SGRAF inside CUSA (adapter, CusaModel), pairwise evaluation, and the region-feature data path."""
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from cusa_hf.models.sgraf import SgrafConfig, SgrafModel, hinge_triplet_loss
 from cusa_hf.models.sgraf.evaluation import SgrafPairwiseScorer, evaluate_sgraf, fold_metrics
 from cusa_hf.models.sgraf.features import RegionFeatureSplit, SgrafDataCollator, grid_features
 from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer, write_vocab
+from cusa_hf.models.sgraf.training_data import load_sgraf_training_data, with_image_paths
 
 MODULES = ["SGR", "SAF"]
 
@@ -214,3 +216,13 @@ def test_sgr_trains_and_evaluates_through_cusa_trainer(tmp_path):
     without_scorer = CusaTrainer(model=model, args=args, data_collator=SgrafDataCollator(tokenizer, split.features))
     with pytest.raises(ValueError, match="pairwise_scorer"):
         without_scorer.evaluate(dataset)
+
+
+def test_training_data_errors_name_the_python_parameters(tmp_path):
+    with pytest.raises(ValueError, match=r"^eval_protocol='coco': expected one of"):
+        load_sgraf_training_data(str(tmp_path), training_args=None, fresh_model={}, eval_protocol="coco")
+    rows = datasets.Dataset.from_dict({"image_id": ["a.jpg"]})
+    with pytest.raises(ValueError, match="pass image_root=, the folder holding the files named in ids.txt"):
+        with_image_paths(rows, None, "ids.txt")
+    with pytest.raises(FileNotFoundError, match=f"not under image_root='{tmp_path}'"):
+        with_image_paths(rows, str(tmp_path), "ids.txt")

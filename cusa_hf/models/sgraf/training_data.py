@@ -55,13 +55,13 @@ def _tokenizer(saved_model: str | None, vocab_file: str | None, captions: list[s
     """``vocab_file``, else the saved model's vocabulary, else (fresh model) one built from ``captions``."""
     if vocab_file is not None:
         if not Path(vocab_file).is_file():
-            raise FileNotFoundError(f"--sgraf_vocab_file {vocab_file} does not exist")
+            raise FileNotFoundError(f"vocab_file={str(vocab_file)!r} does not exist")
         return SgrafTokenizer(vocab_file=vocab_file)
     if saved_model is not None:
         if not (Path(saved_model) / "vocab.json").is_file():
             raise ValueError(
-                f"the SGRAF backbone {saved_model} has no vocab.json; pass --sgraf_vocab_file (the vocabulary it "
-                "was trained with: a new one would give its word ids other meanings)"
+                f"the SGRAF backbone saved_model={str(saved_model)!r} has no vocab.json; pass vocab_file= (the "
+                "vocabulary it was trained with: a new one would give its word ids other meanings)"
             )
         return SgrafTokenizer.from_pretrained(saved_model)
     # One process per machine writes the vocabulary; the others read it once it is complete.
@@ -102,7 +102,7 @@ def load_sgraf_training_data(
         ValueError / FileNotFoundError naming the file, split or size that does not fit, before any training.
     """
     if eval_protocol not in PROTOCOLS:
-        raise ValueError(f"--eval_protocol {eval_protocol!r}: expected one of {sorted(PROTOCOLS)}")
+        raise ValueError(f"eval_protocol={eval_protocol!r}: expected one of {sorted(PROTOCOLS)}")
     if (saved_model is None) == (fresh_model is None):
         raise ValueError("pass exactly one of saved_model (a saved SGRAF folder) or fresh_model (SgrafConfig fields)")
     train = RegionFeatureSplit.load(features_dir, train_split)
@@ -121,7 +121,7 @@ def load_sgraf_training_data(
         folds = PROTOCOLS[eval_protocol]
         if len(test.features) % folds:
             raise ValueError(
-                f"--eval_protocol {eval_protocol} needs the {test_split} images in {folds} equal folds, but "
+                f"eval_protocol={eval_protocol!r} needs the {test_split} images in {folds} equal folds, but "
                 f"{features_dir}/{test_split}_ims.npy has {len(test.features)}"
             )
         splits["test"] = datasets.Dataset.from_list(test.rows())
@@ -134,7 +134,7 @@ def load_sgraf_training_data(
     tokenizer = _tokenizer(saved_model, vocab_file, splits["train"]["caption"], training_args)
     if saved_model is None:
         fresh_config = dict(fresh_model, vocab_size=tokenizer.vocab_size, num_regions=num_regions)
-        config, where = SgrafConfig(**fresh_config), "--sgraf_img_dim"  # validates the fields before any training
+        config, where = SgrafConfig(**fresh_config), "fresh_model['img_dim']"  # validates the fields before any training
     else:
         fresh_config, config = None, SgrafConfig.from_pretrained(saved_model)
         where = f"{saved_model}: num_regions, img_dim"
@@ -168,15 +168,15 @@ def with_image_paths(dataset: datasets.Dataset, image_root: str | None, where: s
     teacher reads (``where`` names the file the image ids came from, for the error messages)."""
     if image_root is None:
         raise ValueError(
-            "CUSA's image teacher reads the raw images: pass --image_root, the folder holding the files named in "
+            "CUSA's image teacher reads the raw images: pass image_root=, the folder holding the files named in "
             f"{where}"
         )
     image_ids = list(dict.fromkeys(dataset["image_id"]))
     missing = [image_id for image_id in image_ids if not (Path(image_root) / str(image_id)).is_file()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {len(image_ids)} images named by {where} are not under --image_root {image_root} "
-            f"(first: {Path(image_root) / str(missing[0])}); the ids must be image file names relative to --image_root"
+            f"{len(missing)} of {len(image_ids)} images named by {where} are not under image_root={str(image_root)!r} "
+            f"(first: {Path(image_root) / str(missing[0])}); the ids must be image file names relative to image_root"
         )
     root = Path(image_root).resolve()
     return dataset.add_column("image_path", [str(root / str(image_id)) for image_id in dataset["image_id"]])
