@@ -1,0 +1,543 @@
+"""Search image and caption collections with a trained CUSA model.
+
+:class:`RetrievalIndex` embeds a collection once with :func:`cusa_hf.evaluation.encode_images` /
+:func:`~cusa_hf.evaluation.encode_texts`, keeps the embeddings in a ``datasets.Dataset`` (one per modality, with the
+image ids, paths or captions alongside) and searches them through the dataset's FAISS inner-product index
+(``Dataset.add_faiss_index``). Embeddings are L2-normalised, so a score is a cosine similarity, and an exact (``Flat``)
+index ranks items exactly as the evaluation code's similarity matrix does.
+
+One index holds the embeddings of one head:
+
+* ``head="cross"`` (retrieval): text queries search the images, image queries search the captions;
+* ``head="uni"`` (the USA heads): image queries search the images, text queries search the captions.
+
+``target=`` overrides the default direction. A saved index records the model (name or path, revision, and a digest
+of its weights) and the head in ``manifest.json``; querying it with another model or head is refused.
+
+Example::
+
+    >>> from cusa_hf.search import RetrievalIndex
+    >>> index = RetrievalIndex.build(model, processor, images="photos/", texts=["a dog on a beach", "two cats"])
+    >>> index.search(texts="a dog catching a frisbee", k=2)[0]
+    [{'index': 3, 'score': 0.41, 'image_id': 'dog.jpg', 'path': '/data/photos/dog.jpg'}, {'index': 0, ...}]
+    >>> index.save("photos-index")
+    >>> RetrievalIndex.load("photos-index").search(images=["query.jpg"], target="images", k=5)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import normalize_image_ids
+from .evaluation import encode_images, encode_texts
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FORMAT = "cusa-retrieval-index"
+INDEX_FORMAT_VERSION = 1
+EMBEDDING_COLUMN = "embedding"
+HEADS = ("cross", "uni")
+TARGETS = ("images", "texts")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("search needs FAISS: pip install 'cusa-hf[search]' (or pip install faiss-cpu)") from None
+    return faiss
+
+
+# ------------------------------------------------------------------------------------------------------ FAISS index
+def add_embedding_index(
+    dataset: datasets.Dataset, index_factory: str | None = None, search_parameters: str | None = None
+) -> datasets.Dataset:
+    """Attach a FAISS inner-product index over ``dataset["embedding"]`` (in place) and return ``dataset``.
+
+    Args:
+        dataset: a dataset with an ``embedding`` column of `(dim,)` float vectors.
+        index_factory: ``None`` for an exact index (``IndexFlatIP``), else any FAISS ``index_factory`` string, e.g.
+            ``"IVF1024,Flat"`` or ``"HNSW32"`` for large collections; indexes that need training are trained on the
+            whole column.
+        search_parameters: FAISS ``ParameterSpace`` settings applied after building, e.g. ``"nprobe=32"`` (IVF) or
+            ``"efSearch=128"`` (HNSW).
+    """
+    faiss = _import_faiss()
+    if len(dataset) == 0:
+        raise ValueError("cannot index an empty collection: the dataset has no rows")
+    dataset.add_faiss_index(
+        column=EMBEDDING_COLUMN,
+        index_name=EMBEDDING_COLUMN,
+        string_factory=index_factory,
+        metric_type=faiss.METRIC_INNER_PRODUCT,
+        # Flat and HNSW ignore training; IVF and PQ indexes learn their clusters / codebooks from the collection.
+        train_size=len(dataset) if index_factory is not None else None,
+    )
+    _set_search_parameters(dataset, search_parameters)
+    return dataset
+
+
+def _set_search_parameters(dataset: datasets.Dataset, search_parameters: str | None) -> None:
+    if not search_parameters:
+        return
+    faiss = _import_faiss()
+    index = dataset.get_index(EMBEDDING_COLUMN).faiss_index
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, search_parameters)
+    except RuntimeError as error:
+        raise ValueError(
+            f"search_parameters={search_parameters!r} do not apply to a {type(index).__name__}: {error}"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------- model identity
+def describe_model(model: torch.nn.Module) -> dict[str, Any]:
+    """What a saved index records about the model that embedded it.
+
+    Returns:
+        ``{"name_or_path", "revision", "class", "weights_sha256"}``: the Hub name or the absolute path of a local
+        checkpoint (``None`` for a model built in code), the Hub commit hash when transformers knows it, the model
+        class, and a SHA-256 digest of the parameters and buffers (names, dtypes, shapes and values), which is what
+        decides whether two models give the same embeddings.
+    """
+    config = getattr(model, "config", None)
+    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
+    if name is not None and os.path.isdir(name):
+        name = os.path.abspath(name)
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{key}|{values.dtype}|{tuple(values.shape)};".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy())
+    return {
+        "name_or_path": name,
+        "revision": getattr(config, "_commit_hash", None),
+        "class": type(model).__name__,
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def _model_label(info: dict[str, Any]) -> str:
+    name = info.get("name_or_path") or "<a model built in code>"
+    revision = f"@{info['revision']}" if info.get("revision") else ""
+    return f"{info.get('class', 'model')} {name}{revision} (weights sha256 {info['weights_sha256'][:12]})"
+
+
+# ------------------------------------------------------------------------------------------------------ collections
+def _image_values(
+    images: Any, image_column: str, image_id_column: str
+) -> tuple[list[Any], list[Any], list[str | None]]:
+    """``(values, ids, paths)`` of the unique images of a dataset, a folder or a list."""
+    if isinstance(images, datasets.Dataset):
+        if image_column not in images.column_names:
+            raise ValueError(
+                f"images has no {image_column!r} column (image_column); its columns are {images.column_names}"
+            )
+        if isinstance(images.features[image_column], datasets.Image):
+            images = images.cast_column(image_column, datasets.Image(decode=False))
+        values = images[image_column]
+        if image_id_column in images.column_names:
+            ids = normalize_image_ids(images[image_id_column])
+        else:
+            ids = [_path_of(value) or str(row) for row, value in enumerate(values)]
+        # A one-row-per-caption dataset repeats each image: keep the first row of each id, as evaluation does.
+        first_row: dict[Any, int] = {}
+        for row, image_id in enumerate(ids):
+            first_row.setdefault(image_id, row)
+        values = [values[row] for row in first_row.values()]
+        return values, list(first_row), [_path_of(value) for value in values]
+    if isinstance(images, (str, os.PathLike)):
+        folder = Path(images)
+        if not folder.is_dir():
+            raise ValueError(f"images={os.fspath(images)!r} is not a folder; pass a list to index single files")
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"the folder {folder} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        return [str(p.resolve()) for p in files], [p.relative_to(folder).as_posix() for p in files], [
+            str(p.resolve()) for p in files
+        ]
+    values = _as_image_list(images, "images")
+    paths = [_path_of(value) for value in values]
+    return values, [path if path is not None else str(row) for row, path in enumerate(paths)], paths
+
+
+def _path_of(value: Any) -> str | None:
+    if isinstance(value, (str, os.PathLike)):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return value.get("path")
+    return None
+
+
+def _as_image_list(images: Any, name: str) -> list[Any]:
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    values = [os.fspath(value) if isinstance(value, os.PathLike) else value for value in images]
+    for position, value in enumerate(values):
+        if not isinstance(value, (str, dict, Image.Image)):
+            raise ValueError(
+                f"{name}[{position}] is a {type(value).__name__}; images are file paths, PIL images or "
+                "datasets.Image values"
+            )
+    if not values:
+        raise ValueError(f"{name} is empty")
+    return values
+
+
+def _caption_values(texts: Any, caption_column: str, image_id_column: str) -> tuple[list[str], list[Any] | None]:
+    """``(captions, image id of each caption or None)`` of a dataset (caption lists flattened) or a list."""
+    if isinstance(texts, datasets.Dataset):
+        if caption_column not in texts.column_names:
+            raise ValueError(
+                f"texts has no {caption_column!r} column (caption_column); its columns are {texts.column_names}"
+            )
+        row_ids = normalize_image_ids(texts[image_id_column]) if image_id_column in texts.column_names else None
+        captions, caption_ids = [], []
+        for row, value in enumerate(texts[caption_column]):
+            for caption in value if isinstance(value, (list, tuple)) else [value]:
+                captions.append(caption)
+                caption_ids.append(row_ids[row] if row_ids is not None else None)
+        _check_captions(captions, f"texts[{caption_column!r}]")
+        return captions, caption_ids if row_ids is not None else None
+    captions = _as_caption_list(texts, "texts")
+    return captions, None
+
+
+def _as_caption_list(texts: Any, name: str) -> list[str]:
+    captions = [texts] if isinstance(texts, str) else list(texts)
+    if not captions:
+        raise ValueError(f"{name} is empty")
+    _check_captions(captions, name)
+    return captions
+
+
+def _check_captions(captions: Sequence[Any], name: str) -> None:
+    for position, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{name}[{position}] is {caption!r}; captions must be non-empty strings")
+
+
+def _embedding_dataset(columns: dict[str, list[Any]], embeddings: torch.Tensor) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({**columns, EMBEDDING_COLUMN: embeddings.float().cpu().numpy()})
+
+
+# ------------------------------------------------------------------------------------------------------------ index
+class RetrievalIndex:
+    """Embeddings of an image collection and/or a caption collection, each searchable through a FAISS index.
+
+    Attributes:
+        images: ``datasets.Dataset`` with columns ``image_id``, ``path`` (``None`` for in-memory images) and
+            ``embedding`` `(dim,)`, one row per unique image, FAISS-indexed under ``"embedding"``; ``None`` when the
+            index was built without images.
+        texts: ``datasets.Dataset`` with columns ``caption``, ``image_id`` (the caption's image, when the caption
+            collection was a dataset with an image id column) and ``embedding``; ``None`` without captions.
+        head: ``"cross"`` or ``"uni"``, the model head that made every embedding.
+        model_info: :func:`describe_model` of the model that made them.
+        model, processor: what encodes queries; loaded from ``model_info["name_or_path"]`` on the first query when
+            :meth:`load` was given none.
+
+    Use :meth:`build` or :meth:`load` rather than the constructor.
+    """
+
+    def __init__(
+        self,
+        images: datasets.Dataset | None,
+        texts: datasets.Dataset | None,
+        head: str,
+        model_info: dict[str, Any],
+        index_factory: str | None = None,
+        search_parameters: str | None = None,
+        model: torch.nn.Module | None = None,
+        processor: Any = None,
+        device: torch.device | str | None = None,
+    ):
+        if images is None and texts is None:
+            raise ValueError("a RetrievalIndex needs images, texts or both")
+        self.images = images
+        self.texts = texts
+        self.head = head
+        self.model_info = model_info
+        self.index_factory = index_factory
+        self.search_parameters = search_parameters
+        self.model = model
+        self.processor = processor
+        self.device = device
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(
+            f"{name}={len(collection)}" for name, collection in (("images", self.images), ("texts", self.texts))
+            if collection is not None
+        )
+        return f"RetrievalIndex({sizes}, head={self.head!r}, model={_model_label(self.model_info)})"
+
+    # ------------------------------------------------------------------------------------------------------ build
+    @classmethod
+    def build(
+        cls,
+        model: torch.nn.Module,
+        processor: Any,
+        images: Any = None,
+        texts: Any = None,
+        head: str = "cross",
+        batch_size: int = 64,
+        text_batch_size: int = 256,
+        device: torch.device | str | None = None,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        image_id_column: str = "image_id",
+        index_factory: str | None = None,
+        search_parameters: str | None = None,
+        show_progress: bool = True,
+    ) -> "RetrievalIndex":
+        """Embed ``images`` and/or ``texts`` with ``model`` and index them.
+
+        Args:
+            model: a ``CusaModel`` (its ``head`` embeddings are indexed).
+            processor: a processor with ``.image_processor`` and ``.tokenizer`` (``CLIPProcessor``,
+                ``VisionTextDualEncoderProcessor``).
+            images: a ``datasets.Dataset`` with an ``image_column`` (paths or ``datasets.Image``; rows repeating an
+                ``image_id_column`` value are one image, so a one-row-per-caption retrieval dataset works as is), a
+                folder (every image file under it, ids = paths relative to it), or a list of paths / PIL images.
+            texts: a ``datasets.Dataset`` with a ``caption_column`` (strings or caption lists; its
+                ``image_id_column``, if any, is kept per caption) or a list of captions.
+            head: ``"cross"`` (retrieval embeddings) or ``"uni"`` (USA heads, uni-modal search).
+            batch_size, text_batch_size: encoding batch sizes for images / captions.
+            device: where batches are encoded (default: the model's device).
+            index_factory, search_parameters: see :func:`add_embedding_index`; default exact search.
+
+        Example::
+
+            >>> test = load_retrieval_dataset("coco_mini/test.json")
+            >>> index = RetrievalIndex.build(model, processor, images=test, texts=test)  # 201 images, 1000 captions
+        """
+        if head not in HEADS:
+            raise ValueError(f"head={head!r} is not supported; use one of {HEADS}")
+        if images is None and texts is None:
+            raise ValueError("pass images=, texts= or both: there is nothing to index")
+        image_dataset = text_dataset = None
+        if images is not None:
+            values, ids, paths = _image_values(images, image_column, image_id_column)
+            embeddings = encode_images(model, values, processor.image_processor, batch_size, head, device=device,
+                                       show_progress=show_progress)  # fmt: skip
+            image_dataset = add_embedding_index(
+                _embedding_dataset({"image_id": ids, "path": paths}, embeddings), index_factory, search_parameters
+            )
+        if texts is not None:
+            captions, caption_image_ids = _caption_values(texts, caption_column, image_id_column)
+            embeddings = encode_texts(model, captions, processor.tokenizer, text_batch_size, head, device=device,
+                                      show_progress=show_progress)  # fmt: skip
+            columns = {"caption": captions}
+            if caption_image_ids is not None:
+                columns["image_id"] = caption_image_ids
+            text_dataset = add_embedding_index(_embedding_dataset(columns, embeddings), index_factory, search_parameters)
+        return cls(image_dataset, text_dataset, head, describe_model(model), index_factory, search_parameters,
+                   model=model, processor=processor, device=device)  # fmt: skip
+
+    # ----------------------------------------------------------------------------------------------------- search
+    def default_target(self, query_modality: str) -> str:
+        """``"images"`` or ``"texts"``: the other modality with the cross head, the same one with the uni head."""
+        same = query_modality
+        other = "texts" if query_modality == "images" else "images"
+        return other if self.head == "cross" else same
+
+    def search(
+        self,
+        texts: str | Sequence[str] | None = None,
+        images: Any = None,
+        target: str | None = None,
+        k: int = 10,
+        batch_size: int = 64,
+    ) -> list[list[dict[str, Any]]]:
+        """The ``k`` best items of the ``target`` collection for each query.
+
+        Args:
+            texts: one caption or a list of captions to search with; or
+            images: one image or a list (paths, PIL images or ``datasets.Image`` values).
+            target: ``"images"`` or ``"texts"``; default :meth:`default_target` (cross head: text -> image and
+                image -> text; uni head: image -> image and text -> text).
+            k: results per query (fewer when the collection is smaller).
+            batch_size: query encoding batch size.
+
+        Returns:
+            One list per query, best first, of ``{"index", "score", ...}``: ``index`` is the row in ``self.images`` /
+            ``self.texts``, ``score`` the cosine similarity, then the row's ``image_id`` and ``path`` (images) or
+            ``caption`` and, when known, ``image_id`` (texts).
+        """
+        if (texts is None) == (images is None):
+            raise ValueError("pass exactly one of texts= or images= as the queries")
+        model, processor = self._query_model()
+        if texts is not None:
+            query_modality = "texts"
+            queries = encode_texts(model, _as_caption_list(texts, "texts"), processor.tokenizer, batch_size, self.head,
+                                   device=self.device, show_progress=False)  # fmt: skip
+        else:
+            query_modality = "images"
+            queries = encode_images(model, _as_image_list(images, "images"), processor.image_processor, batch_size,
+                                    self.head, device=self.device, show_progress=False)  # fmt: skip
+        return self.search_embeddings(queries, target or self.default_target(query_modality), k)
+
+    def search_embeddings(self, query_embeddings: Any, target: str, k: int = 10) -> list[list[dict[str, Any]]]:
+        """:meth:`search` with query embeddings computed elsewhere: `(n_queries, dim)` rows, L2-normalised, from the
+        same model and head as the index (not checked here)."""
+        collection = self._collection(target)
+        if k < 1:
+            raise ValueError(f"k must be a positive number of results, got {k}")
+        queries = np.ascontiguousarray(torch.as_tensor(query_embeddings).detach().float().cpu().numpy())
+        dim = collection.get_index(EMBEDDING_COLUMN).faiss_index.d
+        if queries.ndim != 2 or queries.shape[1] != dim:
+            raise ValueError(
+                f"query_embeddings must have shape (n_queries, {dim}) for the {target} collection, got {queries.shape}"
+            )
+        scores, indices = collection.search_batch(EMBEDDING_COLUMN, queries, min(k, len(collection)))
+        # Approximate indexes can return fewer than k hits, padded with -1.
+        found = [[int(i) for i in row if i >= 0] for row in indices]
+        columns = [name for name in collection.column_names if name != EMBEDDING_COLUMN]
+        with collection.formatted_as(columns=columns):
+            rows = collection[[i for row in found for i in row]]
+        results, position = [], 0
+        for query_scores, query_found in zip(scores, found):
+            hits = []
+            for rank, item in enumerate(query_found):
+                hits.append({"index": item, "score": float(query_scores[rank]),
+                             **{name: rows[name][position] for name in columns}})  # fmt: skip
+                position += 1
+            results.append(hits)
+        return results
+
+    def _collection(self, target: str) -> datasets.Dataset:
+        if target not in TARGETS:
+            raise ValueError(f"target={target!r} is not supported; use one of {TARGETS}")
+        collection = self.images if target == "images" else self.texts
+        if collection is None:
+            argument = "images=" if target == "images" else "texts="
+            raise ValueError(f"this index has no {target} collection (it was built without {argument}); "
+                             f"search another target or rebuild with {argument}")  # fmt: skip
+        return collection
+
+    def _query_model(self) -> tuple[torch.nn.Module, Any]:
+        """The query encoder: the one given, else the recorded checkpoint, loaded once and checked."""
+        if self.model is None:
+            name = self.model_info.get("name_or_path")
+            if name is None:
+                raise ValueError(
+                    f"this index records no checkpoint to encode queries with ({_model_label(self.model_info)}); "
+                    "pass model= and processor= to RetrievalIndex.load"
+                )
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(name, revision=self.model_info.get("revision"))
+            self.model = self._checked_model(model.to(self.device) if self.device is not None else model)
+        if self.processor is None:
+            name = self.model_info.get("name_or_path")
+            if name is None:
+                raise ValueError("this index records no checkpoint to load a processor from; pass processor= to load")
+            from transformers import AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(name, revision=self.model_info.get("revision"))
+        return self.model, self.processor
+
+    def _checked_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        actual = describe_model(model)
+        if actual["weights_sha256"] != self.model_info["weights_sha256"]:
+            raise ValueError(
+                f"this index was built with {_model_label(self.model_info)}, head {self.head!r}, but the query model "
+                f"is {_model_label(actual)}: their embeddings are not comparable. Query with the model the index was "
+                "built with, or rebuild the index with this one"
+            )
+        return model
+
+    # ------------------------------------------------------------------------------------------------ save / load
+    def save(self, folder: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write the index to ``folder``: per collection a ``save_to_disk`` dataset (``images/``, ``texts/``) and
+        its FAISS index (``images.faiss``, ``texts.faiss``), and ``manifest.json`` (model, head, index settings)."""
+        folder = Path(folder)
+        if (folder / MANIFEST_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{folder} already holds an index ({MANIFEST_FILE}); pass overwrite=True to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        collections = {}
+        for name, collection in (("images", self.images), ("texts", self.texts)):
+            if collection is None:
+                continue
+            index_file = folder / f"{name}.faiss"
+            collection.save_faiss_index(EMBEDDING_COLUMN, index_file)
+            # save_to_disk refuses a dataset with an attached index; the index is re-read from the file just written.
+            collection.drop_index(EMBEDDING_COLUMN)
+            try:
+                collection.save_to_disk(folder / name)
+            finally:
+                collection.load_faiss_index(EMBEDDING_COLUMN, index_file)
+                _set_search_parameters(collection, self.search_parameters)
+            collections[name] = {
+                "count": len(collection),
+                "dim": collection.get_index(EMBEDDING_COLUMN).faiss_index.d,
+                "dataset": name,
+                "faiss_index": index_file.name,
+            }
+        from . import __version__
+
+        manifest = {
+            "format": INDEX_FORMAT,
+            "format_version": INDEX_FORMAT_VERSION,
+            "head": self.head,
+            "model": self.model_info,
+            "index_factory": self.index_factory,
+            "search_parameters": self.search_parameters,
+            "collections": collections,
+            "cusa_hf_version": __version__,
+        }
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | os.PathLike,
+        model: torch.nn.Module | None = None,
+        processor: Any = None,
+        head: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> "RetrievalIndex":
+        """Read an index written by :meth:`save`.
+
+        Args:
+            model: the query encoder; it must be the model the index was built with (same weights), else a
+                ``ValueError`` names both. Default: the checkpoint recorded in the manifest, loaded on the first query.
+            processor: default: loaded from the recorded checkpoint when a query needs it.
+            head: optional check; a head other than the index's is refused.
+            device: where queries are encoded (and the recorded model is placed).
+        """
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{folder} is not a saved RetrievalIndex: it has no {MANIFEST_FILE}")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") != INDEX_FORMAT_VERSION:
+            raise ValueError(
+                f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r} is not "
+                f"{INDEX_FORMAT!r} version {INDEX_FORMAT_VERSION}"
+            )
+        if head is not None and head != manifest["head"]:
+            raise ValueError(
+                f"{folder} was built with head {manifest['head']!r} of {_model_label(manifest['model'])}; "
+                f"head={head!r} embeddings are not comparable with it. Build an index with head={head!r}"
+            )
+        loaded = {}
+        for name, entry in manifest["collections"].items():
+            collection = datasets.load_from_disk(os.fspath(folder / entry["dataset"]))
+            collection.load_faiss_index(EMBEDDING_COLUMN, folder / entry["faiss_index"])
+            _set_search_parameters(collection, manifest.get("search_parameters"))
+            loaded[name] = collection
+        index = cls(loaded.get("images"), loaded.get("texts"), manifest["head"], manifest["model"],
+                    manifest.get("index_factory"), manifest.get("search_parameters"), processor=processor,
+                    device=device)  # fmt: skip
+        if model is not None:
+            index.model = index._checked_model(model)
+        return index
