@@ -39,6 +39,7 @@ setup(
         "evaluate>=0.4",
         "pillow",
         "numpy",
+        "scipy",  # Spearman correlation of the STS evaluation
         "pyyaml",
         "tqdm",
     ],

@@ -16,6 +16,7 @@ from .configuration_cusa import CusaConfig
 from .data import build_eval_view, load_hub_dataset, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
 from .evaluation import (
     RerankConfig,
+    RetrievalEvaluator,
     eccv_metrics,
     encode_images,
     encode_texts,
@@ -49,6 +50,7 @@ __all__ = [
     "CusaOutput",
     "CusaTrainer",
     "RerankConfig",
+    "RetrievalEvaluator",
     "adapter_class_for",
     "add_image_tower_features",
     "add_text_tower_features",

@@ -1,0 +1,196 @@
+"""``RetrievalEvaluator``: image-text retrieval metrics of one evaluation split, as a reusable callable object.
+
+Built once with the split, called with a model at every evaluation (by ``CusaTrainer.evaluate`` or directly), in the
+spirit of sentence-transformers' evaluators. It builds the split's :class:`~cusa_hf.data.RetrievalEvalView` on first
+use and keeps it, checks cached frozen-tower columns against each model it is called with, and picks the scoring:
+a pairwise scorer (backbones that score pairs themselves, e.g. SGRAF), dual-encoder similarity, or dual-encoder
+top-k reranked by a fusion encoder's ITM head (X2VLM, BLIP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Any, Callable
+
+import datasets
+import torch
+
+from ..data import RetrievalEvalView, build_eval_view
+from ..frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
+from .encoding import evaluate_retrieval
+from .metrics import retrieval_metrics
+from .reranking import BlockScoreFn, RerankConfig, pairwise_similarity
+
+#: ``rerank(model, processor, eval_view) -> RerankConfig``, called at every evaluation (the ITM scorer encodes the
+#: split with the current weights); e.g. ``cusa_hf.models.x2vlm.x2vlm_rerank_config``.
+RerankFactory = Callable[[torch.nn.Module, Any, RetrievalEvalView], RerankConfig]
+#: ``pairwise_scorer(model, eval_view) -> score_fn`` for :func:`pairwise_similarity`, called at every evaluation;
+#: e.g. ``cusa_hf.models.sgraf.sgraf_pairwise_scorer(features, tokenizer)``.
+PairwiseScorerFactory = Callable[[torch.nn.Module, RetrievalEvalView], BlockScoreFn]
+
+#: Attributes of a data collator (``CusaDataCollator`` and the backbones' collators) that describe the rows it reads.
+COLLATOR_SETTINGS = (
+    "image_column", "caption_column", "image_id_column", "image_tower_column", "text_tower_column", "image_root",
+    "max_length",
+)  # fmt: skip
+
+
+@dataclasses.dataclass(eq=False)
+class RetrievalEvaluator:
+    """COCO/Flickr R@1/5/10 and RSUM of a model on one evaluation split.
+
+    Args:
+        eval_data: a ``datasets.Dataset`` (one row per caption, or one row per image with a caption list) or a
+            ready :class:`~cusa_hf.data.RetrievalEvalView`.
+        metric_key_prefix: prefix of the returned metric names (``"eval"`` gives ``eval_i2t_r1`` ... ``eval_rsum``).
+        batch_size: images per encoding batch; text_batch_size: captions per batch.
+        rerank: fusion-encoder ITM reranking: a :class:`RerankConfig` (its ``itm_score`` takes indices into the
+            eval view), or a factory ``rerank(model, processor, eval_view) -> RerankConfig`` called at every
+            evaluation (``x2vlm_rerank_config``, ``blip_rerank_config``). The reranked numbers are reported under
+            the usual names and the dual-encoder ones with an ``itc_`` infix.
+        pairwise_scorer: for backbones that score pairs themselves (``adapter.scores_pairs_itself``, SGRAF): a
+            factory ``pairwise_scorer(model, eval_view) -> score_fn`` whose ``score_fn(image_idx, text_idx)`` returns
+            blocks of the score matrix; replaces encoding.
+        head: the ``CusaModel`` head that embeds (``"cross"``), or ``None`` for a plain backbone.
+        image_column, caption_column, image_id_column, image_root, image_tower_column, text_tower_column: how to read
+            ``eval_data``, as ``CusaDataCollator`` (see :meth:`from_collator`).
+        max_length: the caption token limit of training (the collator's), which a cached text-tower column must
+            have been computed with; ``None``: the tokenizer's own limit.
+        show_progress: progress bars (on the main process only under ``accelerate``).
+
+    Example::
+
+        >>> evaluator = RetrievalEvaluator(splits["validation"], batch_size=64)
+        >>> evaluator(model, processor)  # {"eval_i2t_r1": ..., ..., "eval_rsum": ...}
+        >>> trainer = CusaTrainer(model=model, args=args, train_dataset=splits["train"], processing_class=processor,
+        ...                       evaluator=evaluator)  # evaluates with it at every eval step
+    """
+
+    eval_data: datasets.Dataset | RetrievalEvalView = dataclasses.field(repr=False)
+    metric_key_prefix: str = "eval"
+    batch_size: int = 64
+    text_batch_size: int = 256
+    rerank: RerankConfig | RerankFactory | None = None
+    pairwise_scorer: PairwiseScorerFactory | None = None
+    head: str | None = "cross"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    image_id_column: str = "image_id"
+    image_root: str | None = None
+    image_tower_column: str | None = IMAGE_TOWER_COLUMN
+    text_tower_column: str | None = TEXT_TOWER_COLUMN
+    max_length: int | None = None
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.eval_data, (datasets.Dataset, RetrievalEvalView)):
+            raise TypeError(
+                f"eval_data must be a datasets.Dataset or a RetrievalEvalView, got {type(self.eval_data).__name__}"
+                + ("; build one RetrievalEvaluator per split" if isinstance(self.eval_data, dict) else "")
+            )
+        for name in ("batch_size", "text_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.rerank is not None and self.pairwise_scorer is not None:
+            raise ValueError("pass rerank or pairwise_scorer, not both: a pairwise scorer already scores every pair")
+        if self.rerank is not None and not (isinstance(self.rerank, RerankConfig) or callable(self.rerank)):
+            raise TypeError(f"rerank must be a RerankConfig or a factory, got {type(self.rerank).__name__}")
+        if self.pairwise_scorer is not None and not callable(self.pairwise_scorer):
+            raise TypeError(f"pairwise_scorer must be a factory, got {type(self.pairwise_scorer).__name__}")
+        self._view = self.eval_data if isinstance(self.eval_data, RetrievalEvalView) else None
+        self._checked_models: weakref.WeakSet = weakref.WeakSet()
+
+    @classmethod
+    def from_collator(cls, eval_data: datasets.Dataset | RetrievalEvalView, collator: Any, **settings: Any):
+        """An evaluator reading ``eval_data`` as ``collator`` reads training rows: its column names, ``image_root``
+        and ``max_length`` (attributes it lacks keep their defaults). ``settings``: the other constructor arguments."""
+        columns = {name: getattr(collator, name) for name in COLLATOR_SETTINGS if hasattr(collator, name)}
+        return cls(eval_data, **columns, **settings)
+
+    def for_data(self, eval_data: datasets.Dataset | RetrievalEvalView) -> RetrievalEvaluator:
+        """An evaluator with the same settings for another split (with its own view)."""
+        return dataclasses.replace(self, eval_data=eval_data)
+
+    @property
+    def eval_view(self) -> RetrievalEvalView:
+        """The split's unique images, captions and caption -> image map, built on first use (decodes no image)."""
+        if self._view is None:
+            self._view = build_eval_view(
+                self.eval_data,
+                image_column=self.image_column,
+                caption_column=self.caption_column,
+                image_id_column=self.image_id_column,
+                image_root=self.image_root,
+                image_tower_column=self.image_tower_column,
+                text_tower_column=self.text_tower_column,
+            )
+        return self._view
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        processor: Any = None,
+        *,
+        accelerator: Any = None,
+        metric_key_prefix: str | None = None,
+    ) -> dict[str, float]:
+        """Retrieval metrics of ``model`` on the split.
+
+        Args:
+            model: a ``CusaModel`` (or, with ``head=None``, any model with ``get_image_features`` /
+                ``get_text_features``); wrapped by ``accelerator`` or not.
+            processor: the processor with ``image_processor`` and ``tokenizer`` (needed unless a pairwise scorer
+                scores the pairs).
+            accelerator: an ``accelerate.Accelerator``: each process encodes a shard and all get the metrics.
+            metric_key_prefix: overrides the evaluator's prefix (``CusaTrainer.evaluate`` passes its own).
+
+        Returns:
+            ``{f"{prefix}_i2t_r1", ..., f"{prefix}_t2i_r10", f"{prefix}_rsum"}`` in percent (plus ``{prefix}_itc_*``
+            with ``rerank``).
+        """
+        unwrapped = accelerator.unwrap_model(model) if accelerator is not None else model
+        self._check_tower_columns(unwrapped, processor)
+        view = self.eval_view
+        if self.pairwise_scorer is not None:
+            score_fn = self.pairwise_scorer(unwrapped, view)
+            similarity = pairwise_similarity(
+                score_fn, view.num_images, view.num_texts, show_progress=self.show_progress
+            )
+            retrieval = retrieval_metrics(similarity, view.text_to_image)
+        elif getattr(getattr(unwrapped, "adapter", None), "scores_pairs_itself", False):
+            raise ValueError(
+                f"a {unwrapped.config.backbone_config.model_type!r} backbone scores image-text pairs itself: pass "
+                "RetrievalEvaluator(..., pairwise_scorer=...) (e.g. "
+                "cusa_hf.models.sgraf.sgraf_pairwise_scorer(features, tokenizer))"
+            )
+        else:
+            if processor is None:
+                raise ValueError("RetrievalEvaluator needs the model's processor (image_processor and tokenizer)")
+            rerank = self.rerank
+            if rerank is not None and not isinstance(rerank, RerankConfig):
+                rerank = rerank(unwrapped, processor, view)
+            retrieval = evaluate_retrieval(
+                model,
+                processor,
+                view,
+                batch_size=self.batch_size,
+                text_batch_size=self.text_batch_size,
+                accelerator=accelerator,
+                head=self.head,
+                rerank=rerank,
+                show_progress=self.show_progress,
+            )
+        prefix = self.metric_key_prefix if metric_key_prefix is None else metric_key_prefix
+        return {f"{prefix}_{name}": value for name, value in retrieval.items()}
+
+    def _check_tower_columns(self, model: torch.nn.Module, processor: Any) -> None:
+        """Refuse cached frozen-tower columns that another tower or preprocessing made; once per model (the check
+        hashes the tower's weights, which a frozen tower keeps through training)."""
+        if not isinstance(self.eval_data, datasets.Dataset) or model in self._checked_models:
+            return
+        from ..trainer import check_tower_columns  # the trainer module imports this one
+
+        # The evaluator carries the column attributes of a collator, which is what the check reads.
+        check_tower_columns(model, self.eval_data, self, processor)
+        self._checked_models.add(model)
