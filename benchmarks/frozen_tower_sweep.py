@@ -50,7 +50,7 @@ def prepare(output_dir: str):
     from cusa_hf import CusaModel
     from cusa_hf.data import build_eval_view
     from cusa_hf.teachers import add_teacher_features
-    from cusa_hf.trainer import stable_image_id
+    from cusa_hf.schema import stable_image_id
 
     model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments(
         ["--output_dir", output_dir, "--disable_tqdm", "true"]

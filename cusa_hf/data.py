@@ -1,12 +1,7 @@
 """Image-text retrieval data: loading datasets as one row per caption, loading images, and the evaluation view.
 
-Every loader returns a ``datasets.Dataset`` with one row per caption and three columns:
-
-* ``image``: an absolute file path (JSON and path-based datasets) or a ``datasets.Image`` (Hub / imagefolder);
-* ``caption``: a non-empty string;
-* ``image_id``: the same value on every caption row of one image. Ids are kept as integers when every id is an integer
-  and turned into strings otherwise (Arrow columns hold one type), so ``trainer.stable_image_id`` maps them to the
-  same integer in every process.
+Every loader returns a ``datasets.Dataset`` with one row per caption in the schema of ``cusa_hf.schema``
+(``image``, ``caption``, ``image_id``).
 
 Row order follows the source: records in file order, and for an image with a caption list its captions in list order.
 """
@@ -18,12 +13,22 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import datasets
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from .schema import (  # noqa: F401  (re-exported: cusa_hf.data was their home before cusa_hf.schema)
+    CAPTION_COLUMN_CANDIDATES,
+    IMAGE_COLUMN_CANDIDATES,
+    IMAGE_ID_COLUMN_CANDIDATES,
+    InvalidRecordError,
+    first_row_per_image,
+    is_caption,
+    normalize_image_ids,
+)
 
 
 class BadImageError(ValueError):
@@ -117,14 +122,10 @@ class RetrievalEvalView:
             )
         if len(captions) == 0:
             raise ValueError("the evaluation split is empty: it has no captions")
-        index_of: dict[Any, int] = {}
-        unique_images: list[Any] = []
-        text_to_image: list[int] = []
-        for image, image_id in zip(images, image_ids):
-            if image_id not in index_of:
-                index_of[image_id] = len(unique_images)
-                unique_images.append(image)
-            text_to_image.append(index_of[image_id])
+        first_row = first_row_per_image(image_ids)
+        index_of = {image_id: index for index, image_id in enumerate(first_row)}
+        unique_images = [images[row] for row in first_row.values()]
+        text_to_image = [index_of[image_id] for image_id in image_ids]
         image_to_texts: list[list[int]] = [[] for _ in unique_images]
         for text_index, image_index in enumerate(text_to_image):
             image_to_texts[image_index].append(text_index)
@@ -144,16 +145,6 @@ class RetrievalEvalView:
     @property
     def num_texts(self) -> int:
         return len(self.captions)
-
-
-# Column names tried, in order, when a Hub dataset's columns are not given explicitly.
-IMAGE_COLUMN_CANDIDATES = ("image", "img", "image_path", "filepath", "file_name", "filename")
-CAPTION_COLUMN_CANDIDATES = ("caption", "captions", "sentences", "text", "raw")
-IMAGE_ID_COLUMN_CANDIDATES = ("image_id", "img_id", "imgid", "cocoid")
-
-
-class InvalidRecordError(ValueError):
-    """A record with an empty caption or a missing image; the message names the record and the field."""
 
 
 class _RowBuilder:
@@ -203,7 +194,7 @@ class _RowBuilder:
             self.problem(f"{where}: field {caption_field!r} must be a non-empty string or list of strings, got {caption_value!r}")
             return
         for caption, label in zip(captions, labels):
-            if not isinstance(caption, str) or not caption.strip():
+            if not is_caption(caption):
                 self.problem(f"{where}: field {label!r} is empty or not text: {caption!r}")
                 continue
             self.source_rows.append(source_row)
@@ -227,30 +218,6 @@ def caption_max_length(tokenizer: Any, max_length: int | None = None) -> int:
         return max_length
     limit = getattr(tokenizer, "model_max_length", None)
     return limit if limit and limit < 100_000 else 77
-
-
-def normalize_image_ids(values: Iterable[Any]) -> list[Any]:
-    """Image ids as one Arrow-storable type: all integers stay integers, anything else becomes its string form.
-
-    ``numpy`` integers count as integers; booleans are rejected (``True == 1`` would merge two images), and so is a
-    mix of integers and strings (``1`` and ``"1"`` would merge).
-    """
-    values = list(values)
-    for value in values:
-        if isinstance(value, bool):
-            raise ValueError(f"image ids must be integers or strings, got the boolean {value!r}")
-    as_ints = [value.item() if hasattr(value, "item") and not isinstance(value, str) else value for value in values]
-    if all(isinstance(value, int) for value in as_ints):
-        return as_ints
-    first_int = next((row for row, value in enumerate(as_ints) if isinstance(value, int)), None)
-    first_str = next((row for row, value in enumerate(as_ints) if isinstance(value, str)), None)
-    if first_int is not None and first_str is not None:
-        raise ValueError(
-            f"image ids mix integers and strings (row {first_int}: {as_ints[first_int]!r}, row {first_str}: "
-            f"{as_ints[first_str]!r}); stored as one column they would merge ids such as 1 and '1' into one image. "
-            "Give every image id the same type"
-        )
-    return [str(value) for value in as_ints]
 
 
 def _resolve_path(path: str, image_root: str | os.PathLike | None) -> str:
@@ -534,15 +501,47 @@ def load_retrieval_dataset(
 def hold_out_images(dataset: datasets.Dataset, num_images: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """``(rest, held_out)``: the last ``num_images`` distinct images of a one-row-per-caption dataset, with all their
     captions, split off (e.g. as a validation split carved from the training data)."""
-    image_ids = list(dict.fromkeys(dataset["image_id"]))
+    image_ids = list(first_row_per_image(dataset["image_id"]))
     if num_images >= len(image_ids):
-        raise ValueError(f"--validation_images {num_images} leaves no training images (there are {len(image_ids)})")
+        raise ValueError(f"num_images={num_images} held out leaves no training images (there are {len(image_ids)})")
     held_out = set(image_ids[-num_images:])
     in_held_out = [image_id in held_out for image_id in dataset["image_id"]]
     return (
         dataset.select([row for row, flag in enumerate(in_held_out) if not flag]),
         dataset.select([row for row, flag in enumerate(in_held_out) if flag]),
     )
+
+
+def load_splits(data_args: Any) -> dict[str, datasets.Dataset]:
+    """The ``train`` / ``validation`` / ``test`` splits a :class:`~cusa_hf.arguments.DataArguments` names.
+
+    ``train_file`` is required; ``validation_file`` (else ``validation_images`` held out from the training images,
+    all their captions with them) and ``test_file`` are optional; ``max_train_samples`` keeps the first training
+    rows. Every split is loaded with :func:`load_retrieval_dataset` (``image_root``, ``skip_invalid``) and must not
+    be empty.
+    """
+    if data_args.train_file is None:
+        raise ValueError("train_file is required: a JSON file, a save_to_disk folder, an imagefolder or a Hub dataset")
+
+    def load(source: str, split: str) -> datasets.Dataset:
+        dataset = load_retrieval_dataset(source, split=split, image_root=data_args.image_root, skip_invalid=data_args.skip_invalid)
+        if len(dataset) == 0:
+            raise ValueError(f"the {split} data from {source} is empty")
+        return dataset
+
+    train = load(data_args.train_file, data_args.train_split)
+    splits = {"train": train}
+    if data_args.validation_file:
+        splits["validation"] = load(data_args.validation_file, data_args.validation_split)
+    elif data_args.validation_images > 0:
+        splits["train"], splits["validation"] = hold_out_images(train, data_args.validation_images)
+    if data_args.test_file:
+        splits["test"] = load(data_args.test_file, data_args.test_split)
+    if data_args.max_train_samples is not None:
+        if data_args.max_train_samples < 1:
+            raise ValueError(f"max_train_samples={data_args.max_train_samples} leaves the training set empty")
+        splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
+    return splits
 
 
 def build_eval_view(
@@ -580,15 +579,7 @@ def build_eval_view(
             f"the evaluation dataset has no {image_id_column!r} column and its images are not paths, so captions "
             "cannot be grouped by image; add an image id column"
         )
-    first_row: dict[Any, int] = {}
-    for row, image_id in enumerate(row_ids):
-        if image_id not in first_row:
-            first_row[image_id] = row
-        elif path_images is not None and path_images[row] != path_images[first_row[image_id]]:
-            raise ValueError(
-                f"image id {image_id!r} names two different images: {path_images[first_row[image_id]]!r} "
-                f"(row {first_row[image_id]}) and {path_images[row]!r} (row {row})"
-            )
+    first_row = first_row_per_image(row_ids, path_images, id_column="image id")
     if path_images is not None:
         unique_images = [path_images[row] for row in first_row.values()]
     else:
@@ -598,7 +589,7 @@ def build_eval_view(
     for row, caption_value in enumerate(dataset[caption_column]):
         row_captions = caption_value if isinstance(caption_value, (list, tuple)) else [caption_value]
         for caption in row_captions:
-            if not isinstance(caption, str) or not caption.strip():
+            if not is_caption(caption):
                 raise ValueError(f"evaluation row {row}: empty or non-text caption {caption!r} in {caption_column!r}")
             images.append(image_of_id[row_ids[row]])
             captions.append(caption)

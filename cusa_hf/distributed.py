@@ -3,7 +3,7 @@
 ``gather_with_grad`` uses ``torch.distributed.nn.functional.all_gather``, whose backward sums every process's gradient
 into the owner's slice. Each process then computes the loss over the full global matrix, and DDP's gradient averaging
 turns the world-size-fold sum back into exactly the gradient of a single process on the global batch (the trap of
-custom gathers that return only the local gradient slice is described in docs/pitfalls).
+custom gathers that return only the local gradient slice is tested in tests/test_distributed.py).
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ def soft_label_diagnostics(soft_labels: TeacherSoftLabels, image_ids: torch.Tens
 
     Returns the mean row entropy (nats) of the image and text targets (``log(B)`` is uniform, 0 is one-hot) and, when
     ``image_ids`` are given, the mean mass the targets put on *other* pairs of the same image (captions of one image
-    should attract each other; pitfalls: same-image pairs are false negatives for plain InfoNCE).
+    should attract each other: same-image pairs are false negatives for single-positive InfoNCE).
     """
     stats = {}
     for name, targets in (("image", soft_labels.image), ("text", soft_labels.text)):

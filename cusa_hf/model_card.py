@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-METRIC_COLUMNS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+from .evaluation.metrics import RETRIEVAL_METRIC_NAMES as METRIC_COLUMNS
+
 CARD_FIELDS = (
     "use_csa", "csa_weight", "use_usa", "usa_weight", "itc_temperature", "csa_temperature", "usa_image_temperature",
     "usa_text_temperature", "softlabel_temperature", "softlabel_mode", "softlabel_loss", "itc_reduction",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
+import warnings
 from typing import Any, Sequence
 
 import datasets
@@ -14,25 +14,14 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import RetrievalEvalView, build_eval_view, caption_max_length, load_image
+from .data import caption_max_length, load_image
+from .evaluation import RetrievalEvaluator
 from .frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN, check_tower_features
+from .schema import is_caption, stable_image_id  # noqa: F401  (stable_image_id re-exported)
 
 logger = logging.getLogger(__name__)
 
 LOSS_COMPONENTS = ("loss_itc", "loss_csa", "loss_usa")
-
-
-def stable_image_id(value: Any) -> int:
-    """A 63-bit integer id for an image id value, identical in every process (so multi-positive targets stay
-    correct when features are gathered): integers pass through, anything else is hashed from its string form."""
-    if isinstance(value, bool):
-        raise ValueError(f"image id must be an int or a string, got the bool {value!r}")
-    if isinstance(value, int):
-        return value
-    if hasattr(value, "item") and not isinstance(value, str):
-        return stable_image_id(value.item())
-    digest = hashlib.blake2b(str(value).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class CusaDataCollator:
@@ -94,7 +83,7 @@ class CusaDataCollator:
         captions = []
         for position, row in enumerate(rows):
             caption = row[self.caption_column]
-            if not isinstance(caption, str) or not caption.strip():
+            if not is_caption(caption):
                 raise ValueError(
                     f"empty or non-text caption {caption!r} at batch position {position} "
                     f"(image {row.get(self.image_column)!r}); clean the data or load it with skip_invalid=True"
@@ -170,11 +159,18 @@ class CusaTrainer(Trainer):
     When ``data_collator`` is not given, a [`CusaDataCollator`] is built from ``processing_class`` and
     ``collator_kwargs`` (column names, ``image_root``, ``max_length``).
 
-    ``evaluate()`` runs image-text retrieval on the evaluation split (a one-row-per-caption ``datasets.Dataset`` or a
-    ``RetrievalEvalView``) and reports ``eval_i2t_r1`` ... ``eval_t2i_r10`` and ``eval_rsum``, so
-    ``metric_for_best_model="rsum"`` keeps the best checkpoint. ``rerank`` adds fusion-encoder ITM reranking: an
-    ``evaluation.RerankConfig``, or a factory ``rerank(model, processor, eval_view) -> RerankConfig`` (such as
-    ``x2vlm_rerank_config`` or ``blip_rerank_config``) called for each evaluation split.
+    ``evaluate()`` calls a [`~cusa_hf.evaluation.RetrievalEvaluator`] and reports ``eval_i2t_r1`` ...
+    ``eval_t2i_r10`` and ``eval_rsum``, so ``metric_for_best_model="rsum"`` keeps the best checkpoint:
+
+    * ``evaluator``: the one given, built for the evaluation split with its settings (reranking, pairwise scorer,
+      batch sizes), e.g. ``evaluator=RetrievalEvaluator(splits["validation"], rerank=x2vlm_rerank_config)``;
+    * otherwise one built for ``eval_dataset`` (a one-row-per-caption ``datasets.Dataset`` or a ``RetrievalEvalView``;
+      a dict of them is evaluated split by split as ``eval_{name}_*``) with the collator's column names and
+      ``image_root`` and ``args.per_device_eval_batch_size``;
+    * ``evaluate(dataset, metric_key_prefix="test")`` evaluates another split with the same settings. Evaluators (and
+      so their views of the splits) are kept between evaluations.
+
+    ``rerank`` and ``pairwise_scorer`` are deprecated: pass them to the ``RetrievalEvaluator``.
     """
 
     def __init__(
@@ -186,10 +182,24 @@ class CusaTrainer(Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         collator_kwargs: dict[str, Any] | None = None,
+        evaluator: RetrievalEvaluator | None = None,
         rerank: Any = None,
         pairwise_scorer: Any = None,
         **kwargs: Any,
     ):
+        deprecated = {"rerank": rerank, "pairwise_scorer": pairwise_scorer}
+        deprecated = {name: value for name, value in deprecated.items() if value is not None}
+        for name in deprecated:
+            warnings.warn(
+                f"CusaTrainer({name}=...) is deprecated and will be removed; pass "
+                f"evaluator=RetrievalEvaluator(eval_dataset, {name}=...) instead",
+                FutureWarning,
+                stacklevel=2,
+            )
+        if evaluator is not None and deprecated:
+            raise ValueError(f"pass {' and '.join(deprecated)} to the RetrievalEvaluator, not to CusaTrainer")
+        if evaluator is not None and eval_dataset is None:
+            eval_dataset = evaluator.eval_data  # the stock Trainer refuses an eval_strategy without an eval_dataset
         if args is not None and args.remove_unused_columns:
             # The Trainer would otherwise drop the image and teacher columns before the collator sees them.
             logger.warning("CusaTrainer sets remove_unused_columns=False: the collator needs the raw columns")
@@ -217,9 +227,9 @@ class CusaTrainer(Trainer):
         # Running sums stay on the device: no host synchronisation per step.
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_steps = 0
-        self.rerank = rerank
-        self.pairwise_scorer = pairwise_scorer
-        self._eval_views: dict[str, RetrievalEvalView] = {}
+        self.evaluator = evaluator
+        self._deprecated_eval_settings = deprecated
+        self._evaluators: dict[str, RetrievalEvaluator] = {}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after checking that a checkpoint to resume from was trained with the same CUSA settings
@@ -263,67 +273,52 @@ class CusaTrainer(Trainer):
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
     ) -> dict[str, float]:
-        from .evaluation import RerankConfig, evaluate_retrieval, pairwise_similarity, retrieval_metrics
-
-        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("CusaTrainer.evaluate needs an eval_dataset (one row per caption) or a RetrievalEvalView")
-        if isinstance(dataset, dict):
-            metrics: dict[str, float] = {}
-            for name, split in dataset.items():
-                metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        start = time.time()
-        view = self._eval_view(dataset)
-        model = self.accelerator.unwrap_model(self.model)
-        if self.pairwise_scorer is not None:
-            score_fn = self.pairwise_scorer(model, view)
-            similarity = pairwise_similarity(
-                score_fn, view.num_images, view.num_texts, show_progress=not self.args.disable_tqdm
-            )
-            retrieval = retrieval_metrics(similarity, view.text_to_image)
-        elif getattr(getattr(model, "adapter", None), "scores_pairs_itself", False):
-            raise ValueError(
-                f"a {model.config.backbone_config.model_type!r} backbone scores image-text pairs itself: pass "
-                "CusaTrainer(pairwise_scorer=...) (e.g. cusa_hf.models.sgraf.sgraf_pairwise_scorer(features, tokenizer))"
-            )
+        """Retrieval metrics ``{metric_key_prefix}_i2t_r1`` ... ``_rsum`` and ``_runtime`` of the model, logged and
+        passed to the callbacks' ``on_evaluate``. ``eval_dataset``: a split to evaluate instead of the trainer's
+        (a dict of splits gives ``{metric_key_prefix}_{name}_*``); ``ignore_keys`` is unused (no model outputs)."""
+        if eval_dataset is None and self.evaluator is not None:
+            evaluator = self.evaluator
         else:
-            rerank = self.rerank
-            if rerank is not None and not isinstance(rerank, RerankConfig):
-                rerank = rerank(model, self.processing_class, view)
-            retrieval = evaluate_retrieval(
-                self.model,
-                self.processing_class,
-                view,
-                batch_size=self.args.per_device_eval_batch_size,
-                text_batch_size=max(self.args.per_device_eval_batch_size, 64),
-                accelerator=self.accelerator,
-                rerank=rerank,
-                show_progress=not self.args.disable_tqdm,
-            )
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in retrieval.items()}
+            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+            if dataset is None:
+                raise ValueError(
+                    "CusaTrainer.evaluate needs an evaluator, or an eval_dataset (one row per caption) or a "
+                    "RetrievalEvalView"
+                )
+            if isinstance(dataset, dict):
+                metrics: dict[str, float] = {}
+                for name, split in dataset.items():
+                    metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}"))
+                return metrics
+            evaluator = self._evaluator_for(dataset)
+        start = time.time()
+        metrics = evaluator(
+            self.model, self.processing_class, accelerator=self.accelerator, metric_key_prefix=metric_key_prefix
+        )
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _eval_view(self, dataset: Any) -> RetrievalEvalView:
-        if isinstance(dataset, RetrievalEvalView):
-            return dataset
+    def _evaluator_for(self, dataset: Any) -> RetrievalEvaluator:
+        """The evaluator of a split, built once: the given evaluator's settings, or the trainer's (collator columns,
+        eval batch size, progress bars, the deprecated ``rerank`` / ``pairwise_scorer``)."""
+        if self.evaluator is not None and dataset is self.evaluator.eval_data:
+            return self.evaluator
         key = getattr(dataset, "_fingerprint", None) or str(id(dataset))
-        if key not in self._eval_views:
-            collator = self.data_collator
-            check_tower_columns(self.accelerator.unwrap_model(self.model), dataset, collator, self.processing_class)
-            self._eval_views[key] = build_eval_view(
-                dataset,
-                image_column=getattr(collator, "image_column", "image"),
-                caption_column=getattr(collator, "caption_column", "caption"),
-                image_id_column=getattr(collator, "image_id_column", "image_id"),
-                image_root=getattr(collator, "image_root", None),
-                image_tower_column=getattr(collator, "image_tower_column", IMAGE_TOWER_COLUMN),
-                text_tower_column=getattr(collator, "text_tower_column", TEXT_TOWER_COLUMN),
-            )
-        return self._eval_views[key]
+        if key not in self._evaluators:
+            if self.evaluator is not None:
+                self._evaluators[key] = self.evaluator.for_data(dataset)
+            else:
+                self._evaluators[key] = RetrievalEvaluator.from_collator(
+                    dataset,
+                    self.data_collator,
+                    batch_size=self.args.per_device_eval_batch_size,
+                    text_batch_size=max(self.args.per_device_eval_batch_size, 64),
+                    show_progress=not self.args.disable_tqdm,
+                    **self._deprecated_eval_settings,
+                )
+        return self._evaluators[key]
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Keep a CUSA model card written by ``cusa_hf.model_card`` (the stock card would replace it on push)."""

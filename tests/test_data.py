@@ -203,5 +203,5 @@ def test_hold_out_images_keeps_every_caption_of_an_image_on_one_side():
     assert set(held_out["image_id"]) == {"img3"} and len(held_out) == 3
     assert "img3" not in rest["image_id"] and len(rest) == 9
     assert rest["caption"] == [row["caption"] for row in rows if row["image_id"] != "img3"]
-    with pytest.raises(ValueError, match="--validation_images 4 leaves no training images"):
+    with pytest.raises(ValueError, match="num_images=4 held out leaves no training images"):
         hold_out_images(datasets.Dataset.from_list(rows), 4)
