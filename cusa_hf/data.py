@@ -19,10 +19,13 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from .schema import (  # noqa: F401  (re-exported: cusa_hf.data was their home before cusa_hf.schema)
     CAPTION_COLUMN_CANDIDATES,
+    IMAGE_COLUMN,
     IMAGE_COLUMN_CANDIDATES,
+    IMAGE_ID_COLUMN,
     IMAGE_ID_COLUMN_CANDIDATES,
     InvalidRecordError,
     first_row_per_image,
@@ -226,6 +229,21 @@ def _resolve_path(path: str, image_root: str | os.PathLike | None) -> str:
     return os.path.join(os.fspath(image_root), path)
 
 
+def _refuse_paths_outside_root(
+    paths: Sequence[Any], image_root: str | os.PathLike | None, source: str, column: str
+) -> None:
+    root = os.path.realpath(image_root if image_root is not None else os.curdir)
+    for row, value in enumerate(paths):
+        if not isinstance(value, str) or not value.strip():
+            continue
+        resolved = os.path.realpath(os.path.join(root, value))
+        if os.path.isabs(value) or os.path.commonpath([root, resolved]) != root:
+            raise InvalidRecordError(
+                f"{source} row {row}: {column} {value!r} points outside image_root={str(image_root)!r}; images of a "
+                "dataset loaded from the Hub must be relative paths inside image_root"
+            )
+
+
 def _read_json_records(path: Path) -> list[Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -327,6 +345,7 @@ def flatten_captions(
     skip_invalid: bool = False,
     check_files: bool = True,
     source: str = "dataset",
+    paths_within_root: bool = False,
 ) -> datasets.Dataset:
     """One row per caption from a dataset with one row per image and a caption list (or one caption) per row.
 
@@ -340,6 +359,9 @@ def flatten_captions(
         image_root: folder that relative path strings are resolved against (path-string image columns only).
         skip_invalid, check_files: as in :func:`load_json_dataset`.
         source: a name for the dataset in error messages.
+        paths_within_root: refuse path strings that are absolute or climb out of ``image_root`` (the current folder
+            without one) with ``..``; :func:`load_hub_dataset` sets it, so a downloaded dataset cannot make the run
+            read files elsewhere on the machine. A user's own JSON may use absolute paths.
 
     Returns:
         columns ``image`` (the source's image values: ``datasets.Image`` or resolved path strings), ``caption``,
@@ -370,9 +392,11 @@ def flatten_captions(
         image_values = [(path or f"row {row}") if ok else None for row, (path, ok) in enumerate(zip(paths, present))]
         resolved_paths = [None] * len(paths)
     else:
+        raw_paths = dataset[image_column]
+        if paths_within_root:
+            _refuse_paths_outside_root(raw_paths, image_root, source, image_column)
         image_values = [
-            _resolve_path(value, image_root) if isinstance(value, str) and value.strip() else None
-            for value in dataset[image_column]
+            _resolve_path(value, image_root) if isinstance(value, str) and value.strip() else None for value in raw_paths
         ]
         resolved_paths = image_values
     captions = dataset[caption_column]
@@ -459,6 +483,7 @@ def load_hub_dataset(
         skip_invalid=skip_invalid,
         check_files=check_files,
         source=f"{name_or_path}[{split}]",
+        paths_within_root=True,
     )
 
 
@@ -481,21 +506,61 @@ def load_retrieval_dataset(
     * a folder written by ``Dataset.save_to_disk``: ``datasets.load_from_disk`` (flattened if captions are lists);
     * another folder: :func:`load_imagefolder_dataset`;
     * anything else: a Hub dataset name, :func:`load_hub_dataset`.
+
+    With ``skip_invalid`` bad records are skipped and reported, and every image is decoded once up front
+    (:func:`drop_undecodable_images`), so a truncated file cannot stop training later.
     """
     path = Path(source)
     if path.suffix in (".json", ".jsonl") and path.is_file():
-        return load_json_dataset(path, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
-    if path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
+        dataset = load_json_dataset(path, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
+    elif path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
         dataset = datasets.load_from_disk(os.fspath(path))
         if isinstance(dataset, datasets.DatasetDict):
             dataset = dataset[split]
         caption_feature = dataset.features.get(kwargs.get("caption_column") or "caption")
-        if isinstance(caption_feature, datasets.Value) and image_root is None:
-            return dataset
-        return flatten_captions(dataset, image_root=image_root, skip_invalid=skip_invalid, source=str(path), **kwargs)
-    if path.is_dir():
-        return load_imagefolder_dataset(path, split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
-    return load_hub_dataset(os.fspath(source), split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
+        if not (isinstance(caption_feature, datasets.Value) and image_root is None):
+            dataset = flatten_captions(dataset, image_root=image_root, skip_invalid=skip_invalid, source=str(path), **kwargs)
+    elif path.is_dir():
+        dataset = load_imagefolder_dataset(path, split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
+    else:
+        dataset = load_hub_dataset(os.fspath(source), split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
+    if skip_invalid:
+        dataset = drop_undecodable_images(dataset, image_root, source=f"{source} [{split}]")
+    return dataset
+
+
+def drop_undecodable_images(
+    dataset: datasets.Dataset,
+    image_root: str | os.PathLike | None = None,
+    show_progress: bool = True,
+    source: str = "dataset",
+) -> datasets.Dataset:
+    """``dataset`` without the rows (every caption) of images that do not open and decode, reported in one warning.
+
+    Each distinct image is decoded once, up front, so a truncated or corrupt file is found before training rather than
+    when a batch reaches it. ``load_retrieval_dataset(..., skip_invalid=True)`` calls this.
+    """
+    if len(dataset) == 0:
+        return dataset
+    undecoded = dataset
+    if isinstance(dataset.features.get(IMAGE_COLUMN), datasets.Image):
+        undecoded = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
+    image_ids = dataset[IMAGE_ID_COLUMN]
+    first_row = first_row_per_image(image_ids)
+    bad: dict[Any, str] = {}
+    for image_id, row in tqdm(first_row.items(), desc=f"Checking {source} images", disable=not show_progress):
+        try:
+            load_image(undecoded[row][IMAGE_COLUMN], image_root, where=f"{source} row {row}")
+        except BadImageError as error:
+            bad[image_id] = str(error)
+    if not bad:
+        return dataset
+    shown = "; ".join(list(bad.values())[:5]) + ("; ..." if len(bad) > 5 else "")
+    warnings.warn(f"{source}: skipped {len(bad)} image(s) that do not decode, with all their captions: {shown}", stacklevel=2)
+    kept = [row for row, image_id in enumerate(image_ids) if image_id not in bad]
+    if not kept:
+        raise InvalidRecordError(f"{source}: no image decodes ({shown})")
+    return dataset.select(kept)
 
 
 def hold_out_images(dataset: datasets.Dataset, num_images: int) -> tuple[datasets.Dataset, datasets.Dataset]:

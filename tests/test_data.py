@@ -205,3 +205,43 @@ def test_hold_out_images_keeps_every_caption_of_an_image_on_one_side():
     assert rest["caption"] == [row["caption"] for row in rows if row["image_id"] != "img3"]
     with pytest.raises(ValueError, match="num_images=4 held out leaves no training images"):
         hold_out_images(datasets.Dataset.from_list(rows), 4)
+
+
+def test_skip_invalid_decodes_every_image_up_front_and_drops_the_truncated_one(tmp_path, image_files):
+    truncated = tmp_path / "images" / "truncated.jpg"
+    Image.new("RGB", (64, 64), "white").save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    records = [
+        {"image": "images/img0.png", "caption": "red", "image_id": 1},
+        {"image": "images/truncated.jpg", "caption": "cut short", "image_id": 2},
+        {"image": "images/truncated.jpg", "caption": "cut short again", "image_id": 2},
+        {"image": "images/img1.png", "caption": "green", "image_id": 3},
+    ]
+    path = write_json(tmp_path / "train.json", records)
+    # Without skipping, loading keeps the row (the file exists); training would fail when a batch reaches it.
+    assert len(load_retrieval_dataset(path)) == 4
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) that do not decode.*truncated.jpg"):
+        dataset = load_retrieval_dataset(path, skip_invalid=True)
+    assert dataset["image_id"] == [1, 3] and dataset["caption"] == ["red", "green"]
+
+
+def test_hub_datasets_may_not_point_outside_image_root(tmp_path, image_files):
+    root = tmp_path / "images"
+    rows = {"image": ["img0.png", "../secret.png"], "caption": ["red", "escape"], "image_id": [0, 1]}
+    (tmp_path / "secret.png").write_bytes(image_files[1].read_bytes())
+    with pytest.raises(InvalidRecordError, match=r"row 1: image '../secret.png' points outside image_root"):
+        flatten_captions(datasets.Dataset.from_dict(rows), image_root=root, paths_within_root=True)
+    absolute = {**rows, "image": ["img0.png", str(image_files[1])]}
+    with pytest.raises(InvalidRecordError, match="points outside image_root"):
+        flatten_captions(datasets.Dataset.from_dict(absolute), image_root=root, paths_within_root=True)
+    # A user's own data may point anywhere (documented in docs/data_and_teachers.md).
+    assert len(flatten_captions(datasets.Dataset.from_dict(rows), image_root=root)) == 2
+
+
+def test_load_hub_dataset_confines_image_paths(tmp_path, image_files):
+    from cusa_hf.data import load_hub_dataset
+
+    data = tmp_path / "hub.jsonl"
+    data.write_text(json.dumps({"image": "../../etc/passwd", "caption": "escape", "image_id": 1}) + "\n")
+    with pytest.raises(InvalidRecordError, match=r"'../../etc/passwd' points outside image_root"):
+        load_hub_dataset("json", data_files=str(data), image_root=tmp_path / "images")
