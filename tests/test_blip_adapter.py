@@ -14,6 +14,7 @@ import cusa_hf.models  # noqa: F401  (registers the adapters)
 from cusa_hf.configuration_cusa import CusaConfig
 from cusa_hf.modeling_cusa import CusaModel
 from cusa_hf.models.blip_adapter import BlipAdapter, BlipItmScorer
+from cusa_hf.models.fusion_losses import sample_hard_negatives
 
 
 def tiny_blip_config() -> BlipConfig:
@@ -86,8 +87,6 @@ def test_original_loss_matches_written_out_blip_loss():
         out = model(pixels, ids, mask, image_ids=image_ids, return_loss=True)
         # Re-draw the same negatives the adapter drew (same global RNG state).
         torch.set_rng_state(generator_state)
-        from cusa_hf.models.x2vlm import sample_hard_negatives
-
         img = F.normalize(model.adapter.encode_image(pixels), dim=-1)
         txt = F.normalize(model.adapter.encode_text(ids, mask), dim=-1)
         negatives = sample_hard_negatives(img, txt, torch.tensor(0.07), image_ids, smoothing=0.0)
@@ -104,31 +103,39 @@ def test_cusa_training_steps_on_blip_reduce_the_loss():
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
 
 
-def test_rerank_scorer_is_itm_plus_cosine(monkeypatch):
+class TinyBlipProcessor:
+    """The two calls ``BlipItmScorer`` makes of a processor, for the tiny BLIP (32 px, 40-token vocabulary)."""
+
+    def image_processor(self, images, return_tensors):
+        arrays = [torch.from_numpy(np.asarray(im.resize((32, 32)), dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images]
+        return {"pixel_values": torch.stack(arrays)}
+
+    def tokenizer(self, texts, padding, truncation, max_length, return_tensors):
+        ids = [[2] + [4 + (ord(ch) % 30) for ch in text][: max_length - 1] for text in texts]
+        width = max(map(len, ids))
+        return _Batch(input_ids=torch.tensor([row + [0] * (width - len(row)) for row in ids]),
+                      attention_mask=torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids]))
+
+
+def tiny_blip_eval_view():
+    """Four random pictures with two captions each."""
     from PIL import Image
 
     from cusa_hf.data import RetrievalEvalView
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(4)]
+    return RetrievalEvalView.from_rows([p for p in pictures for _ in range(2)], [f"cap{i}" for i in range(8)],
+                                       [i for i in range(4) for _ in range(2)])
+
+
+def test_rerank_scorer_is_itm_plus_cosine():
     from cusa_hf.evaluation import rerank_with_itm
 
     torch.manual_seed(0)
     backbone = BlipForImageTextRetrieval(tiny_blip_config()).eval()
-
-    class TinyProcessor:
-        def image_processor(self, images, return_tensors):
-            arrays = [torch.from_numpy(np.asarray(im.resize((32, 32)), dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images]
-            return {"pixel_values": torch.stack(arrays)}
-
-        def tokenizer(self, texts, padding, truncation, max_length, return_tensors):
-            ids = [[2] + [4 + (ord(ch) % 30) for ch in text][: max_length - 1] for text in texts]
-            width = max(map(len, ids))
-            return _Batch(input_ids=torch.tensor([row + [0] * (width - len(row)) for row in ids]),
-                          attention_mask=torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids]))
-
-    rng = np.random.default_rng(0)
-    pictures = [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(4)]
-    view = RetrievalEvalView.from_rows([p for p in pictures for _ in range(2)], [f"cap{i}" for i in range(8)],
-                                       [i for i in range(4) for _ in range(2)])
-    scorer = BlipItmScorer.from_eval_view(backbone, TinyProcessor(), view, show_progress=False)
+    view = tiny_blip_eval_view()
+    scorer = BlipItmScorer.from_eval_view(backbone, TinyBlipProcessor(), view, show_progress=False)
     adapter = BlipAdapter(backbone)
     with torch.no_grad():
         sims = scorer.image_features @ scorer.text_features.t()

@@ -1,7 +1,7 @@
 """X2-VLM: conversion of original checkpoints, parity with a plain-torch reference written from the notes, losses,
 hard negatives, safetensors round trip.
 
-The synthetic checkpoints below use exactly the original key names and shapes (docs/x2vlm.md; x2vlm_notes.md §3),
+The synthetic checkpoints below use exactly the original key names and shapes (docs/fusion_backbones.md),
 at tiny widths with text width != vision width, in the fine-tuned (`XVLMForRetrieval`) and pretrained (`XVLM` with
 MLM head) layouts. The reference functions read the raw original state dict and share no code with the package.
 """
@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cusa_hf.models.x2vlm import X2VlmConfig, X2VlmModel, sample_hard_negatives, x2vlm_contrastive_loss
+from cusa_hf.models.fusion_losses import itc_loss, sample_hard_negatives
+from cusa_hf.models.x2vlm import X2VlmConfig, X2VlmModel
 from cusa_hf.models.x2vlm.convert import (
     ConversionError,
     convert_checkpoint,
@@ -356,7 +357,7 @@ def test_checkpoint_needing_pickle_is_refused_unless_allowed(tmp_path):
 
     path = tmp_path / "pickled.th"
     torch.save({"model": original_state_dict(), "config": {"args": argparse.Namespace(x=1)}}, path)
-    with pytest.raises(ConversionError, match="--allow-pickle"):
+    with pytest.raises(ConversionError, match="allow_pickle=True"):
         convert_checkpoint(path)
     model, _ = convert_checkpoint(path, allow_pickle=True)
     assert isinstance(model, X2VlmModel)
@@ -405,7 +406,7 @@ def test_interpolation_equals_scipy_interp2d_when_available():
             warnings.simplefilter("ignore")
             scipy_interpolate.interp2d([0, 1, 2, 3], [0, 1, 2, 3], np.zeros((4, 4)), kind="cubic")
     except (AttributeError, NotImplementedError):
-        pytest.skip("scipy.interpolate.interp2d is gone (SciPy >= 1.14); docs/x2vlm.md records the check with 1.13")
+        pytest.skip("scipy.interpolate.interp2d is gone (SciPy >= 1.14); docs/fusion_backbones.md records the check with 1.13")
 
     table = torch.randn(27 * 27 + 3, 2, generator=torch.Generator().manual_seed(0))
     ours = interpolate_relative_position_table(table, 24)
@@ -512,7 +513,13 @@ def test_contrastive_loss_without_ids_is_clip_style_cross_entropy():
     temp = torch.tensor(0.1)
     logits = img @ txt.t() / temp
     expected = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.t(), torch.arange(5))) / 2
-    torch.testing.assert_close(x2vlm_contrastive_loss(img, txt, temp), expected)
+    torch.testing.assert_close(itc_loss(img, txt, temp), expected)
+
+
+def test_shared_losses_keep_their_x2vlm_import_names():
+    from cusa_hf.models import x2vlm
+
+    assert x2vlm.x2vlm_contrastive_loss is itc_loss and x2vlm.sample_hard_negatives is sample_hard_negatives
 
 
 # ------------------------------------------------------------------------------------------------------------

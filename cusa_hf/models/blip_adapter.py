@@ -14,11 +14,11 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import BlipConfig, BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
+from transformers import BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
 
 from ..backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
 from ..data import RetrievalEvalView, load_image
-from .x2vlm.modeling_x2vlm import sample_hard_negatives, x2vlm_contrastive_loss
+from .fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negatives
 
 #: BLIP's ITC temperature at initialisation (``temp: 0.07`` in its retrieval configs). BLIP learns it, but the
 #: transformers checkpoints of ``BlipForImageTextRetrieval`` do not carry it, so the adapter keeps it fixed; a
@@ -88,24 +88,21 @@ class BlipAdapter(BackboneAdapter):
     def original_loss(
         self, features: BackboneFeatures, image_ids: torch.Tensor | None, gather: Callable[[torch.Tensor], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        """``{"loss_itc", "loss_itm"}``: ITC with the fixed temperature and image-id soft targets over the (gathered)
+        batch, and ITM on one hard negative image and text per pair of the local batch, drawn from
+        ``softmax(sim / temp)`` without X2-VLM's ``+ 1e-5``. No momentum encoder, queue or distillation."""
         temperature = torch.tensor(self.temperature, device=features.image_features.device)
         image_embeds = F.normalize(features.image_features, dim=-1)
         text_embeds = F.normalize(features.text_features, dim=-1)
-        gathered_ids = gather(image_ids.view(-1)) if image_ids is not None else None
-        loss_itc = x2vlm_contrastive_loss(gather(image_embeds), gather(text_embeds), temperature, gathered_ids)
-        negative_image, negative_text = sample_hard_negatives(
-            image_embeds, text_embeds, temperature, image_ids, smoothing=0.0
-        )
+        loss_itc = itc_loss(image_embeds, text_embeds, temperature, image_ids, gather)
+        negatives = sample_hard_negatives(image_embeds, text_embeds, temperature, image_ids, smoothing=0.0)
         extras = features.extras
         images, ids, mask = extras["image_sequence"], extras["input_ids"], extras["attention_mask"]
-        logits = self.itm_logits(
-            torch.cat([images, images[negative_image], images]),
-            torch.cat([ids, ids, ids[negative_text]]),
-            torch.cat([mask, mask, mask[negative_text]]),
-        ).float()
-        batch = images.shape[0]
-        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
-        return {"loss_itc": loss_itc, "loss_itm": F.cross_entropy(logits, labels)}
+
+        def pair_itm_logits(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+            return self.itm_logits(images[image_index], ids[text_index], mask[text_index])
+
+        return {"loss_itc": loss_itc, "loss_itm": hard_negative_itm_loss(pair_itm_logits, negatives)}
 
     def pair_scores(self, image_inputs: dict[str, torch.Tensor], text_inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """`(n,)` ITM match logits of aligned pairs; ``image_inputs``: ``{"pixel_values"}`` or ``{"image_sequence"}``,

@@ -2,7 +2,7 @@
 
 Features handed to ``CusaModel`` are the **unnormalised** 256-d ITC projections ``vision_proj(image[:, 0])`` and
 ``text_proj(text[:, 0])``; ``CusaModel`` L2-normalises them, so with ``cross_projection=False`` (the default for
-backbones with their own loss) CSA acts on exactly the similarities X2-VLM ranks with (``docs/x2vlm.md``).
+backbones with their own loss) CSA acts on exactly the similarities X2-VLM ranks with (``docs/fusion_backbones.md``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
 from ...data import RetrievalEvalView, load_image
-from .modeling_x2vlm import X2VlmModel, x2vlm_contrastive_loss
+from .modeling_x2vlm import X2VlmModel
 
 
 @register_backbone_adapter
@@ -71,8 +71,7 @@ class X2VlmAdapter(BackboneAdapter):
         model = self.backbone
         image_embeds = F.normalize(features.image_features, dim=-1)
         text_embeds = F.normalize(features.text_features, dim=-1)
-        gathered_ids = gather(image_ids.view(-1)) if image_ids is not None else None
-        loss_itc = x2vlm_contrastive_loss(gather(image_embeds), gather(text_embeds), model.temp, gathered_ids)
+        loss_itc = model.contrastive_loss(image_embeds, text_embeds, image_ids, gather)
         extras = features.extras
         loss_itm = model.matching_loss(
             extras["image_sequence"], extras["text_sequence"], extras["attention_mask"],

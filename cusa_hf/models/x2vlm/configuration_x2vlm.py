@@ -1,7 +1,8 @@
 """X2-VLM configuration: a BEiT-v2 vision encoder, a BERT text encoder and a BERT-style fusion encoder.
 
 X2-VLM (Zeng et al., "X²-VLM: All-In-One Pre-trained Model For Vision-Language Tasks", TPAMI 2023) is not part of
-``transformers``. The presets below are the retrieval models of the original code at 384 px (see ``docs/x2vlm.md``).
+``transformers``. The presets below are the retrieval models of the original code at 384 px (see
+``docs/fusion_backbones.md``).
 """
 
 from __future__ import annotations

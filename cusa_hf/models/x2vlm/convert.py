@@ -80,7 +80,8 @@ def load_original_checkpoint(path: str | Path, allow_pickle: bool = False) -> tu
             raise ConversionError(
                 f"{path} cannot be loaded with torch.load(weights_only=True): {str(error).splitlines()[0]}\n"
                 "It contains pickled objects beyond tensors and plain containers. If you trust the file's source, "
-                "rerun with --allow-pickle (loads with weights_only=False, which executes code from the file)."
+                "pass allow_pickle=True (the converter's --allow-pickle): it loads with weights_only=False, which "
+                "executes code from the file."
             ) from None
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, Mapping):

@@ -2,7 +2,7 @@
 
 A native port of the retrieval model of zengyan-97/X2-VLM (``XVLMForRetrieval``). Sub-module names follow the
 original where that keeps the checkpoint conversion a rename (``blocks.i.attn.qkv``, ``gamma_1``,
-``attention.self.query``, ``itm_head.0``); ``docs/x2vlm.md`` lists every detail that changes numbers.
+``attention.self.query``, ``itm_head.0``); ``docs/fusion_backbones.md`` lists every detail that changes numbers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
 from ...distributed import gather_with_grad
+from ..fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negatives
 from .configuration_x2vlm import X2VlmConfig, X2VlmTextConfig, X2VlmVisionConfig
 
 # xbert turns padding into an additive -10000 (not -inf): a fully padded row then stays finite.
@@ -153,7 +154,8 @@ class X2VlmVisionModel(nn.Module):
             raise ValueError(
                 f"X2VlmVisionModel expects pixel_values of shape (batch, {self.config.num_channels}, {size}, {size}) "
                 f"(the relative-position tables are fixed to image_size={size}); got {tuple(pixel_values.shape)}. "
-                "Resize the images, or convert the checkpoint with --image-size to change the resolution."
+                "Resize the images, or convert the checkpoint with "
+                "cusa_hf.models.x2vlm.convert.convert_checkpoint(..., image_size=N) to change the resolution."
             )
         patches = self.patch_embed(pixel_values)
         hidden_states = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype), patches], 1)
@@ -325,73 +327,6 @@ class X2VlmFusionModel(nn.Module):
         for layer in self.layer:
             hidden_states = layer(hidden_states, additive_mask, image_sequence, image_index)
         return hidden_states
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Losses (pure functions of features, so tests and the CUSA adapter share them)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def same_image_mask(batch_size: int, image_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """`(B, B)` bool: True where rows i and j show the same image (the diagonal when ``image_ids`` is None)."""
-    if image_ids is None:
-        return torch.eye(batch_size, dtype=torch.bool, device=device)
-    image_ids = image_ids.view(-1)
-    if image_ids.numel() != batch_size:
-        raise ValueError(f"image_ids has {image_ids.numel()} entries for a batch of {batch_size} pairs")
-    return image_ids[:, None] == image_ids[None, :]
-
-
-def x2vlm_contrastive_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    temp: torch.Tensor,
-    image_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """X2-VLM's ITC loss: mean of the i2t and t2i soft-target cross-entropies of ``image @ text.T / temp``.
-
-    Args:
-        image_features, text_features: `(B, d)` L2-normalised ITC features (already gathered across processes).
-        temp: scalar temperature.
-        image_ids: `(B,)` image ids; captions of the same image are all positives, with uniform target mass.
-    """
-    logits = (image_features @ text_features.t()).float() / temp.float()
-    positives = same_image_mask(logits.shape[0], image_ids, logits.device).float()
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    loss_i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
-    loss_t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
-    return (loss_i2t + loss_t2i) / 2
-
-
-@torch.no_grad()
-def sample_hard_negatives(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    temp: torch.Tensor,
-    image_ids: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    smoothing: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ITM hard negative per row, drawn with weight ``softmax(sim / temp) + smoothing``, same-image pairs at 0.
-
-    X2-VLM adds ``smoothing=1e-5``; BLIP adds nothing.
-
-    Returns:
-        ``(negative_image_for_text, negative_text_for_image)``, two `(B,)` long tensors of batch indices.
-    """
-    batch = image_features.shape[0]
-    similarity = (image_features @ text_features.t()).float() / temp.float()
-    same_image = same_image_mask(batch, image_ids, similarity.device)
-    if same_image.all(dim=1).any():
-        raise ValueError(
-            "ITM hard negatives need, for every pair, another pair of a different image in the batch; "
-            f"image_ids={image_ids.view(-1).tolist() if image_ids is not None else None}"
-        )
-    weights_i2t = (F.softmax(similarity, dim=1) + smoothing).masked_fill(same_image, 0)
-    weights_t2i = (F.softmax(similarity.t(), dim=1) + smoothing).masked_fill(same_image, 0)
-    negative_image_for_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
-    negative_text_for_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
-    return negative_image_for_text, negative_text_for_image
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -571,9 +506,9 @@ class X2VlmModel(X2VlmPreTrainedModel):
         image_ids: torch.Tensor | None = None,
         gather: Callable[[torch.Tensor], torch.Tensor] = gather_with_grad,
     ) -> torch.Tensor:
-        """ITC over the global batch (features and ids gathered across processes), see :func:`x2vlm_contrastive_loss`."""
-        gathered_ids = gather(image_ids.view(-1)) if image_ids is not None else None
-        return x2vlm_contrastive_loss(gather(image_embeds), gather(text_embeds), self.temp, gathered_ids)
+        """ITC with ``temp`` over the global batch (features and ids gathered across processes), see
+        :func:`~cusa_hf.models.fusion_losses.itc_loss`."""
+        return itc_loss(image_embeds, text_embeds, self.temp, image_ids, gather)
 
     def matching_loss(
         self,
@@ -586,23 +521,19 @@ class X2VlmModel(X2VlmPreTrainedModel):
         negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """ITM cross-entropy over B positives and 2B hard negatives of the local batch.
-
-        The fusion batch is ``[(image_b, text_b)]``, ``[(image_neg(text_b), text_b)]``, ``[(image_b, text_neg(image_b))]``
-        with labels 1, 0, 0. ``negatives`` (from :func:`sample_hard_negatives`) fixes the draw.
+        """ITM cross-entropy over B positives and 2B hard negatives of the local batch, see
+        :func:`~cusa_hf.models.fusion_losses.hard_negative_itm_loss`. ``negatives`` (from
+        :func:`~cusa_hf.models.fusion_losses.sample_hard_negatives`) fixes the draw.
         """
         if negatives is None:
             negatives = sample_hard_negatives(image_embeds, text_embeds, self.temp, image_ids, generator)
-        negative_image_for_text, negative_text_for_image = negatives
-        batch = image_sequence.shape[0]
-        rows = torch.arange(batch, device=image_sequence.device)
-        image_index = torch.cat([rows, negative_image_for_text.to(rows.device), rows])
-        texts = torch.cat([text_sequence, text_sequence, text_sequence[negative_text_for_image]])
-        masks = torch.cat([text_attention_mask, text_attention_mask, text_attention_mask[negative_text_for_image]])
-        logits = self.itm_logits(image_sequence, texts, masks, image_index).float()
-        labels = torch.zeros(3 * batch, dtype=torch.long, device=logits.device)
-        labels[:batch] = 1
-        return F.cross_entropy(logits, labels)
+
+        def pair_itm_logits(image_index: torch.Tensor, text_index: torch.Tensor) -> torch.Tensor:
+            # image_index goes to the fusion encoder: each image's cross-attention keys/values are computed once.
+            texts, masks = text_sequence[text_index], text_attention_mask[text_index]
+            return self.itm_logits(image_sequence, texts, masks, image_index)
+
+        return hard_negative_itm_loss(pair_itm_logits, negatives)
 
     def forward(
         self,
@@ -657,6 +588,4 @@ __all__ = [
     "X2VlmOutput",
     "X2VlmPreTrainedModel",
     "beit_relative_position_index",
-    "sample_hard_negatives",
-    "x2vlm_contrastive_loss",
 ]
