@@ -7,7 +7,7 @@ An adapter wraps a backbone ``PreTrainedModel`` and answers what ``CusaModel`` n
 * optionally the backbone's own cross-modal similarity matrix, for models that score pairs themselves (SGRAF);
 * optionally the backbone's original training loss (ITC + ITM for X2VLM/BLIP, hinge triplet for SGRAF); without it
   ``CusaModel`` uses multi-positive InfoNCE;
-* optionally pairwise match scores for reranking (fusion encoders);
+* optionally pairwise match scores and an ITM reranking of evaluation splits (fusion encoders);
 * optionally the split of image and text encoding into a tower and a projection, so that a frozen tower's output
   can be computed once per image or caption and cached (``cusa_hf.frozen_towers``).
 
@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+
+if TYPE_CHECKING:
+    # Absolute: save_pretrained copies every module that modeling_cusa imports relatively into the checkpoint.
+    from cusa_hf.evaluation import RerankConfig
 
 
 #: What each modality's tower is called in messages.
@@ -167,6 +171,18 @@ class BackboneAdapter:
         """Fusion-encoder match scores of aligned (image, text) pairs, shape `(n_pairs,)`, for reranking."""
         raise NotImplementedError(f"{type(self).__name__} has no pairwise scorer")
 
+    def rerank_config(
+        self, processor: Any, eval_view: Any, k_test: int | None = None, **rerank_kwargs: Any
+    ) -> RerankConfig:
+        """How ``evaluation.evaluate_retrieval`` reranks ``eval_view`` with this backbone's ITM head.
+
+        Fusion-backbone adapters (``supports_reranking``) encode the split once with ``processor`` and return an
+        ``evaluation.RerankConfig`` that rescores each query's top ``k_test`` candidates (``None``: the backbone's
+        default); ``rerank_kwargs`` are their further options (the rerank ``batch_size``, the ITM scorer's). Every
+        other adapter raises ``ValueError``.
+        """
+        raise _no_itm_head_error(self.backbone.config.model_type)
+
 
 _ADAPTERS: dict[str, type[BackboneAdapter]] = {}
 
@@ -193,6 +209,53 @@ def adapter_class_for(model_type: str) -> type[BackboneAdapter]:
 
 def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
+
+
+def _no_itm_head_error(model_type: str) -> ValueError:
+    """The error for asking a backbone without an ITM head (one whose adapter lacks ``supports_reranking``) to rerank."""
+    fusion_types = sorted(name for name, adapter_class in _ADAPTERS.items() if adapter_class.supports_reranking)
+    return ValueError(
+        f"a {model_type!r} backbone has no ITM head to rerank with; ITM reranking needs a fusion backbone "
+        f"(model_type in {fusion_types})"
+    )
+
+
+def rerank_factory(
+    model: PreTrainedModel, k_test: int | None = None, **rerank_kwargs: Any
+) -> Callable[[PreTrainedModel, Any, Any], RerankConfig]:
+    """ITM reranking as a factory ``(model, processor, eval_view) -> RerankConfig``, the ``rerank`` that
+    ``evaluation.RetrievalEvaluator`` (and so ``CusaTrainer``) calls at every evaluation, with the current weights.
+
+    Args:
+        model: a ``CusaModel`` or a bare backbone; its adapter must have ``supports_reranking``, otherwise this
+            raises ``ValueError`` now rather than at the first evaluation.
+        k_test: candidates rescored per query in each direction (``None``: the backbone's default).
+        rerank_kwargs: further arguments of the adapter's ``rerank_config`` (e.g. ``batch_size``, ``show_progress``).
+
+    Example::
+
+        >>> evaluator = RetrievalEvaluator(splits["validation"], rerank=rerank_factory(model, k_test=256))
+    """
+    _reranking_adapter(model)
+
+    def rerank(model: PreTrainedModel, processor: Any, eval_view: Any) -> RerankConfig:
+        return _reranking_adapter(model).rerank_config(processor, eval_view, k_test=k_test, **rerank_kwargs)
+
+    return rerank
+
+
+def _reranking_adapter(model: PreTrainedModel) -> BackboneAdapter:
+    """The adapter of a ``CusaModel`` or of a bare backbone, if it can rerank; ``ValueError`` otherwise."""
+    adapter = getattr(model, "adapter", None)
+    if adapter is not None:
+        adapter_class, model_type = type(adapter), adapter.backbone.config.model_type
+    else:
+        model_type = model.config.model_type
+        adapter_class = adapter_class_for(model_type)
+    if not adapter_class.supports_reranking:
+        # Checked on the class: building a bare backbone's adapter may change it (CLIP's adapter freezes logit_scale).
+        raise _no_itm_head_error(model_type)
+    return adapter if adapter is not None else adapter_class(model)
 
 
 #: How a text tower's token states become one vector (``text_pooling`` of a dual encoder's config): the backbone's

@@ -24,6 +24,8 @@ from .fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negativ
 #: transformers checkpoints of ``BlipForImageTextRetrieval`` do not carry it, so the adapter keeps it fixed; a
 #: backbone config attribute ``itc_temperature`` overrides it.
 BLIP_ITC_TEMPERATURE = 0.07
+#: Candidates BLIP's retrieval evaluation reranks per query (``k_test``: 256 in its COCO config, 128 in Flickr30K's).
+BLIP_K_TEST = 256
 
 
 @register_backbone_adapter
@@ -112,7 +114,13 @@ class BlipAdapter(BackboneAdapter):
             image_sequence = self.image_sequence(image_inputs["pixel_values"])
         input_ids = text_inputs["input_ids"]
         attention_mask = text_inputs.get("attention_mask")
-        return self.itm_logits(image_sequence, input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids))[:, 1]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.itm_logits(image_sequence, input_ids, attention_mask)[:, 1]
+
+    def rerank_config(self, processor: Any, eval_view: RetrievalEvalView, k_test: int | None = None, **rerank_kwargs):
+        """:func:`blip_rerank_config` of this backbone (``k_test=None``: ``BLIP_K_TEST``)."""
+        return blip_rerank_config(self.backbone, processor, eval_view, k_test=k_test, **rerank_kwargs)
 
 
 class BlipItmScorer:
@@ -169,13 +177,21 @@ class BlipItmScorer:
         return itm + (self.image_features[image_idx] * self.text_features[text_idx]).sum(-1)
 
 
-def blip_rerank_config(model, processor, eval_view, k_test: int = 256, batch_size: int = 128, **scorer_kwargs):
-    """A ``cusa_hf.evaluation.RerankConfig`` for BLIP's evaluation: ``k_test`` candidates each way (256 COCO,
-    128 Flickr30K), rescored by ``itm[:, 1] + cosine``."""
+def blip_rerank_config(
+    model: torch.nn.Module,
+    processor: Any,
+    eval_view: RetrievalEvalView,
+    k_test: int | None = None,
+    batch_size: int = 128,
+    **scorer_kwargs: Any,
+):
+    """A ``cusa_hf.evaluation.RerankConfig`` for BLIP's evaluation: ``k_test`` candidates each way (default
+    ``BLIP_K_TEST`` = 256, COCO's; Flickr30K uses 128), rescored by ``itm[:, 1] + cosine``."""
     from ..evaluation import RerankConfig
 
     scorer = BlipItmScorer.from_eval_view(model, processor, eval_view, **scorer_kwargs)
-    return RerankConfig(itm_score=scorer, k_i2t=k_test, k_t2i=k_test, batch_size=batch_size)
+    k = k_test or BLIP_K_TEST
+    return RerankConfig(itm_score=scorer, k_i2t=k, k_t2i=k, batch_size=batch_size)
 
 
-__all__ = ["BLIP_ITC_TEMPERATURE", "BlipAdapter", "BlipItmScorer", "blip_rerank_config"]
+__all__ = ["BLIP_ITC_TEMPERATURE", "BLIP_K_TEST", "BlipAdapter", "BlipItmScorer", "blip_rerank_config"]

@@ -100,6 +100,10 @@ class X2VlmAdapter(BackboneAdapter):
             raise ValueError("pair_scores: text_inputs with 'text_sequence' also need 'attention_mask'")
         return model.itm_score(image_sequence, text_sequence, attention_mask, image_inputs.get("image_index"))
 
+    def rerank_config(self, processor: Any, eval_view: RetrievalEvalView, k_test: int | None = None, **rerank_kwargs):
+        """:func:`x2vlm_rerank_config` of this backbone (``k_test=None``: the backbone config's)."""
+        return x2vlm_rerank_config(self.backbone, processor, eval_view, k_test=k_test, **rerank_kwargs)
+
 
 def x2vlm_backbone(model: torch.nn.Module) -> X2VlmModel:
     """The `X2VlmModel` inside ``model`` (itself, or a ``CusaModel``'s backbone)."""
