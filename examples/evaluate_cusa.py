@@ -72,13 +72,47 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def checked_location(name: str, flag: str, load):
+    """``load(name)``, where a ``name`` that is no folder here fails with an error that says so, rather than with the
+    Hub's complaint about repository ids or connections."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.exists(name):
+        return load(name)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise FileNotFoundError(f"{flag} {name}: no such folder (and not the form of a Hub model id)") from None
+    try:
+        return load(name)
+    except OSError as error:
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"{flag} {name}: no such folder, and no Hub model of that id in the local Hub cache (HF_HUB_OFFLINE "
+                "is set, so nothing is downloaded)"
+            ) from error
+        raise FileNotFoundError(f"{flag} {name}: no such folder, and no Hub model of that id loads ({error})") from error
+
+
 def load_model_and_processor(args: argparse.Namespace):
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoConfig, AutoModel, AutoProcessor
 
     import cusa_hf  # noqa: F401  (registers CusaModel with AutoModel)
 
+    config = checked_location(args.model, "--model", AutoConfig.from_pretrained)
+    processor_source = f"--processor {args.processor}" if args.processor else "its processor"
+    processor_flag = "--processor" if args.processor else "--model"
+    processor = checked_location(args.processor or args.model, processor_flag, AutoProcessor.from_pretrained)
+    # A folder without an image processor loads as its tokenizer alone: say what it holds instead of failing on the
+    # first image batch.
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise ValueError(
+            f"--model {args.model} holds a {config.model_type!r} checkpoint and {processor_source} loads as a "
+            f"{type(processor).__name__}, not a processor with both an image processor and a tokenizer: "
+            "evaluate_cusa.py expects a CUSA, CLIP or other dual-encoder checkpoint saved with its image processor"
+        )
     model = AutoModel.from_pretrained(args.model).to(args.device).eval()
-    processor = AutoProcessor.from_pretrained(args.processor or args.model)
     return model, processor
 
 

@@ -57,3 +57,30 @@ def test_example_writes_table_json_and_picture(checkpoint_and_data, picture, cap
     else:
         page = (folder / picture).read_text()
         assert page.count("<img") == 15 and page.count("<th") == 3
+
+
+def test_missing_model_folder_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    example = load_example()
+    data = ["--data", str(tmp_path / "test.json"), "--device", "cpu"]
+    with pytest.raises(FileNotFoundError, match=r"--model .*missing: no such folder \(and not the form of a Hub model id\)"):
+        example.main(["--model", str(tmp_path / "missing"), *data])
+    # A relative path has the form of a Hub id: offline, there is nothing to load it from either.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--model outputs/missing: no such folder, and no Hub model of that id"):
+        example.main(["--model", "outputs/missing", *data])
+
+
+def test_checkpoint_without_image_processor_is_described(tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog"]))
+    BertTokenizer(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=7, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16)).save_pretrained(folder)
+    example = load_example()
+    with pytest.raises(ValueError, match=r"holds a 'bert' checkpoint and its processor loads as a Bert\w*Tokenizer\w*, "
+                                         r"not a processor with both .* expects a CUSA, CLIP or other dual-encoder"):
+        example.main(["--model", str(folder), "--data", str(tmp_path / "test.json"), "--device", "cpu"])
