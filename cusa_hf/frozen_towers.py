@@ -31,14 +31,15 @@ import torch
 
 from .backbones import TOWER_NAMES
 from .data import caption_max_length
-from .teachers import (
+from .teachers.feature_cache import (
     PROVENANCE_COLUMN,
-    TeacherEncoder,
-    add_teacher_features,
-    processor_json,
+    FeatureCacheOptions,
+    FeatureColumns,
+    FeatureSource,
+    add_feature_columns,
     read_teacher_provenance,
-    weights_sha256,
 )
+from .teachers.registry import processor_json, weights_sha256
 
 IMAGE_TOWER_COLUMN = "image_tower_features"
 
@@ -143,24 +144,22 @@ def _add_tower_features(
     modality: str,
     preprocess: Any,
     settings: dict[str, Any],
-    column: str,
-    batch_size: int,
+    columns: FeatureColumns,
+    options: FeatureCacheOptions,
     device: str | torch.device | None,
-    **feature_options: Any,
 ) -> datasets.Dataset:
-    """Run ``model``'s frozen ``modality`` tower once per unique input through the teacher-feature cache.
-    ``preprocess(inputs)`` gives the tower's keyword inputs; ``settings`` (preprocessing) is part of the
-    fingerprint and of the recorded provenance."""
+    """Run ``model``'s frozen ``modality`` tower once per unique input through the feature cache, into
+    ``columns.output_column(modality)``. ``preprocess(inputs)`` gives the tower's keyword inputs; ``settings``
+    (preprocessing) is part of the fingerprint and of the recorded provenance."""
     from accelerate import PartialState
 
     tower = frozen_tower(model, modality)
     _warn_train_mode_differences(tower, modality)
-    adapter = model.adapter
     sha = tower_sha256(tower)
     # The model usually still sits on the CPU here (the Trainer moves it later): encode on this process's accelerator.
     device = torch.device(device) if device is not None else PartialState().device
     home = next(iter(tower.parameters())).device
-    encode_tower = getattr(adapter, f"encode_{modality}_tower")
+    encode_tower = getattr(model.adapter, f"encode_{modality}_tower")
 
     def encode(inputs: list) -> torch.Tensor:
         was_training = tower.training
@@ -171,34 +170,28 @@ def _add_tower_features(
             tower.train(was_training)
 
     name = getattr(getattr(tower, "config", None), "_name_or_path", None) or type(tower).__name__
-    pooling = settings.get("pooling", "pooler_output")
-    encoder = TeacherEncoder(
+    source = FeatureSource(
         modality=modality,
-        kind=f"frozen {modality} tower",
-        name_or_path=name,
-        revision=None,
-        pooling=f"{pooling}, before the backbone's projection",
         encode=encode,
         fingerprint=datasets.fingerprint.Hasher.hash([sha, settings]),
-        details={"weights_sha256": sha, "architecture": type(tower).__name__, **_settings_digest(settings)},
-        progress_label=f"frozen {modality} tower ({name})",
+        label=f"frozen {modality} tower ({name})",
+        description={
+            "kind": f"frozen {modality} tower",
+            "name_or_path": name,
+            "revision": None,
+            "pooling": f"{settings.get('pooling', 'pooler_output')}, before the backbone's projection",
+            "weights_sha256": sha,
+            "architecture": type(tower).__name__,
+            **_settings_digest(settings),
+        },
     )
-    output_column = {"image_feature_column": column} if modality == "image" else {"text_feature_column": column}
     tower.to(device)
     if modality == "image":
         # Channels-last runs depthwise convolutions (EfficientNet, MobileNet) about 1.7x faster on CPU, with the same
         # features up to float rounding; the tower is put back in the default layout afterwards.
         tower.to(memory_format=torch.channels_last)
     try:
-        return add_teacher_features(
-            dataset,
-            **{f"{modality}_teacher": encoder},
-            **output_column,
-            batch_size=batch_size,
-            normalize=False,
-            device=device,
-            **feature_options,
-        )
+        return add_feature_columns(dataset, [source], columns, options)
     finally:
         tower.to(home, memory_format=torch.contiguous_format)
 
@@ -255,7 +248,8 @@ def add_image_tower_features(
         column: the output column; ``CusaDataCollator`` batches it as ``image_tower_features``.
 
     The other arguments, the caching (by dataset fingerprint and tower weights), the sharding across processes and
-    the errors on unreadable images are those of :func:`cusa_hf.teachers.add_teacher_features`.
+    the errors on unreadable images are those of :func:`cusa_hf.teachers.add_teacher_features`
+    (:class:`~cusa_hf.teachers.FeatureColumns`, :class:`~cusa_hf.teachers.FeatureCacheOptions`).
 
     Returns:
         the dataset plus ``column``: `(image_tower_dim,)` float32 features per row, not normalised.
@@ -265,12 +259,16 @@ def add_image_tower_features(
         pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values.contiguous(memory_format=torch.channels_last)}
 
-    return _add_tower_features(
-        dataset, model, "image", preprocess, _image_settings(image_processor), column, batch_size, device,
-        image_column=image_column, image_id_column=image_id_column, image_root=image_root,
-        skip_bad_images=skip_bad_images, cache_dir=cache_dir, load_from_cache_file=load_from_cache_file,
-        show_progress=show_progress,
+    columns = FeatureColumns(
+        image_column=image_column, image_id_column=image_id_column, image_root=image_root, image_feature_column=column
+    )
+    options = FeatureCacheOptions(
+        batch_size=batch_size, normalize=False, skip_bad_images=skip_bad_images, cache_dir=cache_dir,
+        load_from_cache_file=load_from_cache_file, show_progress=show_progress,
     )  # fmt: skip
+    return _add_tower_features(
+        dataset, model, "image", preprocess, _image_settings(image_processor), columns, options, device
+    )
 
 
 def add_text_tower_features(
@@ -310,11 +308,13 @@ def add_text_tower_features(
         tokens = tokenizer(captions, padding=True, truncation=True, max_length=limit, return_tensors="pt")
         return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
-    return _add_tower_features(
-        dataset, model, "text", preprocess, _text_settings(model, tokenizer, max_length), column, batch_size,
-        device, caption_column=caption_column, cache_dir=cache_dir, load_from_cache_file=load_from_cache_file,
+    columns = FeatureColumns(caption_column=caption_column, text_feature_column=column)
+    options = FeatureCacheOptions(
+        batch_size=batch_size, normalize=False, cache_dir=cache_dir, load_from_cache_file=load_from_cache_file,
         show_progress=show_progress,
     )  # fmt: skip
+    settings = _text_settings(model, tokenizer, max_length)
+    return _add_tower_features(dataset, model, "text", preprocess, settings, columns, options, device)
 
 
 def check_tower_features(

@@ -1,4 +1,5 @@
-"""Tests of cusa_hf.teachers: offline teacher features on coco_mini, caching, bad images, provenance, sharding, CLI."""
+"""Tests of cusa_hf.teachers: offline teacher features on coco_mini, caching, bad images, provenance, sharding, CLI,
+and the errors of teacher names that do not load."""
 
 import json
 import shutil
@@ -10,13 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-import cusa_hf.teachers as teachers
 from conftest import coco_mini_path
 from cusa_hf.data import BadImageError, load_json_dataset
 from cusa_hf.teachers import (
     add_teacher_features,
     check_teacher_features,
+    cli,
+    feature_cache,
     load_image_teacher,
+    load_text_teacher,
     read_teacher_provenance,
     shard_batches,
 )
@@ -128,7 +131,7 @@ def test_second_call_is_a_cache_hit(coco_rows, tmp_path, monkeypatch):
     def must_not_encode(*args, **kwargs):
         raise AssertionError("the second call re-encoded instead of reading the cache")
 
-    monkeypatch.setattr(teachers, "_encode_unique", must_not_encode)
+    monkeypatch.setattr(feature_cache, "_encode_unique", must_not_encode)
     second = add_teacher_features(coco_rows, **options)
     assert second["teacher_image_embeds"] == first["teacher_image_embeds"]
     assert second["teacher_text_embeds"] == first["teacher_text_embeds"]
@@ -213,6 +216,19 @@ def test_transformers_image_teacher_poolings():
         load_image_teacher(model)
 
 
+@pytest.mark.parametrize(
+    "load, alias", [(load_image_teacher, "offline:efficientnet-lite0"), (load_text_teacher, "offline:all-MiniLM-L6-v2")]
+)
+def test_an_unknown_hub_teacher_offline_is_one_error_that_names_it(load, alias):
+    # conftest sets HF_HUB_OFFLINE=1: the Hub is never asked.
+    expected = r"teacher 'nobody/does-not-exist': it is not a local folder, nor an offline alias"
+    with pytest.raises(OSError, match=expected) as caught:
+        load("nobody/does-not-exist")
+    message = str(caught.value)
+    assert alias in message and "Hugging Face Hub could not be reached" in message and "no such model" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
 @pytest.mark.parametrize("num_items,num_processes", [(0, 2), (7, 2), (10, 3), (2, 4), (64, 8)])
 def test_shard_batches_cover_every_batch_once_in_order(num_items, num_processes):
     shares = [shard_batches(num_items, num_processes, index) for index in range(num_processes)]
@@ -249,18 +265,18 @@ def test_two_processes_match_one_process(coco_rows, tmp_path):
 
 
 def test_cli_help_explains_every_option_and_extracts(tmp_path, capsys, coco_mini):
-    parser = teachers._build_parser()
+    parser = cli._build_parser()
     for action in parser._actions:
         assert action.help, f"option {action.option_strings or action.dest} has no help"
     with pytest.raises(SystemExit):
-        teachers.main(["--help"])
+        cli.main(["--help"])
     assert "--skip-bad-images" in capsys.readouterr().out
     folder = coco_mini
     records = json.loads((folder / "test.json").read_text())[:6]
     for record in records:
         record["image"] = str(folder / record["image"])
     (tmp_path / "six.json").write_text(json.dumps(records))
-    code = teachers.main(
+    code = cli.main(
         [str(tmp_path / "six.json"), str(tmp_path / "out"), "--text-teacher", TEXT_TEACHER, "--dtype", "float16",
          "--cache-dir", str(tmp_path / "cache")]
     )  # fmt: skip

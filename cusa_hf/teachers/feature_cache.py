@@ -1,0 +1,583 @@
+"""The deduplicating feature cache: encode each unique image or caption once, give every row its feature, and store
+the columns as a provenance-stamped Arrow table that a later call with the same data and encoders reads back.
+
+Teacher features (:func:`cusa_hf.teachers.add_teacher_features`) and frozen student towers
+(:mod:`cusa_hf.frozen_towers`) both go through :func:`add_feature_columns`, each describing its encoder as a
+:class:`FeatureSource`.
+
+Provenance (what made the features) lives in the dataset's *features*, the one part of a dataset that
+``map``/``filter``/``select``, ``save_to_disk`` and ``push_to_hub`` (Parquet schema and README YAML) all keep:
+
+* the embedding columns are fixed-length lists, ``List(Value("float32"), length=dim)``, so the dimension is part of
+  the schema;
+* a ``teacher_provenance`` column is a ``ClassLabel`` whose single class name is a JSON document with each encoder's
+  name or path, revision, pooling, dimension, normalisation, storage dtype and a SHA-256 of its weights. Its values
+  are all 0 (8 bytes a row, compressed away in Parquet). ``dataset.info.description`` was rejected: Parquet files and
+  Hub pushes drop it.
+
+:func:`check_teacher_features` reads it back at training start and checks columns, dimensions and NaNs.
+
+Example:
+    >>> source = FeatureSource("text", encode=lambda texts: torch.ones(len(texts), 4), fingerprint="ones-v1",
+    ...                        label="text encoder (ones)", description={"kind": "callable", "name_or_path": "ones"})
+    >>> rows = add_feature_columns(rows, [source], FeatureColumns(), FeatureCacheOptions(batch_size=16))
+    >>> rows.features["teacher_text_embeds"]
+    List(Value('float32'), length=4)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import BadImageError, load_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FEATURE_COLUMN = "teacher_image_embeds"
+TEXT_FEATURE_COLUMN = "teacher_text_embeds"
+PROVENANCE_COLUMN = "teacher_provenance"
+# Bumped when the stored layout or the meaning of a recorded field changes; part of the cache fingerprint.
+PROVENANCE_FORMAT = "cusa-teacher-features/1"
+STORAGE_DTYPES = ("float32", "float16")
+MODALITIES = ("image", "text")
+# Cached-table column naming why a row's image failed (null when it did not); never part of the returned dataset.
+_ERROR_COLUMN = "_cusa_image_error"
+# A loader of batch inputs: indices -> (inputs, the indices they belong to, {index: error} for inputs that failed).
+BatchLoader = Callable[[Sequence[int]], tuple[list, list[int], dict[int, str]]]
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """An encoder of one modality as the feature cache sees it.
+
+    Attributes:
+        modality: ``"image"`` (encodes ``PIL.Image`` lists) or ``"text"`` (encodes ``str`` lists).
+        encode: list of `n` inputs -> `(n, dim)` float tensor.
+        fingerprint: identifies the weights and preprocessing; part of the cache key.
+        label: names the encoder in progress bars and errors, e.g. ``"image teacher (offline:efficientnet-lite0)"``.
+        description: the provenance fields recorded for its column (``kind``, ``name_or_path``, ``revision``,
+            ``pooling``, ``weights_sha256``, ...); :meth:`provenance` adds modality, width, normalisation and dtype.
+    """
+
+    modality: str
+    encode: Callable[[list], torch.Tensor]
+    fingerprint: str
+    label: str
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+
+    def provenance(self, dim: int, normalized: bool, dtype: str) -> dict[str, Any]:
+        """What the provenance column records for a ``dim``-wide column of this encoder's features."""
+        return {"modality": self.modality, **self.description, "dim": dim, "normalized": normalized, "dtype": dtype}
+
+
+@dataclass(frozen=True)
+class FeatureColumns:
+    """Where the inputs are read and the features written.
+
+    Attributes:
+        image_column: images (``datasets.Image`` or file paths, absolute or relative to ``image_root``).
+        caption_column: captions.
+        image_id_column: groups rows showing one image; without it rows are grouped by image path.
+        image_root: folder that relative image paths are resolved against.
+        image_feature_column, text_feature_column: the output columns of image and text features.
+        provenance_column: the output ``ClassLabel`` column holding the provenance JSON.
+    """
+
+    image_column: str = "image"
+    caption_column: str = "caption"
+    image_id_column: str = "image_id"
+    image_root: str | os.PathLike | None = None
+    image_feature_column: str = IMAGE_FEATURE_COLUMN
+    text_feature_column: str = TEXT_FEATURE_COLUMN
+    provenance_column: str = PROVENANCE_COLUMN
+
+    def input_column(self, modality: str) -> str:
+        return self.image_column if modality == "image" else self.caption_column
+
+    def output_column(self, modality: str) -> str:
+        return self.image_feature_column if modality == "image" else self.text_feature_column
+
+    def check(self, dataset: datasets.Dataset, modalities: Sequence[str]) -> None:
+        """Raise ``ValueError`` when an input column of ``modalities`` is missing or an output column exists."""
+        for column in (self.input_column(modality) for modality in modalities):
+            if column not in dataset.column_names:
+                raise ValueError(f"the dataset has no {column!r} column; its columns are {dataset.column_names}")
+        for column in (self.output_column(modality) for modality in modalities):
+            if column in dataset.column_names:
+                raise ValueError(
+                    f"the dataset already has a {column!r} column; remove it or choose another output name"
+                )
+
+
+@dataclass(frozen=True)
+class FeatureCacheOptions:
+    """How feature columns are computed, stored and cached.
+
+    Attributes:
+        batch_size: inputs per forward pass.
+        normalize: L2-normalise the features (in float32, before the cast); ``False`` stores the raw output.
+        dtype: storage dtype, ``"float32"`` or ``"float16"``.
+        skip_bad_images: drop rows whose image cannot be read and report them in a warning, instead of raising
+            ``BadImageError``.
+        cache_dir: folder of the cached feature tables; defaults to the dataset's cache folder, or
+            ``$HF_DATASETS_CACHE/cusa_hf_teachers`` for in-memory datasets. With caching disabled
+            (``datasets.disable_caching()``) and no ``cache_dir``, nothing is reused.
+        load_from_cache_file: reuse a table computed earlier for the same data, encoders and options.
+        show_progress: tqdm progress bars (local main process only).
+
+    Example:
+        >>> FeatureCacheOptions(batch_size=32, dtype="float16", cache_dir="/tmp/features")
+    """
+
+    batch_size: int = 64
+    normalize: bool = True
+    dtype: str = "float32"
+    skip_bad_images: bool = False
+    cache_dir: str | os.PathLike | None = None
+    load_from_cache_file: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+def add_feature_columns(
+    dataset: datasets.Dataset,
+    sources: Sequence[FeatureSource],
+    columns: FeatureColumns = FeatureColumns(),
+    options: FeatureCacheOptions = FeatureCacheOptions(),
+) -> datasets.Dataset:
+    """Add one feature column per source to a one-row-per-caption dataset, each unique input encoded once.
+
+    Rows are grouped by image id (else image path) for image sources and by exact caption for text sources. The
+    result is cached as ``cusa-teachers-<fingerprint>.arrow``, keyed by the dataset's fingerprint, the column names,
+    each source's fingerprint, ``options.normalize``/``dtype``/``skip_bad_images`` and the provenance already
+    present; a second call with the same key reads that file and runs no forward pass.
+
+    Under ``accelerate launch`` with N processes, each process encodes a contiguous share of whole batches
+    (:func:`shard_batches`); the shares are gathered so that every process returns the same dataset, identical to a
+    one-process run.
+
+    Args:
+        dataset: the rows; see :class:`FeatureColumns` for the columns read.
+        sources: at most one per modality.
+        columns: input and output column names.
+        options: batch size, storage and caching.
+
+    Returns:
+        the input dataset plus, per source, a `(dim,)` list column (``columns.output_column(source.modality)``) and
+        the provenance column, in the input's row order minus rows whose image could not be read (with
+        ``options.skip_bad_images``).
+
+    Raises:
+        BadImageError: an image cannot be read (the message names the file and the row), unless skipped.
+        ValueError: a column is missing or already present, or a source returns no `(n, dim)` tensor.
+    """
+    from accelerate import PartialState
+
+    modalities = [source.modality for source in sources]
+    if len(set(modalities)) != len(modalities):
+        raise ValueError(f"give at most one source per modality, got modalities {modalities}")
+    columns.check(dataset, modalities)
+    state = PartialState()
+    previous = read_teacher_provenance(dataset, columns.provenance_column)
+    cache_file = _cache_file(dataset, sources, columns, options, previous)
+    if cache_file is not None and options.load_from_cache_file and cache_file.is_file():
+        logger.info("loading teacher features from the cache %s", cache_file)
+        table = datasets.Dataset.from_file(str(cache_file))
+    else:
+        features, dropped = _encode_feature_columns(dataset, sources, columns, options, state)
+        recorded = dict(previous.get("teachers", {}))
+        for source in sources:
+            column = columns.output_column(source.modality)
+            recorded[column] = source.provenance(features[column].shape[1], options.normalize, options.dtype)
+        provenance = {"format": PROVENANCE_FORMAT, "teachers": recorded, "skipped_image_rows": len(dropped)}
+        table = _write_feature_table(features, dropped, provenance, columns.provenance_column, cache_file, state)
+    return _join_feature_table(dataset, table, columns.provenance_column)
+
+
+def shard_batches(num_batches: int, num_processes: int, process_index: int) -> range:
+    """The contiguous run of batch numbers that process ``process_index`` encodes.
+
+    Whole batches are shared out (the first ``num_batches % num_processes`` processes get one more), so every batch is
+    the same set of inputs as in a one-process run: features come out identical, not merely close.
+
+    Example:
+        >>> [shard_batches(5, 2, index) for index in range(2)]
+        [range(0, 3), range(3, 5)]
+    """
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index {process_index} is outside 0..{num_processes - 1}")
+    base, extra = divmod(num_batches, num_processes)
+    start = process_index * base + min(process_index, extra)
+    return range(start, start + base + (1 if process_index < extra else 0))
+
+
+def _encode_unique(
+    source: FeatureSource, num_items: int, load_batch: BatchLoader, options: FeatureCacheOptions, state: Any
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Encode items ``0..num_items-1`` in batches shared out between processes; every process gets all features,
+    a `(num_items, dim)` float32 array (NaN rows for failed inputs), and ``{index: error}``.
+
+    Errors are gathered before raising, so one process's bad image cannot leave the others waiting in a collective.
+    """
+    batch_size = options.batch_size
+    num_batches = (num_items + batch_size - 1) // batch_size
+    mine = shard_batches(num_batches, state.num_processes, state.process_index)
+    pieces: list[tuple[list[int], np.ndarray]] = []
+    failures: dict[int, str] = {}
+    progress = tqdm(
+        mine, desc=source.label, unit="batch", disable=not (options.show_progress and state.is_local_main_process)
+    )
+    with torch.inference_mode():
+        for batch_number in progress:
+            indices = range(batch_number * batch_size, min((batch_number + 1) * batch_size, num_items))
+            inputs, loaded, batch_failures = load_batch(indices)
+            failures.update(batch_failures)
+            if batch_failures and not options.skip_bad_images:
+                break
+            if not inputs:
+                continue
+            features = source.encode(inputs)
+            if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[0] != len(inputs):
+                shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+                raise ValueError(
+                    f"the {source.label} returned {shape} for {len(inputs)} inputs; expected a (n, dim) tensor"
+                )
+            pieces.append((loaded, features.float().cpu().numpy()))
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        gathered = gather_object([(pieces, failures)])
+        pieces = [piece for process_pieces, _ in gathered for piece in process_pieces]
+        failures = {index: message for _, process_failures in gathered for index, message in process_failures.items()}
+    if failures and not options.skip_bad_images:
+        first = min(failures)
+        raise BadImageError(f"{failures[first]} (pass skip_bad_images=True to drop such rows and report them)")
+    dims = {features.shape[1] for _, features in pieces}
+    if len(dims) > 1:
+        raise ValueError(f"the {source.label} returned varying dims {sorted(dims)}")
+    dim = dims.pop() if dims else 0
+    table = np.full((num_items, dim), np.nan, dtype=np.float32)
+    for loaded, features in pieces:
+        table[loaded] = features
+    return table, failures
+
+
+def _image_keys(dataset: datasets.Dataset, image_column: str, image_id_column: str) -> tuple[list[Any], bool]:
+    """One key per row naming its image (the image id, else the path, else the row) and whether keys are ids."""
+    if image_id_column in dataset.column_names:
+        return dataset[image_id_column], True
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        return dataset[image_column], False
+    struct = dataset.with_format("arrow").select_columns([image_column])[image_column]
+    paths = [path for chunk in struct.chunks for path in chunk.field("path").to_pylist()]
+    return [path if path else ("row", row) for row, path in enumerate(paths)], False
+
+
+def _check_one_path_per_id(paths: list[Any], ids: list[Any], image_id_column: str) -> None:
+    seen: dict[Any, tuple[int, Any]] = {}
+    for row, (image_id, path) in enumerate(zip(ids, paths)):
+        first = seen.setdefault(image_id, (row, path))
+        if first[1] != path:
+            raise ValueError(
+                f"{image_id_column} {image_id!r} names two different images: {first[1]!r} (row {first[0]}) and "
+                f"{path!r} (row {row}); image ids must identify one image"
+            )
+
+
+def _unique_images(dataset: datasets.Dataset, columns: FeatureColumns) -> tuple[np.ndarray, int, BatchLoader]:
+    """Each row's unique-image index, the number of unique images, and a loader of unique images by index."""
+    image_column, image_id_column = columns.image_column, columns.image_id_column
+    keys, keys_are_ids = _image_keys(dataset, image_column, image_id_column)
+    index_of: dict[Any, int] = {}
+    first_rows: list[int] = []
+    row_to_unique = np.empty(len(keys), dtype=np.int64)
+    for row, key in enumerate(keys):
+        if key not in index_of:
+            index_of[key] = len(first_rows)
+            first_rows.append(row)
+        row_to_unique[row] = index_of[key]
+    undecoded = dataset.select_columns([image_column])
+    if isinstance(undecoded.features[image_column], datasets.Image):
+        undecoded = undecoded.cast_column(image_column, datasets.Image(decode=False))
+    elif keys_are_ids:
+        _check_one_path_per_id(undecoded[image_column], keys, image_id_column)
+
+    def load_images(indices: Sequence[int]) -> tuple[list, list[int], dict[int, str]]:
+        rows = [first_rows[index] for index in indices]
+        images, loaded, failures = [], [], {}
+        for index, row, value in zip(indices, rows, undecoded.select(rows)[image_column]):
+            try:
+                images.append(load_image(value, columns.image_root, where=f"row {row}"))
+                loaded.append(index)
+            except BadImageError as error:
+                failures[index] = str(error)
+        return images, loaded, failures
+
+    return row_to_unique, len(first_rows), load_images
+
+
+def _unique_captions(dataset: datasets.Dataset, caption_column: str) -> tuple[np.ndarray, int, BatchLoader]:
+    """Each row's unique-caption index, the number of unique captions, and a loader of unique captions by index.
+    Unique captions are numbered longest first, so each batch pads to similar lengths; the order depends only on
+    the data."""
+    captions = dataset[caption_column]
+    for row, caption in enumerate(captions):
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"row {row}: empty or non-text caption {caption!r} in column {caption_column!r}")
+    distinct = sorted(dict.fromkeys(captions), key=len, reverse=True)
+    position_of = {caption: position for position, caption in enumerate(distinct)}
+    row_to_unique = np.array([position_of[caption] for caption in captions], dtype=np.int64)
+
+    def load_captions(indices: Sequence[int]) -> tuple[list, list[int], dict[int, str]]:
+        return [distinct[index] for index in indices], list(indices), {}
+
+    return row_to_unique, len(distinct), load_captions
+
+
+def _encode_feature_columns(
+    dataset: datasets.Dataset,
+    sources: Sequence[FeatureSource],
+    columns: FeatureColumns,
+    options: FeatureCacheOptions,
+    state: Any,
+) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+    """Per-row feature arrays ``{column: (num_rows, dim)}`` and ``{row: error}`` for rows whose image failed."""
+    features: dict[str, np.ndarray] = {}
+    dropped: dict[int, str] = {}
+    for source in sources:
+        if source.modality == "image":
+            row_to_unique, num_unique, load_batch = _unique_images(dataset, columns)
+        else:
+            row_to_unique, num_unique, load_batch = _unique_captions(dataset, columns.caption_column)
+        unique, failures = _encode_unique(source, num_unique, load_batch, options, state)
+        for row in np.nonzero(np.isin(row_to_unique, list(failures)))[0].tolist():
+            dropped[row] = failures[int(row_to_unique[row])]
+        if options.normalize:
+            unique = F.normalize(torch.from_numpy(unique), dim=-1).numpy()
+        features[columns.output_column(source.modality)] = unique[row_to_unique].astype(options.dtype)
+    return features, dropped
+
+
+def _cache_location(dataset: datasets.Dataset, cache_dir: str | os.PathLike | None) -> Path | None:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if not datasets.is_caching_enabled():
+        return None
+    if dataset.cache_files:
+        return Path(dataset.cache_files[0]["filename"]).parent
+    return Path(datasets.config.HF_DATASETS_CACHE) / "cusa_hf_teachers"
+
+
+def _cache_file(
+    dataset: datasets.Dataset,
+    sources: Sequence[FeatureSource],
+    columns: FeatureColumns,
+    options: FeatureCacheOptions,
+    previous: dict[str, Any],
+) -> Path | None:
+    """The cache entry of these features, or ``None`` when caching is off. Its name is a fingerprint of everything
+    the features depend on; the layout of this list is frozen, since tables written earlier are found by it."""
+    location = _cache_location(dataset, options.cache_dir)
+    if location is None:
+        return None
+    fingerprint = datasets.fingerprint.Hasher.hash(
+        [
+            PROVENANCE_FORMAT,
+            dataset._fingerprint,
+            [
+                columns.image_column,
+                columns.caption_column,
+                columns.image_id_column,
+                str(columns.image_root) if columns.image_root else None,
+            ],
+            [(source.modality, source.fingerprint) for source in sources],
+            [columns.image_feature_column, columns.text_feature_column, columns.provenance_column],
+            options.normalize,
+            options.dtype,
+            options.skip_bad_images,
+            previous,
+        ]
+    )
+    return location / f"cusa-teachers-{fingerprint}.arrow"
+
+
+def _write_feature_table(
+    columns: dict[str, np.ndarray],
+    dropped: dict[int, str],
+    provenance: dict[str, Any],
+    provenance_column: str,
+    cache_file: Path | None,
+    state: Any,
+) -> datasets.Dataset:
+    """Write the per-row feature columns as an Arrow file (the cache entry) and open it memory-mapped."""
+    num_rows = next(iter(columns.values())).shape[0]
+    features = datasets.Features(
+        {
+            name: datasets.List(datasets.Value(str(array.dtype)), length=array.shape[1])
+            for name, array in columns.items()
+        }
+    )
+    features[provenance_column] = datasets.ClassLabel(names=[json.dumps(provenance, sort_keys=True)])
+    if dropped:
+        features[_ERROR_COLUMN] = datasets.Value("string")
+    # A shared cache file is written by the main process; without one, each process writes its own temporary copy.
+    writes_here = state.is_main_process or cache_file is None
+    if cache_file is None:
+        cache_file = Path(datasets.fingerprint.get_temporary_cache_files_directory()) / "cusa-teachers.arrow"
+    if writes_here:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        scratch = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        chunk = 8192
+        with datasets.arrow_writer.ArrowWriter(features=features, path=str(scratch)) as writer:
+            for start in range(0, num_rows, chunk):
+                stop = min(start + chunk, num_rows)
+                arrays, names = [], []
+                for name, array in columns.items():
+                    values = pa.array(array[start:stop].reshape(-1))
+                    arrays.append(pa.FixedSizeListArray.from_arrays(values, array.shape[1]))
+                    names.append(name)
+                arrays.append(pa.array(np.zeros(stop - start, dtype=np.int64)))
+                names.append(provenance_column)
+                if dropped:
+                    arrays.append(pa.array([dropped.get(row) for row in range(start, stop)], type=pa.string()))
+                    names.append(_ERROR_COLUMN)
+                writer.write_table(pa.Table.from_arrays(arrays, names=names))
+            writer.finalize()
+        os.replace(scratch, cache_file)
+    state.wait_for_everyone()
+    return datasets.Dataset.from_file(str(cache_file))
+
+
+def _join_feature_table(dataset: datasets.Dataset, table: datasets.Dataset, provenance_column: str) -> datasets.Dataset:
+    """The dataset with the table's columns (replacing its provenance column), minus the rows whose image failed,
+    which a warning reports."""
+    base = dataset.remove_columns([provenance_column]) if provenance_column in dataset.column_names else dataset
+    errors = list(table[_ERROR_COLUMN]) if _ERROR_COLUMN in table.column_names else None
+    if errors is not None:
+        table = table.remove_columns([_ERROR_COLUMN])
+    result = datasets.concatenate_datasets([base, table], axis=1)
+    if errors is None:
+        return result
+    dropped_rows = [row for row, error in enumerate(errors) if error is not None]
+    shown = "; ".join(dict.fromkeys(errors[row] for row in dropped_rows[:50]))
+    warnings.warn(
+        f"skipped {len(dropped_rows)} row(s) whose image could not be read (rows {dropped_rows[:10]}"
+        f"{' ...' if len(dropped_rows) > 10 else ''}): {shown}. The other {len(result) - len(dropped_rows)} rows "
+        "keep their order.",
+        stacklevel=4,
+    )
+    return result.select([row for row, error in enumerate(errors) if error is None])
+
+
+def read_teacher_provenance(dataset: datasets.Dataset, provenance_column: str = PROVENANCE_COLUMN) -> dict[str, Any]:
+    """The recorded teacher metadata (``{"format", "teachers": {column: {...}}}``), or ``{}`` when absent."""
+    feature = dataset.features.get(provenance_column)
+    if feature is None:
+        return {}
+    if not isinstance(feature, datasets.ClassLabel) or len(feature.names) != 1:
+        raise ValueError(f"column {provenance_column!r} is not a cusa-hf teacher provenance column: {feature!r}")
+    try:
+        return json.loads(feature.names[0])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"column {provenance_column!r} holds unreadable provenance ({error})") from None
+
+
+def check_teacher_features(
+    dataset: datasets.Dataset,
+    image_column: str | None = IMAGE_FEATURE_COLUMN,
+    text_column: str | None = TEXT_FEATURE_COLUMN,
+    expected: dict[str, dict[str, Any]] | None = None,
+    provenance_column: str = PROVENANCE_COLUMN,
+) -> dict[str, Any]:
+    """Check a dataset's teacher columns before training and return their recorded provenance.
+
+    Checks that each named column exists, holds lists of one length (the schema length when fixed), has no null
+    row and no NaN or infinite value, and agrees with the recorded dimension. ``expected`` maps ``"image"`` /
+    ``"text"`` to fields that must match the provenance (e.g. ``{"text": {"name_or_path": "...", "dim": 768}}``).
+    A column set to ``None`` is not checked.
+
+    Returns:
+        ``{column: provenance dict}`` for the checked columns (empty dicts when the dataset records none; a warning
+        says so).
+
+    Raises:
+        ValueError: naming the missing column, the wrong dimension, the row with a NaN, or the mismatching field.
+    """
+    provenance = read_teacher_provenance(dataset, provenance_column)
+    recorded = provenance.get("teachers", {})
+    result: dict[str, Any] = {}
+    for modality, column in (("image", image_column), ("text", text_column)):
+        if column is None:
+            continue
+        if column not in dataset.column_names:
+            raise ValueError(
+                f"the dataset has no teacher feature column {column!r} (columns: {dataset.column_names}); run "
+                "cusa_hf.teachers.add_teacher_features or the cusa-extract-teachers CLI first"
+            )
+        dim = _check_feature_values(dataset, column)
+        meta = recorded.get(column, {})
+        if not meta:
+            warnings.warn(f"column {column!r} has no recorded teacher provenance", stacklevel=2)
+        elif meta.get("dim") != dim:
+            raise ValueError(f"column {column!r} holds {dim}-d features but its provenance records dim {meta.get('dim')}")
+        for key, value in ((expected or {}).get(modality) or {}).items():
+            actual = dim if key == "dim" else meta.get(key)
+            if actual != value:
+                raise ValueError(
+                    f"teacher column {column!r}: expected {key}={value!r} but the features were made with "
+                    f"{key}={actual!r}; recompute them with the intended teacher"
+                )
+        result[column] = meta
+    return result
+
+
+def _check_feature_values(dataset: datasets.Dataset, column: str) -> int:
+    """The common width of a list-of-floats column; ``ValueError`` naming the first null, short or non-finite row."""
+    feature = dataset.features[column]
+    fixed = getattr(feature, "length", -1)
+    if not isinstance(feature, (datasets.List, datasets.LargeList)) or not isinstance(feature.feature, datasets.Value):
+        raise ValueError(f"teacher column {column!r} must be a list of floats, got {feature!r}")
+    dim = fixed if fixed and fixed > 0 else None
+    row = 0
+    for batch in dataset.with_format("arrow").select_columns([column]).iter(batch_size=8192):
+        values = batch.column(column)
+        if values.null_count:
+            bad = row + values.is_null().to_pylist().index(True)
+            raise ValueError(f"teacher column {column!r} has no features at row {bad}")
+        lengths = pc.list_value_length(values).to_numpy(zero_copy_only=False)
+        if dim is None and len(lengths):
+            dim = int(lengths[0])
+        if len(lengths) and (lengths != dim).any():
+            bad = row + int(np.nonzero(lengths != dim)[0][0])
+            raise ValueError(f"teacher column {column!r}: row {bad} has {lengths[lengths != dim][0]} values, not {dim}")
+        flat = pc.list_flatten(values).to_numpy(zero_copy_only=False).reshape(len(values), -1)
+        finite = np.isfinite(flat).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"teacher column {column!r}: row {row + int(np.argmin(finite))} holds NaN or infinite values")
+        row += len(values)
+    if dim is None:
+        raise ValueError(f"teacher column {column!r} is empty")
+    return dim
