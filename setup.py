@@ -53,7 +53,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "cusa-extract-teachers=cusa_hf.teachers:main",
+            "cusa-extract-teachers=cusa_hf.teachers.cli:main",
             "cusa-convert-x2vlm=cusa_hf.models.x2vlm.convert:main",
             "cusa-sgraf-convert=cusa_hf.models.sgraf.convert:main",
             "cusa-sgraf-grid-features=cusa_hf.models.sgraf.features:main",
