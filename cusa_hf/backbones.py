@@ -212,7 +212,7 @@ def supported_model_types() -> list[str]:
 
 
 def _no_itm_head_error(model_type: str) -> ValueError:
-    """The error for asking a backbone without an ITM head (one whose adapter lacks ``supports_reranking``) to rerank."""
+    """The error for asking a backbone without ITM head (its adapter lacks ``supports_reranking``) to rerank."""
     fusion_types = sorted(name for name, adapter_class in _ADAPTERS.items() if adapter_class.supports_reranking)
     return ValueError(
         f"a {model_type!r} backbone has no ITM head to rerank with; ITM reranking needs a fusion backbone "

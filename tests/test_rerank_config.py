@@ -45,7 +45,8 @@ def test_x2vlm_factory_gives_x2vlm_rerank_config(x2vlm_processor):
     assert_same_rerank(model.adapter.rerank_config(x2vlm_processor, view, show_progress=False), expected,
                        view.num_images, view.num_texts)
     # An explicit k_test wins over the backbone config's, and a bare backbone works as well as a CusaModel.
-    bare = rerank_factory(model.backbone, k_test=2, batch_size=4, show_progress=False)(model.backbone, x2vlm_processor, view)
+    rerank = rerank_factory(model.backbone, k_test=2, batch_size=4, show_progress=False)
+    bare = rerank(model.backbone, x2vlm_processor, view)
     assert (bare.k_i2t, bare.k_t2i, bare.batch_size) == (2, 2, 4)
 
 
