@@ -63,7 +63,7 @@ def load_original_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = F
             raise ValueError(
                 f"{path}: the checkpoint pickles objects beyond tensors, argparse.Namespace and NumPy scalars "
                 f"({error}). If the file comes from a source you trust, pass trust_checkpoint=True "
-                "(--trust-checkpoint) to unpickle it fully."
+                "to unpickle it fully."
             ) from None
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "opt" not in checkpoint:
