@@ -1,0 +1,184 @@
+"""RetrievalEvaluator: standalone on a tiny model, and as CusaTrainer's evaluator (same metrics as the trainer's own
+evaluation, views built once, the deprecated rerank / pairwise_scorer arguments forwarded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
+
+import cusa_hf.evaluation.evaluator as evaluator_module
+from cusa_hf import RetrievalEvaluator
+from cusa_hf.data import build_eval_view
+from cusa_hf.evaluation import RerankConfig, encode_images, encode_texts, evaluate_retrieval
+from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
+
+RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_cusa_model(), tiny_clip_processor(), synthetic_dataset(num_images=6, captions_per_image=2)
+
+
+def training_args(tmp_path, **overrides):
+    settings = dict(per_device_eval_batch_size=4, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    return cusa_training_arguments(str(tmp_path), **{**settings, **overrides})
+
+
+def oracle_rerank(view):
+    """A perfect ITM matcher over the view's indices: reranked recalls reach 100 where k allows."""
+    truth = view.text_to_image
+    return RerankConfig(lambda image_idx, text_idx: (truth[text_idx] == image_idx).float(), k_i2t=12, k_t2i=6)
+
+
+def without_runtime(metrics):
+    """The retrieval metrics of a trainer's evaluation (without its timing and the epoch that ``Trainer.log`` adds)."""
+    return {key: value for key, value in metrics.items() if key != "epoch" and not key.endswith("_runtime")}
+
+
+def count_view_builds(monkeypatch):
+    builds = []
+
+    def counting_build_eval_view(*args, **kwargs):
+        builds.append(args[0])
+        return build_eval_view(*args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "build_eval_view", counting_build_eval_view)
+    return builds
+
+
+def test_standalone_evaluator_equals_evaluate_retrieval_and_builds_its_view_once(setup, monkeypatch):
+    model, processor, dataset = setup
+    builds = count_view_builds(monkeypatch)
+    evaluator = RetrievalEvaluator(dataset, metric_key_prefix="val", batch_size=4, show_progress=False)
+    metrics = evaluator(model, processor)
+    expected = evaluate_retrieval(model, processor, build_eval_view(dataset), batch_size=4, show_progress=False)
+    assert metrics == {f"val_{name}": value for name, value in expected.items()}
+    assert list(metrics) == [f"val_{name}" for name in RETRIEVAL_KEYS]
+    assert evaluator(model, processor, metric_key_prefix="test") == {f"test_{k}": v for k, v in expected.items()}
+    assert len(builds) == 1  # the second call reused the view
+    assert evaluator.eval_view is evaluator.eval_view
+
+
+def test_evaluator_accepts_a_ready_view_and_reranks(setup):
+    model, processor, dataset = setup
+    view = build_eval_view(dataset)
+    plain = RetrievalEvaluator(view, show_progress=False)(model, processor)
+    assert plain["eval_rsum"] == evaluate_retrieval(model, processor, view, show_progress=False)["rsum"]
+    factory_calls = []
+
+    def rerank_factory(model_, processor_, view_):
+        factory_calls.append((model_, processor_, view_))
+        return oracle_rerank(view_)
+
+    reranked = RetrievalEvaluator(view, rerank=rerank_factory, show_progress=False)(model, processor)
+    assert factory_calls == [(model, processor, view)]
+    assert reranked["eval_rsum"] == 600.0 and reranked["eval_itc_rsum"] == plain["eval_rsum"]
+    assert RetrievalEvaluator(view, rerank=oracle_rerank(view), show_progress=False)(model, processor) == reranked
+
+
+def test_pairwise_scorer_replaces_encoding(setup):
+    model, processor, dataset = setup
+    calls = []
+
+    def dual_encoder_scorer(model_, view):
+        calls.append(model_)
+        images = encode_images(model_, view.images, processor.image_processor, show_progress=False)
+        texts = encode_texts(model_, view.captions, processor.tokenizer, show_progress=False)
+        return lambda image_idx, text_idx: images[image_idx] @ texts[text_idx].T
+
+    evaluator = RetrievalEvaluator(dataset, pairwise_scorer=dual_encoder_scorer, show_progress=False)
+    metrics = evaluator(model)  # a pairwise scorer needs no processor
+    assert calls == [model]
+    expected = RetrievalEvaluator(dataset, show_progress=False)(model, processor)
+    assert metrics == pytest.approx(expected)
+
+
+def test_evaluator_errors_name_the_argument(setup):
+    model, processor, dataset = setup
+    with pytest.raises(TypeError, match="one RetrievalEvaluator per split"):
+        RetrievalEvaluator({"validation": dataset})
+    with pytest.raises(ValueError, match="rerank or pairwise_scorer, not both"):
+        RetrievalEvaluator(dataset, rerank=oracle_rerank(build_eval_view(dataset)), pairwise_scorer=lambda m, v: None)
+    with pytest.raises(ValueError, match="text_batch_size must be positive"):
+        RetrievalEvaluator(dataset, text_batch_size=0)
+    with pytest.raises(ValueError, match="needs the model's processor"):
+        RetrievalEvaluator(dataset, show_progress=False)(model)
+    with pytest.raises(ValueError, match="no 'picture' column"):
+        RetrievalEvaluator(dataset, image_column="picture", show_progress=False)(model, processor)
+
+
+def test_trainer_with_an_evaluator_reports_what_its_own_evaluation_reports(setup, tmp_path, monkeypatch):
+    model, processor, dataset = setup
+    builds = count_view_builds(monkeypatch)
+    args = training_args(tmp_path)
+    own = CusaTrainer(model=model, args=args, eval_dataset=dataset, processing_class=processor)
+    evaluator = RetrievalEvaluator(dataset, batch_size=4, show_progress=False)
+    given = CusaTrainer(model=model, args=args, processing_class=processor, evaluator=evaluator)
+    assert given.eval_dataset is dataset  # the stock Trainer's eval_strategy check sees the evaluator's split
+    expected = without_runtime(own.evaluate())
+    assert list(expected) == [f"eval_{name}" for name in RETRIEVAL_KEYS]
+    assert without_runtime(given.evaluate()) == expected
+    assert without_runtime(given.evaluate()) == expected
+    assert "eval_runtime" in given.evaluate()
+    assert len(builds) == 2  # one view per evaluator, built at its first evaluation
+    # Another split (here the same rows) with the given evaluator's settings, under its own prefix; a dict per split.
+    test = dataset.select(range(len(dataset)))
+    assert without_runtime(given.evaluate(test, metric_key_prefix="test")) == {
+        key.replace("eval_", "test_"): value for key, value in expected.items()
+    }
+    by_split = given.evaluate({"a": test, "b": dataset})
+    assert without_runtime(by_split) == {
+        key.replace("eval_", f"eval_{split}_"): value for split in "ab" for key, value in expected.items()
+    }
+    assert len(builds) == 3  # the test split's evaluator is reused; the given one serves its own split
+    logged = [entry for entry in given.state.log_history if "test_rsum" in entry]
+    assert logged and logged[-1]["test_rsum"] == expected["eval_rsum"]
+
+
+def test_deprecated_rerank_is_forwarded_to_the_trainers_evaluators(setup, tmp_path):
+    model, processor, dataset = setup
+    view = build_eval_view(dataset)
+    with pytest.warns(FutureWarning, match=r"evaluator=RetrievalEvaluator\(eval_dataset, rerank=\.\.\.\)"):
+        trainer = CusaTrainer(model=model, args=training_args(tmp_path), eval_dataset=view, processing_class=processor,
+                              rerank=oracle_rerank(view))  # fmt: skip
+    metrics = trainer.evaluate()
+    expected = RetrievalEvaluator(view, rerank=oracle_rerank(view), show_progress=False)(model, processor)
+    assert without_runtime(metrics) == expected and metrics["eval_rsum"] == 600.0
+    with pytest.raises(ValueError, match="pass rerank to the RetrievalEvaluator"), pytest.warns(FutureWarning):
+        CusaTrainer(model=model, args=training_args(tmp_path), processing_class=processor,
+                    evaluator=RetrievalEvaluator(view), rerank=oracle_rerank(view))  # fmt: skip
+
+
+def test_trainer_evaluates_each_epoch_with_only_an_evaluator(setup, tmp_path):
+    _, processor, dataset = setup
+    torch.manual_seed(0)
+    model = tiny_cusa_model()
+    args = training_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=6, eval_strategy="epoch",
+                         learning_rate=1e-3)  # fmt: skip
+    evaluator = RetrievalEvaluator(dataset, show_progress=False)
+    trainer = CusaTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor, evaluator=evaluator)
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_rsum" in entry]
+    assert len(evaluations) == 2
+    assert evaluations[-1]["eval_rsum"] == evaluator(model, processor)["eval_rsum"]
+
+
+def test_cached_tower_columns_are_checked_against_each_model(tmp_path):
+    from cusa_hf import add_image_tower_features
+
+    processor = tiny_clip_processor()
+    dataset = synthetic_dataset(num_images=4, captions_per_image=2)
+
+    def frozen(seed):
+        model = tiny_cusa_model(seed)
+        model.adapter.image_tower().requires_grad_(False)
+        return model
+
+    model = frozen(0)
+    cached = add_image_tower_features(dataset, model, processor.image_processor, show_progress=False, cache_dir=tmp_path)
+    evaluator = RetrievalEvaluator(cached, show_progress=False)
+    assert evaluator(model, processor) == pytest.approx(RetrievalEvaluator(dataset, show_progress=False)(model, processor))
+    with pytest.raises(ValueError, match="computed with other vision tower weights"):
+        evaluator(frozen(5), processor)
