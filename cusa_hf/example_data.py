@@ -207,3 +207,35 @@ def fetch_example_data(
     _convert_records(folder)
     stamp.write_text(manifest_sha + "\n")
     return folder
+
+
+#: Environment variable naming a coco_mini folder (``train.json``, ``test.json``, images).
+COCO_MINI_ENV = "CUSA_COCO_MINI"
+
+
+def coco_mini_folder() -> Path | None:
+    """coco_mini when it is there: ``$CUSA_COCO_MINI``, else ``../shared/data/coco_mini`` beside a source checkout."""
+    candidate = Path(os.environ.get(COCO_MINI_ENV, Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"))
+    return candidate if (candidate / "train.json").is_file() else None
+
+
+def default_training_data(fallback_dir: str | os.PathLike) -> tuple[Path, str]:
+    """``(folder, description)`` of the built-in default run's data: coco_mini, else the CUSA authors' example data
+    (fetched once into the cache), else (offline) generated coloured shapes written under ``fallback_dir``, with a
+    warning that such numbers say nothing about real retrieval. The folder holds ``train.json`` and ``test.json``."""
+    folder = coco_mini_folder()
+    if folder is not None:
+        return folder, f"coco_mini ({folder}): 600 train / 201 test MS-COCO images, 5 captions each"
+    try:
+        folder = fetch_example_data()
+        return folder, f"the CUSA authors' example MS-COCO data ({folder}; {LICENCE})"
+    except ExampleDataUnavailable as error:
+        from .synthetic_data import write_shapes_dataset
+
+        folder = write_shapes_dataset(Path(fallback_dir) / "generated_shapes")
+        logger.warning(
+            "coco_mini was not found and the CUSA example data could not be fetched (%s): training on GENERATED "
+            "coloured shapes instead. The numbers this run prints say nothing about real image-text retrieval; "
+            "set %s or pass train_file/test_file for real data", error, COCO_MINI_ENV,
+        )  # fmt: skip
+        return folder, f"generated coloured-shapes data ({folder}); no real images could be had"

@@ -115,6 +115,7 @@ def test_clearer_errors_for_bad_files_and_settings(tmp_path):
     import sys
     from pathlib import Path
 
+    from cusa_hf.arguments import parse_arguments
     from cusa_hf.data import BadImageError, load_image, load_json_dataset
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -128,9 +129,9 @@ def test_clearer_errors_for_bad_files_and_settings(tmp_path):
         load_image(str(tmp_path / "pipe.jpg"))
     (tmp_path / "empty.yaml").write_text("")
     with pytest.raises(ValueError, match="empty.yaml: expected a mapping .*NoneType \\(the file is empty\\)"):
-        run_cusa.parse_arguments([str(tmp_path / "empty.yaml")])
+        parse_arguments([str(tmp_path / "empty.yaml")])
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="list.yaml: expected a mapping of setting names to values, got list"):
-        run_cusa.parse_arguments([str(tmp_path / "list.yaml")])
+        parse_arguments([str(tmp_path / "list.yaml")])
     with pytest.raises(ValueError, match="use_csa must be True or False|csa_weight must be"):
         run_cusa.main(["--csa_weight", "nan", "--output_dir", str(tmp_path / "out")])

@@ -12,9 +12,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "examples"))
 
 import run_cusa  # noqa: E402
-from synthetic_data import write_shapes_dataset  # noqa: E402
 
 from cusa_hf import CusaModel  # noqa: E402
+from cusa_hf.arguments import BUILTIN_BACKBONE  # noqa: E402
+from cusa_hf.backbones import rerank_factory  # noqa: E402
+from cusa_hf.factory import build_model, check_backbone  # noqa: E402
+from cusa_hf.synthetic_data import write_shapes_dataset  # noqa: E402
+
+
+def parse_arguments(argv):
+    """The script's parsing: the library's, starting from the built-in default config."""
+    from cusa_hf.arguments import parse_arguments as parse
+
+    return parse(argv, default_config=run_cusa.BUILTIN_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -61,40 +71,40 @@ def tiny_run_args(backbone, data, output_dir, *extra):
 
 @pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("clip_*.yaml")), ids=lambda p: p.stem)
 def test_paper_configs_parse_with_the_authors_settings(config, tiny_backbone, tmp_path):
-    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments(
+    model_args, data_args, training_args = parse_arguments(
         [str(config), "--backbone", str(tiny_backbone), "--output_dir", str(tmp_path), "--use_cpu", "true"]
     )
     assert model_args.backbone == str(tiny_backbone)
     assert (training_args.learning_rate, training_args.weight_decay, training_args.num_train_epochs) == (1e-5, 1e-4, 30)
     assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-6}
     assert training_args.per_device_train_batch_size == (128 if "vitb32" in config.stem else 16)
-    assert (cusa_args.csa_weight, cusa_args.usa_weight, cusa_args.itc_temperature) == (0.1, 0.5, 0.05)
-    assert cusa_args.cusa == config.stem.endswith("_cusa")
+    assert (training_args.csa_weight, training_args.usa_weight, training_args.itc_temperature) == (0.1, 0.5, 0.05)
+    assert training_args.cusa == config.stem.endswith("_cusa")
     assert training_args.metric_for_best_model == "rsum"
-    run_cusa.check_backbone(model_args)
-    model = CusaModel.from_backbone(run_cusa.build_backbone(model_args), **run_cusa.cusa_fields(cusa_args, cusa_args.cusa))
-    assert model.config.use_csa == cusa_args.cusa
+    check_backbone(model_args)
+    model = build_model(model_args, **training_args.cusa_config_fields())
+    assert model.config.use_csa == training_args.cusa
 
 
 def test_builtin_default_config_parses():
-    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments([])
-    assert model_args.backbone == run_cusa.BUILTIN_BACKBONE and cusa_args.compare_with_baseline
+    model_args, data_args, training_args = parse_arguments([])
+    assert model_args.backbone == BUILTIN_BACKBONE and training_args.compare_with_baseline
     assert data_args.image_teacher == "offline:efficientnet-lite2" and data_args.text_teacher == "offline:all-mpnet-base-v2"
 
 
 def test_flags_without_a_config_file_refine_the_builtin_default(tiny_backbone, tmp_path):
-    default = run_cusa.parse_arguments([])
-    refined = run_cusa.parse_arguments(["--output_dir", str(tmp_path), "--seed", "7"])
-    assert refined[3].output_dir == str(tmp_path) and refined[3].seed == 7
+    default = parse_arguments([])
+    refined = parse_arguments(["--output_dir", str(tmp_path), "--seed", "7"])
+    assert refined[2].output_dir == str(tmp_path) and refined[2].seed == 7
     for default_args, refined_args in zip(default, refined):
         for name in ("num_train_epochs", "per_device_train_batch_size", "freeze_vision_tower", "image_teacher"):
             assert getattr(refined_args, name, None) == getattr(default_args, name, None)
     # Naming another backbone leaves the built-in default's settings out; abbreviated flags are refused rather than
     # read as --backbone after the default was chosen.
-    other = run_cusa.parse_arguments(["--backbone", str(tiny_backbone), "--output_dir", str(tmp_path)])
-    assert other[0].freeze_vision_tower is False and other[3].num_train_epochs != default[3].num_train_epochs
+    other = parse_arguments(["--backbone", str(tiny_backbone), "--output_dir", str(tmp_path)])
+    assert other[0].freeze_vision_tower is False and other[2].num_train_epochs != default[2].num_train_epochs
     with pytest.raises(ValueError, match="not used by the HfArgumentParser: \\['--backb'"):
-        run_cusa.parse_arguments(["--backb", str(tiny_backbone), "--output_dir", str(tmp_path)])
+        parse_arguments(["--backb", str(tiny_backbone), "--output_dir", str(tmp_path)])
 
 
 def test_train_compare_save_and_reload(tiny_backbone, shapes, tmp_path, capsys):
@@ -162,12 +172,12 @@ def test_resume_from_checkpoint_reaches_the_same_weights(tiny_backbone, shapes, 
 def test_bad_input_stops_before_training(tiny_backbone, shapes, tmp_path):
     with pytest.raises(Exception, match="does_not_exist.json"):
         run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "a", "--train_file", str(tmp_path / "does_not_exist.json")))
-    with pytest.raises(ValueError, match="cannot load backbone 'no-such/model-anywhere'"):
+    with pytest.raises(ValueError, match="cannot load backbone='no-such/model-anywhere'"):
         run_cusa.main(tiny_run_args("no-such/model-anywhere", shapes, tmp_path / "b"))
     typo = tmp_path / "typo.yaml"
     typo.write_text("csa_wieght: 0.2\n")
     with pytest.raises(ValueError, match="unknown key 'csa_wieght'.*did you mean 'csa_weight'"):
-        run_cusa.parse_arguments([str(typo)])
+        parse_arguments([str(typo)])
     empty = tmp_path / "empty.json"
     empty.write_text("[]")
     with pytest.raises(ValueError, match="empty"):
@@ -191,15 +201,15 @@ def tiny_x2vlm(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("config", sorted((REPO / "examples" / "configs").glob("x2vlm_*.yaml")), ids=lambda p: p.stem)
 def test_x2vlm_configs_parse_and_build(config, tiny_x2vlm, tmp_path):
-    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments(
+    model_args, data_args, training_args = parse_arguments(
         [str(config), "--backbone", str(tiny_x2vlm), "--processor_name", str(tiny_x2vlm), "--output_dir", str(tmp_path),
          "--use_cpu", "true"]
     )  # fmt: skip
     assert model_args.rerank and model_args.rerank_k_test == (256 if "coco" in config.stem else 128)
-    run_cusa.check_backbone(model_args)
-    model = CusaModel.from_backbone(run_cusa.build_backbone(model_args), **run_cusa.cusa_fields(cusa_args, cusa_args.cusa))
+    check_backbone(model_args)
+    model = build_model(model_args, **training_args.cusa_config_fields())
     assert model.config.backbone_config.model_type == "x2vlm" and not model.uses_cross_projection
-    assert run_cusa.rerank_factory(model_args, model) is not None
+    assert rerank_factory(model, k_test=model_args.rerank_k_test) is not None
 
 
 def test_x2vlm_with_cusa_trains_and_reranks_through_the_script(tiny_x2vlm, shapes, tmp_path):
@@ -317,25 +327,23 @@ def test_without_coco_mini_the_default_fetches_the_example_data_and_offline_fall
 
     from test_example_data import write_mirror
 
+    from cusa_hf import example_data
     from cusa_hf.example_data import fetch_example_data
 
     monkeypatch.setenv("CUSA_COCO_MINI", str(tmp_path / "absent"))
     mirror = tmp_path / "mirror"
     manifest = write_mirror(mirror)
     fetch = functools.partial(fetch_example_data, tmp_path / "example", manifest=manifest, show_progress=False)
-    monkeypatch.setattr(run_cusa, "fetch_example_data", functools.partial(fetch, base_url=mirror.as_uri()))
-    data_args = run_cusa.DataArguments()
-    description = run_cusa.resolve_default_data(data_args, str(tmp_path / "out"))
+    monkeypatch.setattr(example_data, "fetch_example_data", functools.partial(fetch, base_url=mirror.as_uri()))
+    folder, description = example_data.default_training_data(tmp_path / "out")
     assert "example MS-COCO data" in description and "Creative Commons" in description
-    assert data_args.train_file == str(tmp_path / "example" / "train.json")
-    assert data_args.test_file == str(tmp_path / "example" / "test.json")
+    assert folder == tmp_path / "example" and (folder / "train.json").is_file() and (folder / "test.json").is_file()
 
-    monkeypatch.setattr(run_cusa, "fetch_example_data", functools.partial(
+    monkeypatch.setattr(example_data, "fetch_example_data", functools.partial(
         fetch_example_data, tmp_path / "unreachable", manifest=manifest, base_url="http://127.0.0.1:9/"))  # fmt: skip
-    data_args = run_cusa.DataArguments()
-    with caplog.at_level(logging.WARNING, logger="run_cusa"):
-        description = run_cusa.resolve_default_data(data_args, str(tmp_path / "out"))
-    assert "generated coloured-shapes" in description
+    with caplog.at_level(logging.WARNING, logger="cusa_hf.example_data"):
+        folder, description = example_data.default_training_data(tmp_path / "out")
+    assert "generated coloured-shapes" in description and (folder / "train.json").is_file()
     assert "say nothing about real image-text retrieval" in caplog.text and "127.0.0.1:9" in caplog.text
 
 

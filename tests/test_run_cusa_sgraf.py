@@ -16,8 +16,10 @@ sys.path.insert(0, str(REPO / "examples"))
 import run_cusa  # noqa: E402
 
 from cusa_hf import CusaModel  # noqa: E402
+from cusa_hf.arguments import BUILTIN_BACKBONE, parse_arguments  # noqa: E402
+from cusa_hf.factory import build_model, check_backbone, load_sgraf_data  # noqa: E402
 from cusa_hf.models.sgraf import SgrafConfig, SgrafModel, SgrafTokenizer  # noqa: E402
-from cusa_hf.models.sgraf.evaluation import evaluate_sgraf  # noqa: E402
+from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf  # noqa: E402
 from cusa_hf.models.sgraf.features import RegionFeatureSplit  # noqa: E402
 
 SGRAF_CONFIGS = sorted((REPO / "examples" / "configs").glob("s[ga][rf]_*.yaml"))
@@ -91,20 +93,20 @@ def sgraf_run_args(data: Path, output_dir: Path, *extra: str) -> list[str]:
 def test_sgraf_configs_parse_and_their_schedules_build(config, tmp_path):
     vocab = tmp_path / "vocab.json"
     SgrafTokenizer.from_captions(["a dog"] * 4, tmp_path)
-    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments(
+    model_args, data_args, training_args = parse_arguments(
         [str(config), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--features_dir", str(tmp_path),
          "--sgraf_vocab_file", str(vocab)]
     )  # fmt: skip
     module, dataset, recipe = config.stem.split("_", 2)
     assert model_args.backbone == "sgraf" and model_args.sgraf_module_name == module.upper()
-    assert run_cusa.check_backbone(model_args) == "sgraf"
-    assert data_args.eval_protocol in run_cusa.PROTOCOLS and data_args.features_dir == str(tmp_path)
-    assert cusa_args.cusa == (recipe != "original")
+    assert check_backbone(model_args) == "sgraf"
+    assert data_args.eval_protocol in PROTOCOLS and data_args.features_dir == str(tmp_path)
+    assert training_args.cusa == (recipe != "original")
     assert training_args.metric_for_best_model == "rsum" and training_args.max_grad_norm == 2.0
     if recipe != "mini_grid":
         assert data_args.validation_split == "dev" and training_args.per_device_train_batch_size == 128
-    if cusa_args.cusa:
-        assert cusa_args.csa_weight == (0.6 if module == "sgr" else 1.0) and cusa_args.usa_weight == 0.75
+    if training_args.cusa:
+        assert training_args.csa_weight == (0.6 if module == "sgr" else 1.0) and training_args.usa_weight == 0.75
     SgrafConfig(module_name=model_args.sgraf_module_name, img_dim=model_args.sgraf_img_dim,
                 embed_size=model_args.sgraf_embed_size, word_dim=model_args.sgraf_word_dim,
                 sim_dim=model_args.sgraf_sim_dim)  # fmt: skip
@@ -173,14 +175,14 @@ def test_validation_split_files_and_saved_folders(scan_data, tmp_path):
     saved.save_pretrained(tmp_path / "saf")
     tokenizer.save_pretrained(tmp_path / "saf")
 
-    args = run_cusa.parse_arguments(["--backbone", str(tmp_path / "saf"), "--features_dir", str(data), "--validation_split",
+    args = parse_arguments(["--backbone", str(tmp_path / "saf"), "--features_dir", str(data), "--validation_split",
                                      "dev", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])  # fmt: skip
-    model_args, data_args, cusa_args, training_args = args
-    assert run_cusa.check_backbone(model_args) == "sgraf"
-    sgraf = run_cusa.load_sgraf_data(model_args, data_args, training_args)
+    model_args, data_args, training_args = args
+    assert check_backbone(model_args) == "sgraf"
+    sgraf = load_sgraf_data(model_args, data_args, training_args)
     splits = sgraf.splits
     assert len(splits["validation"]) == 15 and len(splits["train"]) == 60 and sgraf.fresh_config is None
-    model = CusaModel.from_backbone(run_cusa.build_backbone(model_args, sgraf), use_csa=False, use_usa=False)
+    model = build_model(model_args, sgraf.fresh_config, use_csa=False, use_usa=False)
     for name, tensor in saved.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[name], tensor), name
     scorer = sgraf.validation_scorer(model, dev.eval_view())
@@ -197,7 +199,7 @@ def test_bad_sgraf_input_stops_before_training(scan_data, tmp_path):
     def run(*extra):  # each attempt in a fresh folder: an earlier attempt may have written its vocabulary
         return run_cusa.main(sgraf_run_args(scan_data, tmp_path / f"out{next(attempts)}", *extra))
 
-    with pytest.raises(ValueError, match="pass --features_dir"):
+    with pytest.raises(ValueError, match="set features_dir"):
         run_cusa.main([arg for arg in sgraf_run_args(scan_data, tmp_path / "out") if arg not in ("--features_dir", str(scan_data))])
     with pytest.raises(ValueError, match=r"\(4, 12\) \(regions, dim\) per image but the model takes \(4, 2048\)"):
         run("--sgraf_img_dim", "2048")
@@ -214,4 +216,4 @@ def test_bad_sgraf_input_stops_before_training(scan_data, tmp_path):
     with pytest.raises(ValueError, match="eval_protocol='coco'"):
         run("--eval_protocol", "coco")
     with pytest.raises(ValueError, match="--features_dir is for SGRAF backbones"):
-        run("--backbone", run_cusa.BUILTIN_BACKBONE)
+        run("--backbone", BUILTIN_BACKBONE)

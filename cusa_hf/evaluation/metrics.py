@@ -232,3 +232,18 @@ def retrieval_metrics(
         600.0
     """
     return recalls_from_ranks(*retrieval_ranks(similarity, text_to_image, t2i_similarity, chunk_size, ties))
+
+
+def format_retrieval_table(results: dict[str, dict[str, float]], prefix: str) -> str:
+    """A fixed-width table of R@1/5/10 and RSUM, one line per run.
+
+    Args:
+        results: ``{run name: metrics}`` with keys ``f"{prefix}_i2t_r1"`` ... ``f"{prefix}_rsum"`` (missing ones show
+            as ``nan``).
+        prefix: the split's metric prefix (``"test"``, ``"validation"``).
+    """
+    lines = [f"{'run':<10}" + "".join(f"{name:>9}" for name in RETRIEVAL_METRIC_NAMES)]
+    for run, metrics in results.items():
+        values = (metrics.get(f"{prefix}_{name}", float("nan")) for name in RETRIEVAL_METRIC_NAMES)
+        lines.append(f"{run:<10}" + "".join(f"{value:>9.2f}" for value in values))
+    return "\n".join(lines)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ...data import RetrievalEvalView, load_image, load_json_dataset
-from ...trainer import stable_image_id
+from ...schema import stable_image_id
 
 SCAN_CAPTIONS_PER_IMAGE = 5
 

@@ -14,7 +14,7 @@ import datasets
 
 from ...data import hold_out_images
 from .configuration_sgraf import SgrafConfig
-from .evaluation import PROTOCOLS, sgraf_pairwise_scorer
+from .evaluation import PROTOCOLS, evaluate_sgraf, sgraf_pairwise_scorer
 from .features import RegionFeatureSplit, SgrafDataCollator
 from .tokenization_sgraf import SgrafTokenizer
 
@@ -32,7 +32,7 @@ class SgrafTrainingData:
         collator: ``SgrafDataCollator`` over the training split's region features.
         validation_scorer: ``CusaTrainer(pairwise_scorer=...)`` factory bound to the features the validation rows
             index (the validation split's, or the training split's when validation images are held out from it).
-        test: the test split, scored with ``evaluate_sgraf`` under ``protocol``.
+        test: the test split, scored with ``evaluate_sgraf`` under ``protocol`` (:meth:`evaluate_test`).
         fresh_config: ``SgrafConfig`` fields of a fresh model (``None`` when a saved model is fine-tuned).
         description: one line on the data, for the model card.
     """
@@ -45,6 +45,19 @@ class SgrafTrainingData:
     protocol: str
     fresh_config: dict[str, Any] | None
     description: str
+
+    def evaluate_test(self, model: Any, show_progress: bool = False) -> dict[str, float]:
+        """``{"test_i2t_r1", ..., "test_rsum"}`` of a trained ``CusaModel`` (or bare SGRAF model) on the test split,
+        under ``protocol``."""
+        if self.test is None:
+            raise ValueError("this SGRAF data has no test split")
+        backbone = getattr(model, "backbone", model)
+        test = self.test
+        metrics = evaluate_sgraf(
+            backbone, test.features, test.captions, test.text_to_image, self.tokenizer, protocol=self.protocol,
+            show_progress=show_progress,
+        )  # fmt: skip
+        return {f"test_{key}": value for key, value in metrics.items()}
 
 
 def _split_exists(features_dir: str, split: str) -> bool:

@@ -1,0 +1,265 @@
+"""The settings of a CUSA run as ``HfArgumentParser`` dataclasses, and parsing them from a config file plus flags.
+
+* :class:`ModelArguments`: which backbone, how it is built and frozen, how fusion backbones are evaluated;
+* :class:`DataArguments`: the splits, their images, the teachers and their feature cache;
+* :class:`CusaTrainingArguments`: ``transformers.TrainingArguments`` plus CUSA's loss settings (the
+  [`CusaConfig`] fields a run may change) and the run-level switches (``cusa``, ``compare_with_baseline``,
+  ``overwrite_output_dir``), the way sentence-transformers extends ``TrainingArguments``.
+
+``examples/run_cusa.py`` reads all three with :func:`parse_arguments`; Python users can build them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .configuration_cusa import CusaConfig
+from .models.sgraf import SgrafConfig
+
+logger = logging.getLogger(__name__)
+
+#: The built-in backbone: pretrained EfficientNet-Lite0 + all-MiniLM-L6-v2 towers installed from PyPI, new projections.
+BUILTIN_BACKBONE = "builtin:efficientnet-lite0+minilm"
+#: A fresh SGR/SAF model (``cusa_hf.models.sgraf``) trained on precomputed region features.
+SGRAF_BACKBONE = "sgraf"
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+_SGRAF_DEFAULTS = SgrafConfig()
+
+
+@dataclass
+class ModelArguments:
+    backbone: str = field(
+        default=BUILTIN_BACKBONE,
+        metadata={
+            "help": "Backbone to fine-tune: a Hub name or local folder of a CLIP / VisionTextDualEncoder / X2VLM / BLIP "
+            f"model, {SGRAF_BACKBONE!r} (a fresh SGR/SAF model) or {BUILTIN_BACKBONE!r} (pretrained EfficientNet-Lite0 "
+            "image tower + all-MiniLM-L6-v2 text tower installed from PyPI, new projections)."
+        },
+    )
+    processor_name: str | None = field(default=None, metadata={"help": "Processor name/path (defaults to backbone)."})
+    projection_dim: int = field(default=256, metadata={"help": "Projection width of the built-in dual encoder."})
+    freeze_vision_tower: bool = field(
+        default=False, metadata={"help": "Freeze the image tower (weights and BatchNorm statistics); CPU-friendly."}
+    )
+    freeze_text_tower: bool = field(
+        default=False, metadata={"help": "Freeze the text tower (weights; dropout off, so training computes as evaluation)."}
+    )
+    cache_frozen_towers: bool = field(
+        default=True,
+        metadata={
+            "help": "With freeze_vision_tower / freeze_text_tower on a CLIP / dual-encoder backbone: run each frozen "
+            "tower once per image / caption of every split and train and evaluate on its cached output (the same "
+            "model, without the tower's cost at every step)."
+        },
+    )
+    rerank: bool = field(
+        default=False,
+        metadata={"help": "Evaluate fusion backbones (X2VLM, BLIP) by ITM reranking of the ITC top-k, as their papers do."},
+    )
+    rerank_k_test: int = field(default=256, metadata={"help": "Candidates reranked per query (256 COCO, 128 Flickr30K)."})
+    sgraf_module_name: str = field(
+        default=_SGRAF_DEFAULTS.module_name,
+        metadata={"help": f"With backbone {SGRAF_BACKBONE!r}: the similarity reasoner, SGR or SAF (SgrafConfig.module_name)."},
+    )
+    sgraf_img_dim: int = field(
+        default=_SGRAF_DEFAULTS.img_dim,
+        metadata={"help": "With backbone 'sgraf': width of one region feature (2048 BUTD, 1280 EfficientNet-Lite grids)."},
+    )
+    sgraf_embed_size: int = field(
+        default=_SGRAF_DEFAULTS.embed_size,
+        metadata={"help": "With backbone 'sgraf': joint embedding size (SgrafConfig.embed_size)."},
+    )
+    sgraf_word_dim: int = field(
+        default=_SGRAF_DEFAULTS.word_dim,
+        metadata={"help": "With backbone 'sgraf': word embedding size (SgrafConfig.word_dim)."},
+    )
+    sgraf_sim_dim: int = field(
+        default=_SGRAF_DEFAULTS.sim_dim,
+        metadata={"help": "With backbone 'sgraf': similarity vector size (SgrafConfig.sim_dim)."},
+    )
+    sgraf_vocab_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "SGRAF vocabulary JSON (the original vocab/*_precomp_vocab.json or {word: id}). Default: the "
+            "backbone folder's vocab.json, or, for a fresh 'sgraf' backbone, one built from the training captions "
+            "(words seen at least 4 times) and written to output_dir."
+        },
+    )
+
+    @property
+    def is_sgraf(self) -> bool:
+        """The backbone is a fresh SGR/SAF model (a saved SGRAF folder is recognised by its config instead)."""
+        return self.backbone == SGRAF_BACKBONE
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training data: authors'/ALBEF JSON, save_to_disk folder, imagefolder or Hub name."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Validation data (model selection only)."})
+    test_file: str | None = field(default=None, metadata={"help": "Test data, evaluated once at the end."})
+    train_split: str = field(default="train", metadata={"help": "Split name for Hub / DatasetDict sources."})
+    validation_split: str = field(default="validation", metadata={"help": "Validation split name for Hub sources."})
+    test_split: str = field(default="test", metadata={"help": "Test split name for Hub sources."})
+    image_root: str | None = field(default=None, metadata={"help": "Folder that relative image paths resolve against."})
+    validation_images: int = field(
+        default=0, metadata={"help": "Without a validation file, hold out this many training images (all their captions)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    skip_invalid: bool = field(
+        default=False,
+        metadata={"help": "Skip (and report) records with empty captions, missing images or images that do not decode."},
+    )
+    image_teacher: str = field(
+        default="offline:efficientnet-lite2",
+        metadata={"help": "Image teacher: transformers/timm name or path, or offline:efficientnet-lite{0,1,2}."},
+    )
+    text_teacher: str = field(
+        default="offline:all-mpnet-base-v2",
+        metadata={"help": "Text teacher: sentence-transformers name or path, or offline:all-mpnet-base-v2 / offline:all-MiniLM-L6-v2."},
+    )
+    teacher_batch_size: int = field(default=64, metadata={"help": "Batch size of the teacher forward passes."})
+    teacher_cache_dir: str | None = field(default=None, metadata={"help": "Where cached teacher features are kept."})
+    max_text_length: int | None = field(default=None, metadata={"help": "Truncate captions to this many tokens."})
+    features_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "SGRAF backbones only: folder of SCAN-format region features ({split}_ims.npy, {split}_caps.txt, "
+            "optional {split}_image_ids.txt / {split}_text_to_image.txt) for the train/validation/test splits."
+        },
+    )
+    eval_protocol: str = field(
+        default="coco5k",
+        metadata={
+            "help": "SGRAF backbones only: test-set protocol, one of coco5k / f30k (one matrix over the split) or coco1k "
+            "(mean over 5 folds of 1,000 images). Validation always uses one matrix."
+        },
+    )
+
+
+#: CusaConfig fields a run may set (their defaults and types come from CusaConfig itself).
+CUSA_CONFIG_FIELDS = (
+    "csa_weight", "usa_weight", "use_csa", "use_usa", "itc_temperature", "csa_temperature", "usa_image_temperature",
+    "usa_text_temperature", "learnable_temperatures", "softlabel_temperature", "softlabel_mode", "softlabel_loss",
+    "itc_reduction", "cross_projection", "gather_features", "tower_dropout",
+)  # fmt: skip
+
+
+def _training_arguments_class() -> type:
+    config_fields = {f.name: f for f in dataclasses.fields(CusaConfig)}
+    specs: list[tuple[str, Any, Any]] = [
+        ("cusa", bool, field(default=True, metadata={"help": "Train with CUSA; false trains the InfoNCE baseline."})),
+        (
+            "compare_with_baseline",
+            bool,
+            field(default=False, metadata={"help": "Also train the baseline with identical settings and report both."}),
+        ),
+        (
+            "overwrite_output_dir",
+            bool,
+            field(default=False, metadata={"help": "Replace an earlier run in output_dir (deleted first)."}),
+        ),
+        # The collator reads the raw image, caption and teacher columns, which the Trainer would otherwise drop.
+        ("remove_unused_columns", bool, field(default=False, metadata={"help": "Kept False: the collator reads raw columns."})),
+    ]
+    for name in CUSA_CONFIG_FIELDS:
+        spec = config_fields[name]
+        specs.append((name, spec.type, field(default=spec.default, metadata={"help": f"CusaConfig.{name}"})))
+
+    def cusa_config_fields(self, enabled: bool | None = None) -> dict[str, Any]:
+        """The CusaConfig fields of this run; ``enabled=False`` (the baseline) switches CSA and USA off
+        (default: ``self.cusa``)."""
+        fields = {name: getattr(self, name) for name in CUSA_CONFIG_FIELDS}
+        if not (self.cusa if enabled is None else enabled):
+            fields.update(use_csa=False, use_usa=False)
+        return fields
+
+    def needs_teachers(self) -> bool:
+        """Some run of these settings trains with a CSA or USA term, so teacher features are needed."""
+        return CusaConfig(**self.cusa_config_fields(True)).needs_teachers and (self.cusa or self.compare_with_baseline)
+
+    return dataclasses.make_dataclass(
+        "CusaTrainingArguments",
+        specs,
+        bases=(TrainingArguments,),
+        namespace={
+            "__doc__": "``TrainingArguments`` plus CUSA's loss settings (CusaConfig fields) and run switches.",
+            "__module__": __name__,
+            "cusa_config_fields": cusa_config_fields,
+            "needs_teachers": needs_teachers,
+        },
+    )
+
+
+CusaTrainingArguments = _training_arguments_class()
+
+
+def parse_arguments(
+    argv: Sequence[str], default_config: str | Path | None = None, default_output_dir: str = "outputs/cusa"
+) -> tuple[ModelArguments, DataArguments, Any]:
+    """``(ModelArguments, DataArguments, CusaTrainingArguments)`` from a command line.
+
+    The first argument may be a YAML/JSON config file of setting names to values; flags after it override the file.
+    Without a config file and without ``--backbone`` (or with the built-in backbone), ``default_config`` is read
+    first, so the built-in backbone comes with its schedule, teachers and frozen towers. Unknown keys in a config file
+    are refused with a close-match hint, and the CUSA settings are validated before anything slow runs.
+    """
+    argv = list(argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, CusaTrainingArguments))
+    # Abbreviated flags (--backb) would slip past _flag_value and pick up the built-in default's settings.
+    parser.allow_abbrev = False
+    has_config = bool(argv) and argv[0].endswith(CONFIG_SUFFIXES)
+    if default_config is not None and not has_config and _flag_value(argv, "backbone") in (None, BUILTIN_BACKBONE):
+        if argv:
+            logger.warning(
+                "no config file and no --backbone: starting from %s (built-in frozen towers, its schedule and offline "
+                "teachers); the flags given override its values", default_config,
+            )  # fmt: skip
+        argv = [str(default_config), *argv]
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
+        config_path, argv = Path(argv[0]), argv[1:]
+        parser.set_defaults(**read_config_file(config_path, parser))
+    if _flag_value(argv, "output_dir") is None and parser.get_default("output_dir") is None:
+        parser.set_defaults(output_dir=default_output_dir)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    CusaConfig(**training_args.cusa_config_fields(True))  # invalid CUSA settings stop here, before teacher extraction
+    return model_args, data_args, training_args
+
+
+def read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
+    """The settings of a YAML/JSON config file, each checked to be a field of ``parser``'s dataclasses."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of setting names to values, got {type(values).__name__} "
+            f"{'(the file is empty)' if values is None else ''}".rstrip()
+        )
+    known = {f.name for dataclass_type in parser.dataclass_types for f in dataclasses.fields(dataclass_type)}
+    for key in values:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"{path}: unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+    return values
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str | None:
+    """The value of ``--name`` on a command line, or ``None`` when it is not given."""
+    for position, arg in enumerate(argv):
+        if arg == f"--{name}" and position + 1 < len(argv):
+            return argv[position + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
