@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import BadImageError, load_image
+from ..schema import first_row_per_image, is_caption
 
 logger = logging.getLogger(__name__)
 
@@ -296,34 +297,20 @@ def _image_keys(dataset: datasets.Dataset, image_column: str, image_id_column: s
     return [path if path else ("row", row) for row, path in enumerate(paths)], False
 
 
-def _check_one_path_per_id(paths: list[Any], ids: list[Any], image_id_column: str) -> None:
-    seen: dict[Any, tuple[int, Any]] = {}
-    for row, (image_id, path) in enumerate(zip(ids, paths)):
-        first = seen.setdefault(image_id, (row, path))
-        if first[1] != path:
-            raise ValueError(
-                f"{image_id_column} {image_id!r} names two different images: {first[1]!r} (row {first[0]}) and "
-                f"{path!r} (row {row}); image ids must identify one image"
-            )
-
-
 def _unique_images(dataset: datasets.Dataset, columns: FeatureColumns) -> tuple[np.ndarray, int, BatchLoader]:
     """Each row's unique-image index, the number of unique images, and a loader of unique images by index."""
     image_column, image_id_column = columns.image_column, columns.image_id_column
     keys, keys_are_ids = _image_keys(dataset, image_column, image_id_column)
-    index_of: dict[Any, int] = {}
-    first_rows: list[int] = []
-    row_to_unique = np.empty(len(keys), dtype=np.int64)
-    for row, key in enumerate(keys):
-        if key not in index_of:
-            index_of[key] = len(first_rows)
-            first_rows.append(row)
-        row_to_unique[row] = index_of[key]
     undecoded = dataset.select_columns([image_column])
+    paths = None
     if isinstance(undecoded.features[image_column], datasets.Image):
         undecoded = undecoded.cast_column(image_column, datasets.Image(decode=False))
     elif keys_are_ids:
-        _check_one_path_per_id(undecoded[image_column], keys, image_id_column)
+        paths = undecoded[image_column]  # one id naming two files is refused
+    first_row = first_row_per_image(keys, paths, id_column=image_id_column)
+    index_of = {key: index for index, key in enumerate(first_row)}
+    first_rows = list(first_row.values())
+    row_to_unique = np.array([index_of[key] for key in keys], dtype=np.int64)
 
     def load_images(indices: Sequence[int]) -> tuple[list, list[int], dict[int, str]]:
         rows = [first_rows[index] for index in indices]
@@ -345,7 +332,7 @@ def _unique_captions(dataset: datasets.Dataset, caption_column: str) -> tuple[np
     the data."""
     captions = dataset[caption_column]
     for row, caption in enumerate(captions):
-        if not isinstance(caption, str) or not caption.strip():
+        if not is_caption(caption):
             raise ValueError(f"row {row}: empty or non-text caption {caption!r} in column {caption_column!r}")
     distinct = sorted(dict.fromkeys(captions), key=len, reverse=True)
     position_of = {caption: position for position, caption in enumerate(distinct)}
