@@ -107,12 +107,12 @@ def reference_text_text(test_file: str, image_root: str | None, teachers: list[s
 def quick_data(folder: Path) -> tuple[Path, list[str]]:
     """A tiny split of coco_mini (8 train images, 4 test images), or generated shapes when coco_mini is absent;
     returns the folder and the run_cusa data flags."""
-    import run_cusa
+    from cusa_hf.example_data import coco_mini_folder
 
-    source = run_cusa.default_data_folder()
+    source = coco_mini_folder()
     folder.mkdir(parents=True, exist_ok=True)
     if source is None:
-        from synthetic_data import write_shapes_dataset
+        from cusa_hf.synthetic_data import write_shapes_dataset
 
         source = write_shapes_dataset(folder / "shapes", train_images=8, test_images=4)
     for split, n_images in (("train", 8), ("test", 4)):
@@ -129,6 +129,8 @@ def quick_data(folder: Path) -> tuple[Path, list[str]]:
 def run_one(row: str, seed: int, args: argparse.Namespace, data_flags: list[str]) -> dict[str, float]:
     import run_cusa
 
+    from cusa_hf.example_data import coco_mini_folder
+
     run_dir = Path(args.output_dir) / f"{row}-seed{seed}"
     argv = [str(run_cusa.BUILTIN_CONFIG), *ROWS[row][1], "--compare_with_baseline", "false", "--seed", str(seed),
             "--output_dir", str(run_dir), "--overwrite_output_dir", "true", "--teacher_cache_dir", args.teacher_cache_dir,
@@ -139,7 +141,7 @@ def run_one(row: str, seed: int, args: argparse.Namespace, data_flags: list[str]
     metrics = next(iter(results.values()))
     test_file = data_flags[data_flags.index("--test_file") + 1] if "--test_file" in data_flags else None
     if test_file is None:  # run_cusa resolved the built-in data
-        test_file = str(run_cusa.default_data_folder() / "test.json")
+        test_file = str(coco_mini_folder() / "test.json")
     image_root = data_flags[data_flags.index("--image_root") + 1] if "--image_root" in data_flags else None
     metrics.update(text_text_retrieval(str(run_dir), test_file, image_root))
     metrics["wall_s"] = round(time.time() - start, 1)
@@ -217,9 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         test_file = data_flags[data_flags.index("--test_file") + 1] if data_flags else None
         image_root = data_flags[data_flags.index("--image_root") + 1] if data_flags else None
         if test_file is None:
-            import run_cusa
+            from cusa_hf.example_data import coco_mini_folder
 
-            test_file = str(run_cusa.default_data_folder() / "test.json")
+            test_file = str(coco_mini_folder() / "test.json")
         references.update(reference_text_text(test_file, image_root, missing))
         references_file.write_text(json.dumps(references, indent=1))
     selected = {key: value for key, value in runs.items() if int(key.split("seed")[1]) in args.seeds}

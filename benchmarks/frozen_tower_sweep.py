@@ -47,25 +47,26 @@ def prepare(output_dir: str):
     import run_cusa
     from transformers import set_seed
 
-    from cusa_hf import CusaModel
-    from cusa_hf.data import build_eval_view
-    from cusa_hf.teachers import add_teacher_features
+    from cusa_hf.arguments import parse_arguments
+    from cusa_hf.data import build_eval_view, load_splits
+    from cusa_hf.example_data import default_training_data
+    from cusa_hf.factory import build_model, build_processor, cache_frozen_towers
     from cusa_hf.schema import stable_image_id
+    from cusa_hf.teachers import add_teacher_features
 
-    model_args, data_args, cusa_args, training_args = run_cusa.parse_arguments(
-        ["--output_dir", output_dir, "--disable_tqdm", "true"]
+    model_args, data_args, training_args = parse_arguments(
+        ["--output_dir", output_dir, "--disable_tqdm", "true"], default_config=run_cusa.BUILTIN_CONFIG
     )
-    processor = run_cusa.build_processor(model_args)
-    run_cusa.resolve_default_data(data_args, output_dir)
-    splits = run_cusa.load_splits(data_args)
+    processor = build_processor(model_args)
+    folder, _ = default_training_data(output_dir)
+    data_args.train_file, data_args.test_file = str(folder / "train.json"), str(folder / "test.json")
+    splits = load_splits(data_args)
     splits["train"] = add_teacher_features(
         splits["train"], image_teacher=data_args.image_teacher, text_teacher=data_args.text_teacher, show_progress=False
     )
     set_seed(0)
-    model = CusaModel.from_backbone(run_cusa.build_backbone(model_args))
-    run_cusa.freeze_tower(model.backbone.vision_model)
-    run_cusa.freeze_tower(model.backbone.text_model)
-    splits = run_cusa.cache_frozen_towers(model, splits, processor, model_args, data_args, training_args)
+    model = build_model(model_args)
+    splits = cache_frozen_towers(model, splits, processor, model_args, data_args, show_progress=False)
     train = splits["train"]
 
     def column(name: str) -> torch.Tensor:
@@ -80,7 +81,7 @@ def prepare(output_dir: str):
     }
     views = {name: build_eval_view(splits[name]) for name in ("validation", "test")}
     defaults = {name: getattr(training_args, name) for name in TRAINING_FIELDS}
-    return run_cusa, model_args, cusa_args, defaults, tensors, views
+    return model_args, training_args, defaults, tensors, views
 
 
 @torch.no_grad()
@@ -97,18 +98,16 @@ def rsum(model, view) -> float:
 def train_one(context, variant: dict, cusa: bool, seed: int) -> dict:
     from transformers import get_scheduler, set_seed
 
-    from cusa_hf import CusaModel
+    from cusa_hf.factory import build_model
 
-    run_cusa, model_args, cusa_args, defaults, tensors, views = context
+    model_args, training_args, defaults, tensors, views = context
     settings = {**defaults, **{key: value for key, value in variant.items() if key in TRAINING_FIELDS}}
-    fields = run_cusa.cusa_fields(cusa_args, cusa)
+    fields = training_args.cusa_config_fields(cusa)
     fields.update({key: value for key, value in variant.items() if key not in TRAINING_FIELDS})
     if not cusa:
         fields.update(use_csa=False, use_usa=False)
     set_seed(seed)
-    model = CusaModel.from_backbone(run_cusa.build_backbone(model_args), **fields)
-    run_cusa.freeze_tower(model.backbone.vision_model)
-    run_cusa.freeze_tower(model.backbone.text_model)
+    model = build_model(model_args, **fields)
     model.train()
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     decay = [p for name, p in trainable if p.ndim != 1 and not name.endswith(".bias")]

@@ -45,8 +45,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "examples"))
 
 VARIANTS = ("infonce", "cusa", "cusa_online_text")
 TEACHER_IMAGE_DIM, TEACHER_TEXT_DIM = 1280, 768
@@ -59,12 +57,12 @@ def build_student(student: str, use_cusa: bool):
 
     cusa_fields = {} if use_cusa else {"use_csa": False, "use_usa": False}
     if student == "builtin":
-        import run_cusa
+        from cusa_hf.arguments import ModelArguments
+        from cusa_hf.factory import build_model, build_processor
 
-        model_args = run_cusa.ModelArguments(freeze_vision_tower=True)
-        model = CusaModel.from_backbone(run_cusa.build_backbone(model_args), **cusa_fields)
-        run_cusa.freeze_tower(model.backbone.vision_model)
-        tokenizer = run_cusa.build_processor(model_args).tokenizer
+        model_args = ModelArguments(freeze_vision_tower=True)
+        model = build_model(model_args, **cusa_fields)
+        tokenizer = build_processor(model_args).tokenizer
     elif student == "tiny_clip":
         from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 
@@ -87,9 +85,9 @@ def build_student(student: str, use_cusa: bool):
 
 def captions_for(batch_size: int) -> list[str]:
     """Real coco_mini captions when available (realistic token lengths), else generated ones."""
-    import run_cusa
+    from cusa_hf.example_data import coco_mini_folder
 
-    folder = run_cusa.default_data_folder()
+    folder = coco_mini_folder()
     captions = [record["caption"] for record in json.loads((folder / "train.json").read_text())] if folder else []
     if not captions:
         captions = [f"a photo of {n} red squares on a blue background" for n in range(batch_size)]
