@@ -13,7 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -212,6 +212,23 @@ class _RowBuilder:
         if not self.captions:
             raise InvalidRecordError(f"{source}: no valid (image, caption) rows")
         self.image_ids = normalize_image_ids(self.image_ids)
+
+
+def eval_view_pixel_batches(
+    eval_view: RetrievalEvalView,
+    image_processor: Any,
+    batch_size: int = 64,
+    show_progress: bool = True,
+    desc: str = "Images",
+) -> Iterator[torch.Tensor]:
+    """The evaluation view's unique images, loaded and processed in order, as `(batch, channels, height, width)`
+    ``pixel_values`` batches on the CPU (for scorers that keep per-image sequences, such as ITM rerankers)."""
+    for start in tqdm(range(0, eval_view.num_images, batch_size), desc=desc, disable=not show_progress):
+        images = [
+            load_image(value, eval_view.image_root, where=f"image {start + offset}")
+            for offset, value in enumerate(eval_view.images[start : start + batch_size])
+        ]
+        yield image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def caption_max_length(tokenizer: Any, max_length: int | None = None) -> int:

@@ -13,11 +13,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
 
 from ..backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
-from ..data import RetrievalEvalView, load_image
+from ..data import RetrievalEvalView, eval_view_pixel_batches
 from .fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negatives
 
 #: BLIP's ITC temperature at initialisation (``temp: 0.07`` in its retrieval configs). BLIP learns it, but the
@@ -151,13 +150,11 @@ class BlipItmScorer:
             raise TypeError(f"expected BlipForImageTextRetrieval or a CusaModel wrapping one, got {type(backbone).__name__}")
         adapter = BlipAdapter(backbone.eval())
         device = torch.device(device) if device is not None else next(backbone.parameters()).device
-        sequences = []
-        for start in tqdm(range(0, len(eval_view.images), batch_size), desc="ITM image sequences", disable=not show_progress):
-            pil = [load_image(value, eval_view.image_root, where=f"image {start + i}")
-                   for i, value in enumerate(eval_view.images[start : start + batch_size])]
-            pixels = processor.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(device, backbone.dtype)
-            sequences.append(adapter.image_sequence(pixels))
-        sequences = torch.cat(sequences)
+        sequences = torch.cat([
+            adapter.image_sequence(pixels.to(device, backbone.dtype))
+            for pixels in eval_view_pixel_batches(eval_view, processor.image_processor, batch_size, show_progress,
+                                                  desc="ITM image sequences")
+        ])  # fmt: skip
         tokens = processor.tokenizer(list(eval_view.captions), padding="longest", truncation=True,
                                      max_length=max_length, return_tensors="pt").to(device)
         text_features = torch.cat([

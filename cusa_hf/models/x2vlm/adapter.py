@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
-from ...data import RetrievalEvalView, load_image
+from ...data import RetrievalEvalView, eval_view_pixel_batches
 from .modeling_x2vlm import X2VlmModel
 
 
@@ -146,12 +146,11 @@ class X2VlmItmScorer:
         backbone = x2vlm_backbone(model).eval()
         device = torch.device(device) if device is not None else next(backbone.parameters()).device
         max_length = max_length or backbone.config.max_text_length
-        images = []
-        for start in tqdm(range(0, len(eval_view.images), batch_size), desc="ITM image sequences", disable=not show_progress):
-            pil = [load_image(value, eval_view.image_root, where=f"image {start + i}")
-                   for i, value in enumerate(eval_view.images[start : start + batch_size])]
-            pixels = processor.image_processor(images=pil, return_tensors="pt")["pixel_values"].to(device)
-            images.append(backbone.get_image_sequence(pixels.to(backbone.dtype)).to(dtype or backbone.dtype))
+        images = [
+            backbone.get_image_sequence(pixels.to(device, backbone.dtype)).to(dtype or backbone.dtype)
+            for pixels in eval_view_pixel_batches(eval_view, processor.image_processor, batch_size, show_progress,
+                                                  desc="ITM image sequences")
+        ]
         texts, masks = [], []
         for start in tqdm(range(0, len(eval_view.captions), text_batch_size), desc="ITM text sequences",
                           disable=not show_progress):
