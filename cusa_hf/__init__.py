@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
+from .arguments import CusaTrainingArguments
 from .backbones import (
     BackboneAdapter,
     BackboneFeatures,
@@ -9,11 +10,13 @@ from .backbones import (
     dual_encoder_config,
     dual_encoder_from_towers,
     register_backbone_adapter,
+    rerank_factory,
     sentence_transformer_text_tower,
     supported_model_types,
 )
 from .configuration_cusa import CusaConfig
-from .data import build_eval_view, load_hub_dataset, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
+from .data import load_hub_dataset, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
+from .eval_view import build_eval_view
 from .evaluation import (
     RerankConfig,
     RetrievalEvaluator,
@@ -28,7 +31,9 @@ from .evaluation import (
     sts_spearman,
 )
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
+from .losses import CusaLoss
 from .modeling_cusa import CusaModel, CusaOutput
+from .search import RetrievalIndex
 from .teachers import add_teacher_features, check_teacher_features, read_teacher_provenance
 from .trainer import CusaDataCollator, CusaTrainer, cusa_training_arguments
 from . import models  # noqa: E402,F401  registers the X2VLM, BLIP and SGR/SAF adapters and Auto classes
@@ -46,11 +51,14 @@ __all__ = [
     "BackboneFeatures",
     "CusaConfig",
     "CusaDataCollator",
+    "CusaLoss",
     "CusaModel",
     "CusaOutput",
     "CusaTrainer",
+    "CusaTrainingArguments",
     "RerankConfig",
     "RetrievalEvaluator",
+    "RetrievalIndex",
     "adapter_class_for",
     "add_image_tower_features",
     "add_text_tower_features",
@@ -73,6 +81,7 @@ __all__ = [
     "pairwise_similarity",
     "read_teacher_provenance",
     "register_backbone_adapter",
+    "rerank_factory",
     "rerank_with_itm",
     "sentence_transformer_text_tower",
     "retrieval_metrics",

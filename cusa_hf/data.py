@@ -1,4 +1,5 @@
-"""Image-text retrieval data: loading datasets as one row per caption, loading images, and the evaluation view.
+"""Image-text retrieval data: loading datasets and splits as one row per caption (images: cusa_hf.images; the
+evaluation view: cusa_hf.eval_view).
 
 Every loader returns a ``datasets.Dataset`` with one row per caption in the schema of ``cusa_hf.schema``
 (``image``, ``caption``, ``image_id``).
@@ -11,16 +12,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import datasets
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .eval_view import RetrievalEvalView, build_eval_view, eval_view_pixel_batches  # noqa: F401  (re-exported)
+from .images import BadImageError, load_image  # noqa: F401  (re-exported)
 from .schema import (  # noqa: F401  (re-exported: cusa_hf.data was their home before cusa_hf.schema)
     CAPTION_COLUMN_CANDIDATES,
     IMAGE_COLUMN,
@@ -32,122 +31,6 @@ from .schema import (  # noqa: F401  (re-exported: cusa_hf.data was their home b
     is_caption,
     normalize_image_ids,
 )
-
-
-class BadImageError(ValueError):
-    """An image that cannot be opened or decoded; the message names the file (or row) and the reason."""
-
-
-def load_image(value: Any, image_root: str | os.PathLike | None = None, where: str = "") -> Image.Image:
-    """Open one dataset image value as an RGB ``PIL.Image``.
-
-    Args:
-        value: a ``PIL.Image``, a ``datasets.Image`` decoded dict (``{"path", "bytes"}``) or a file path, absolute or
-            relative to ``image_root``.
-        image_root: folder that relative paths are resolved against.
-        where: a description of the row (e.g. ``"row 17"``) used in error messages.
-
-    Raises:
-        BadImageError: the file is missing, truncated or not an image; the message names the file and the row.
-    """
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    source: Any = value
-    label = where or "image"
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            import io
-
-            source = io.BytesIO(value["bytes"])
-            label = f"{where} ({value.get('path') or 'in-memory bytes'})".strip()
-        elif value.get("path"):
-            source = value["path"]
-        else:
-            raise BadImageError(f"{label}: image value has neither 'bytes' nor 'path': {value!r}")
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if image_root is not None and not os.path.isabs(path):
-            path = os.path.join(os.fspath(image_root), path)
-        source = path
-        label = f"{where} ({path})".strip() if where else path
-        if os.path.exists(path) and not os.path.isfile(path):
-            # A FIFO or device would block the reader forever; a folder is a wrong path.
-            raise BadImageError(f"{label}: not a regular file, so not an image")
-    try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise BadImageError(f"{label}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise BadImageError(f"{label}: cannot decode image ({error})") from None
-
-
-@dataclass
-class RetrievalEvalView:
-    """Everything retrieval metrics need about an evaluation split, built once.
-
-    Attributes:
-        images: one image value (path, ``PIL.Image`` or ``datasets.Image`` dict) per unique image, in order of first
-            appearance in the split.
-        image_ids: the image id of each entry of ``images``.
-        captions: every caption of the split, in row order.
-        text_to_image: `(n_texts,)` long tensor; ``text_to_image[t]`` is the index in ``images`` of caption t's image.
-        image_to_texts: for each image, the indices in ``captions`` of its captions.
-        image_root: folder that relative image paths are resolved against.
-        image_tower_features: optional `(n_images, image_tower_dim)` cached output of a frozen vision tower, one row
-            per entry of ``images`` (``cusa_hf.add_image_tower_features``); evaluation then projects it instead of
-            running the tower.
-        text_tower_features: optional `(n_texts, text_tower_dim)` cached output of a frozen text tower, one row per
-            caption (``cusa_hf.add_text_tower_features``).
-    """
-
-    images: list[Any]
-    image_ids: list[Any]
-    captions: list[str]
-    text_to_image: torch.Tensor
-    image_to_texts: list[list[int]]
-    image_root: str | None = None
-    image_tower_features: torch.Tensor | None = None
-    text_tower_features: torch.Tensor | None = None
-
-    @classmethod
-    def from_rows(
-        cls,
-        images: Sequence[Any],
-        captions: Sequence[str],
-        image_ids: Sequence[Any],
-        image_root: str | None = None,
-    ) -> "RetrievalEvalView":
-        """Build the view from one-row-per-caption columns (images repeat across their captions)."""
-        if not (len(images) == len(captions) == len(image_ids)):
-            raise ValueError(
-                f"columns differ in length: {len(images)} images, {len(captions)} captions, {len(image_ids)} image ids"
-            )
-        if len(captions) == 0:
-            raise ValueError("the evaluation split is empty: it has no captions")
-        first_row = first_row_per_image(image_ids)
-        index_of = {image_id: index for index, image_id in enumerate(first_row)}
-        unique_images = [images[row] for row in first_row.values()]
-        text_to_image = [index_of[image_id] for image_id in image_ids]
-        image_to_texts: list[list[int]] = [[] for _ in unique_images]
-        for text_index, image_index in enumerate(text_to_image):
-            image_to_texts[image_index].append(text_index)
-        return cls(
-            images=unique_images,
-            image_ids=list(index_of),
-            captions=list(captions),
-            text_to_image=torch.tensor(text_to_image, dtype=torch.long),
-            image_to_texts=image_to_texts,
-            image_root=image_root,
-        )
-
-    @property
-    def num_images(self) -> int:
-        return len(self.images)
-
-    @property
-    def num_texts(self) -> int:
-        return len(self.captions)
 
 
 class _RowBuilder:
@@ -212,23 +95,6 @@ class _RowBuilder:
         if not self.captions:
             raise InvalidRecordError(f"{source}: no valid (image, caption) rows")
         self.image_ids = normalize_image_ids(self.image_ids)
-
-
-def eval_view_pixel_batches(
-    eval_view: RetrievalEvalView,
-    image_processor: Any,
-    batch_size: int = 64,
-    show_progress: bool = True,
-    desc: str = "Images",
-) -> Iterator[torch.Tensor]:
-    """The evaluation view's unique images, loaded and processed in order, as `(batch, channels, height, width)`
-    ``pixel_values`` batches on the CPU (for scorers that keep per-image sequences, such as ITM rerankers)."""
-    for start in tqdm(range(0, eval_view.num_images, batch_size), desc=desc, disable=not show_progress):
-        images = [
-            load_image(value, eval_view.image_root, where=f"image {start + offset}")
-            for offset, value in enumerate(eval_view.images[start : start + batch_size])
-        ]
-        yield image_processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 def caption_max_length(tokenizer: Any, max_length: int | None = None) -> int:
@@ -624,68 +490,3 @@ def load_splits(data_args: Any) -> dict[str, datasets.Dataset]:
             raise ValueError(f"max_train_samples={data_args.max_train_samples} leaves the training set empty")
         splits["train"] = splits["train"].select(range(min(data_args.max_train_samples, len(splits["train"]))))
     return splits
-
-
-def build_eval_view(
-    dataset: datasets.Dataset,
-    image_column: str = "image",
-    caption_column: str = "caption",
-    image_id_column: str = "image_id",
-    image_root: str | os.PathLike | None = None,
-    image_tower_column: str | None = "image_tower_features",
-    text_tower_column: str | None = "text_tower_features",
-) -> RetrievalEvalView:
-    """The evaluation view (unique images, all captions, caption->image and image->captions maps), built once.
-
-    Accepts one row per caption or one row per image with a caption list. Images are grouped by ``image_id``
-    (by the image path when the dataset has no id column). Only the first row's image of each id is read, and
-    ``datasets.Image`` values are kept undecoded (``{"path", "bytes"}``), so building the view decodes nothing.
-    Cached frozen-tower columns (one row per caption) are carried into the view when the dataset has them.
-
-    Raises:
-        ValueError: a column is missing, or one image id maps to two different image paths.
-    """
-    for column in (image_column, caption_column):
-        if column not in dataset.column_names:
-            raise ValueError(f"the evaluation dataset has no {column!r} column; its columns are {dataset.column_names}")
-    is_image_feature = isinstance(dataset.features[image_column], datasets.Image)
-    if is_image_feature:
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
-    path_images = None if is_image_feature else dataset[image_column]
-    if image_id_column in dataset.column_names:
-        row_ids = normalize_image_ids(dataset[image_id_column])
-    elif path_images is not None:
-        row_ids = list(path_images)
-    else:
-        raise ValueError(
-            f"the evaluation dataset has no {image_id_column!r} column and its images are not paths, so captions "
-            "cannot be grouped by image; add an image id column"
-        )
-    first_row = first_row_per_image(row_ids, path_images, id_column="image id")
-    if path_images is not None:
-        unique_images = [path_images[row] for row in first_row.values()]
-    else:
-        unique_images = dataset.select(list(first_row.values()))[image_column]
-    image_of_id = dict(zip(first_row, unique_images))
-    images, captions, ids = [], [], []
-    for row, caption_value in enumerate(dataset[caption_column]):
-        row_captions = caption_value if isinstance(caption_value, (list, tuple)) else [caption_value]
-        for caption in row_captions:
-            if not is_caption(caption):
-                raise ValueError(f"evaluation row {row}: empty or non-text caption {caption!r} in {caption_column!r}")
-            images.append(image_of_id[row_ids[row]])
-            captions.append(caption)
-            ids.append(row_ids[row])
-    view = RetrievalEvalView.from_rows(
-        images, captions, ids, image_root=os.fspath(image_root) if image_root is not None else None
-    )
-    for column, attribute, rows in (
-        (image_tower_column, "image_tower_features", list(first_row.values())),
-        (text_tower_column, "text_tower_features", None),
-    ):
-        if column is not None and column in dataset.column_names:
-            if rows is None and len(captions) != len(dataset):
-                raise ValueError(f"column {column!r} needs one row per caption; this split has caption lists")
-            table = np.asarray(dataset.with_format("numpy", columns=[column])[column], dtype=np.float32)
-            setattr(view, attribute, torch.from_numpy(table if rows is None else table[rows]))
-    return view

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .data import caption_max_length, load_image
+from .arguments import CusaTrainingArguments
+from .data import caption_max_length
+from .images import load_image
 from .evaluation import RetrievalEvaluator
 from .frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN, check_tower_features
 from .schema import is_caption, stable_image_id  # noqa: F401  (stable_image_id re-exported)
@@ -134,8 +136,9 @@ class TemperatureClampCallback(TrainerCallback):
 
 
 def cusa_training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
-    """``TrainingArguments`` with the authors' optimisation: AdamW, lr 1e-5, weight decay 1e-4, cosine schedule to
-    1e-6, 30 epochs, batch 128 per device, no warm-up. Any field can be overridden."""
+    """[`CusaTrainingArguments`] with the authors' optimisation: AdamW, lr 1e-5, weight decay 1e-4, cosine schedule
+    to 1e-6, 30 epochs, batch 128 per device, no warm-up. Any field can be overridden."""
+
     settings: dict[str, Any] = dict(
         output_dir=output_dir,
         optim="adamw_torch",
@@ -149,7 +152,7 @@ def cusa_training_arguments(output_dir: str, **overrides: Any) -> TrainingArgume
         remove_unused_columns=False,
     )
     settings.update(overrides)
-    return TrainingArguments(**settings)
+    return CusaTrainingArguments(**settings)
 
 
 class CusaTrainer(Trainer):

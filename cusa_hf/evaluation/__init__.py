@@ -17,7 +17,7 @@ Protocols (each matches the definition the CUSA paper reports; see ``docs/evalua
 reusable per-split object that ``CusaTrainer.evaluate`` calls.
 """
 
-from ..data import RetrievalEvalView
+from ..eval_view import RetrievalEvalView
 from .eccv import eccv_metrics, load_eccv_positives
 from .encoding import (
     encode_images,

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import RetrievalEvalView, load_image
+from ..eval_view import RetrievalEvalView
+from ..images import load_image
 from .loaders import LabelledImages, StsData
 from .metrics import retrieval_metrics
 from .reranking import RerankConfig, rerank_with_itm

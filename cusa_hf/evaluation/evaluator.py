@@ -16,7 +16,7 @@ from typing import Any, Callable
 import datasets
 import torch
 
-from ..data import RetrievalEvalView, build_eval_view
+from ..eval_view import RetrievalEvalView, build_eval_view
 from ..frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .encoding import evaluate_retrieval
 from .metrics import retrieval_metrics

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
 
 from ..backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
-from ..data import RetrievalEvalView, eval_view_pixel_batches
+from ..eval_view import RetrievalEvalView, eval_view_pixel_batches
 from .fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negatives
 
 #: BLIP's ITC temperature at initialisation (``temp: 0.07`` in its retrieval configs). BLIP learns it, but the

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import BadImageError, load_image
+from ..images import BadImageError, load_image
 from ..schema import first_row_per_image, is_caption
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...data import RetrievalEvalView, load_image, load_json_dataset
+from ...data import load_json_dataset
+from ...eval_view import RetrievalEvalView
+from ...images import load_image
 from ...schema import stable_image_id
 
 SCAN_CAPTIONS_PER_IMAGE = 5

@@ -7,14 +7,14 @@ backbones with their own loss) CSA acts on exactly the similarities X2-VLM ranks
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
-from ...data import RetrievalEvalView, eval_view_pixel_batches
+from ...eval_view import RetrievalEvalView, eval_view_pixel_batches
 from .modeling_x2vlm import X2VlmModel
 
 
