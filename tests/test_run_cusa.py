@@ -90,6 +90,8 @@ def test_builtin_default_config_parses():
     model_args, data_args, training_args = parse_arguments([])
     assert model_args.backbone == BUILTIN_BACKBONE and training_args.compare_with_baseline
     assert data_args.image_teacher == "offline:efficientnet-lite2" and data_args.text_teacher == "offline:all-mpnet-base-v2"
+    # The default uses the accelerator when there is one (Trainer's choice), not a CPU forced by the config.
+    assert training_args.use_cpu is False
 
 
 def test_flags_without_a_config_file_refine_the_builtin_default(tiny_backbone, tmp_path):
@@ -369,3 +371,22 @@ def test_a_cusa_extract_teachers_folder_trains_with_its_own_columns(tiny_backbon
     with pytest.raises(ValueError, match="computed with the teacher 'offline:all-MiniLM-L6-v2', but "
                                          "'offline:all-mpnet-base-v2' was asked for"):  # fmt: skip
         run_cusa.main(other_teacher)
+
+
+def test_skip_invalid_drops_a_truncated_image_before_training(tiny_backbone, shapes, tmp_path):
+    """A truncated image used to stop a --cusa false run when a batch reached it, even with --skip_invalid true; now
+    every image is decoded once up front and the bad one is dropped with all its captions."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes, data)
+    records = json.loads((data / "train.json").read_text())
+    broken = data / records[0]["image"]
+    broken.write_bytes(broken.read_bytes()[:100])
+    args = tiny_run_args(tiny_backbone, data, tmp_path / "run", "--cusa", "false", "--num_train_epochs", "1",
+                         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false")  # fmt: skip
+    with pytest.raises(Exception, match=records[0]["image"].split("/")[-1]):
+        run_cusa.main(args)
+    with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) that do not decode"):
+        results = run_cusa.main([*args, "--skip_invalid", "true", "--output_dir", str(tmp_path / "skipping")])
+    assert results["baseline"]["test_rsum"] >= 0
