@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .images import load_image
 from .schema import first_row_per_image, is_caption, normalize_image_ids
+from .teachers.feature_cache import image_feature_tables
 
 
 @dataclass
@@ -98,7 +99,8 @@ def build_eval_view(
     Accepts one row per caption or one row per image with a caption list. Images are grouped by ``image_id``
     (by the image path when the dataset has no id column). Only the first row's image of each id is read, and
     ``datasets.Image`` values are kept undecoded (``{"path", "bytes"}``), so building the view decodes nothing.
-    Cached frozen-tower columns (one row per caption) are carried into the view when the dataset has them.
+    Cached frozen-tower columns are carried into the view when the dataset has them: one row per caption, or (the
+    image tower) rows pointing into a per-image table, which is joined here.
 
     Raises:
         ValueError: a column is missing, or one image id maps to two different image paths.
@@ -137,6 +139,11 @@ def build_eval_view(
     view = RetrievalEvalView.from_rows(
         images, captions, ids, image_root=os.fspath(image_root) if image_root is not None else None
     )
+    tables = image_feature_tables(dataset)
+    if image_tower_column in tables:
+        table = tables[image_tower_column]
+        first_rows = dataset.select(list(first_row.values()))[table.index_column]
+        view.image_tower_features = torch.from_numpy(table.take(first_rows))
     for column, attribute, rows in (
         (image_tower_column, "image_tower_features", list(first_row.values())),
         (text_tower_column, "text_tower_features", None),

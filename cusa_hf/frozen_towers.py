@@ -2,7 +2,8 @@
 
 When a tower is frozen (its weights fixed, BatchNorm on running statistics, dropout off: :func:`freeze_tower`), its
 pooled output for an image or a caption is the same at every step and every epoch. :func:`add_image_tower_features`
-runs the vision tower once per unique image and stores the result as an ``image_tower_features`` column;
+runs the vision tower once per unique image and stores the result as an ``image_tower_features`` column (or, with
+``image_table=True``, once per image in a per-image table that rows point into, the teachers' layout);
 :func:`add_text_tower_features` does the same for the text tower, once per unique caption, as a
 ``text_tower_features`` column. ``CusaDataCollator`` then batches those columns instead of loading images and
 tokenising captions, ``CusaModel`` applies only the backbone's (trainable) projections and the CUSA heads, and
@@ -37,6 +38,7 @@ from .teachers.feature_cache import (
     FeatureColumns,
     FeatureSource,
     add_feature_columns,
+    feature_width,
     read_teacher_provenance,
 )
 from .teachers.registry import processor_json, weights_sha256
@@ -237,6 +239,7 @@ def add_image_tower_features(
     cache_dir: str | os.PathLike | None = None,
     load_from_cache_file: bool = True,
     show_progress: bool = True,
+    image_table: bool = False,
 ) -> datasets.Dataset:
     """Add the pooled output of ``model``'s frozen vision tower for every row, each unique image encoded once.
 
@@ -246,13 +249,18 @@ def add_image_tower_features(
             trainable parameter.
         image_processor: the backbone's image processor (e.g. ``processor.image_processor``).
         column: the output column; ``CusaDataCollator`` batches it as ``image_tower_features``.
+        image_table: store the features once per image, in a per-image table that rows point into through
+            ``index_column(column)`` (joined by ``CusaTrainer``'s collator and the evaluation view), as teacher
+            features are; by default every row holds its image's features, which ``dataset[i]`` shows.
 
     The other arguments, the caching (by dataset fingerprint and tower weights), the sharding across processes and
     the errors on unreadable images are those of :func:`cusa_hf.teachers.add_teacher_features`
     (:class:`~cusa_hf.teachers.FeatureColumns`, :class:`~cusa_hf.teachers.FeatureCacheOptions`).
 
     Returns:
-        the dataset plus ``column``: `(image_tower_dim,)` float32 features per row, not normalised.
+        the dataset plus ``column``: `(image_tower_dim,)` float32 features per row, not normalised (with
+        ``image_table``: ``index_column(column)``, each row's row in the per-image table of ``column``,
+        ``cusa_hf.teachers.image_feature_tables``).
     """
 
     def preprocess(images: list) -> dict[str, torch.Tensor]:
@@ -264,7 +272,7 @@ def add_image_tower_features(
     )
     options = FeatureCacheOptions(
         batch_size=batch_size, normalize=False, skip_bad_images=skip_bad_images, cache_dir=cache_dir,
-        load_from_cache_file=load_from_cache_file, show_progress=show_progress,
+        load_from_cache_file=load_from_cache_file, show_progress=show_progress, image_table=image_table,
     )  # fmt: skip
     return _add_tower_features(
         dataset, model, "image", preprocess, _image_settings(image_processor), columns, options, device
@@ -331,8 +339,7 @@ def check_tower_features(
     weights made them, or (when ``preprocessing`` is given: the image processor, or the tokenizer) other
     preprocessing than the trainer's."""
     tower = frozen_tower(model, modality)
-    first_row = dataset[0] if isinstance(dataset, datasets.Dataset) else next(iter(dataset))
-    width = len(first_row[column])
+    width = feature_width(dataset, column)
     expected = getattr(model.adapter, f"{modality}_tower_dim")
     if width != expected:
         raise ValueError(f"column {column!r} holds {width}-d features; this model's {TOWER_NAMES[modality]} gives {expected}-d")

@@ -18,6 +18,7 @@ from cusa_hf.teachers import (
     check_teacher_features,
     cli,
     feature_cache,
+    image_feature_tables,
     load_image_teacher,
     load_text_teacher,
     read_teacher_provenance,
@@ -49,6 +50,12 @@ def coco_features(coco_rows, tmp_path_factory):
     )
 
 
+def image_features_per_row(dataset, column="teacher_image_embeds"):
+    """`(rows, dim)`: each row's image features, joined from the per-image table through the row's index."""
+    table = image_feature_tables(dataset)[column]
+    return table.take(dataset[table.index_column])
+
+
 def mean_color(images):
     """A deterministic toy image teacher: mean RGB plus a constant, so features are never zero."""
     return torch.tensor([np.asarray(image, dtype=np.float32).mean(axis=(0, 1)).tolist() + [1.0] for image in images])
@@ -56,12 +63,15 @@ def mean_color(images):
 
 def test_coco_mini_teacher_columns(coco_rows, coco_features):
     assert coco_features.column_names == coco_rows.column_names + [
-        "teacher_image_embeds",
+        "teacher_image_embeds_index",
         "teacher_text_embeds",
         "teacher_provenance",
     ]
     assert coco_features["caption"] == coco_rows["caption"]
-    image = np.array(coco_features["teacher_image_embeds"], dtype=np.float32)
+    # One table row per image, in order of first appearance, keyed by image id.
+    table = image_feature_tables(coco_features)["teacher_image_embeds"].table
+    assert table["image_id"] == list(dict.fromkeys(coco_rows["image_id"])) and len(table) == 7
+    image = image_features_per_row(coco_features)
     text = np.array(coco_features["teacher_text_embeds"], dtype=np.float32)
     assert image.shape == (30, 1280) and text.shape == (30, 384)
     np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
@@ -110,7 +120,9 @@ def test_check_teacher_features_errors(coco_features):
     with pytest.raises(ValueError, match=r"expected dim=768 .*dim=384"):
         check_teacher_features(coco_features, expected={"text": {"dim": 768}})
     with pytest.raises(ValueError, match=r"no teacher feature column 'teacher_image_embeds'"):
-        check_teacher_features(coco_features.remove_columns(["teacher_image_embeds"]))
+        check_teacher_features(coco_features.remove_columns(["teacher_image_embeds_index"]))
+    with pytest.raises(ValueError, match=r"'teacher_image_embeds_index' points outside the per-image table .*7 images"):
+        check_teacher_features(coco_features.map(lambda row: {"teacher_image_embeds_index": 7}))
     values = [[1.0, 0.0], [float("nan"), 1.0]]
     with pytest.warns(UserWarning, match="no recorded teacher provenance"):
         assert check_teacher_features(
@@ -133,7 +145,7 @@ def test_second_call_is_a_cache_hit(coco_rows, tmp_path, monkeypatch):
 
     monkeypatch.setattr(feature_cache, "_encode_unique", must_not_encode)
     second = add_teacher_features(coco_rows, **options)
-    assert second["teacher_image_embeds"] == first["teacher_image_embeds"]
+    np.testing.assert_array_equal(image_features_per_row(second), image_features_per_row(first))
     assert second["teacher_text_embeds"] == first["teacher_text_embeds"]
     assert list(tmp_path.glob("cusa-teachers-*.arrow"))
     with pytest.raises(AssertionError, match="re-encoded"):
@@ -183,13 +195,13 @@ def test_image_feature_column_paths_relative_to_root_float16_and_raw(tmp_path):
         relative, image_teacher=mean_color, image_column="img", caption_column="text", image_id_column="iid",
         image_root=tmp_path, normalize=False, dtype="float16", image_feature_column="img_t", show_progress=False,
     )  # fmt: skip
-    assert as_paths.features["img_t"] == datasets.List(datasets.Value("float16"), length=4)
-    assert as_paths[0]["img_t"] == [255.0, 0.0, 0.0, 1.0]  # raw, not normalised
+    assert image_feature_tables(as_paths)["img_t"].table.features["img_t"] == datasets.List(datasets.Value("float16"), length=4)
+    assert image_features_per_row(as_paths, "img_t")[0].tolist() == [255.0, 0.0, 0.0, 1.0]  # raw, not normalised
     in_memory = datasets.Dataset.from_dict(
         {"image": images, "caption": ["x", "y", "z"]}, features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
     )
     decoded = add_teacher_features(in_memory, image_teacher=mean_color, normalize=False, show_progress=False)
-    assert [row[:3] for row in decoded["teacher_image_embeds"]] == [[255.0, 0.0, 0.0]] * 2 + [[0.0, 0.0, 255.0]]
+    assert image_features_per_row(decoded)[:, :3].tolist() == [[255.0, 0.0, 0.0]] * 2 + [[0.0, 0.0, 255.0]]
 
 
 def test_transformers_image_teacher_poolings():
@@ -237,7 +249,7 @@ def test_shard_batches_cover_every_batch_once_in_order(num_items, num_processes)
 
 
 def both_feature_columns(dataset):
-    return np.concatenate([np.array(dataset["teacher_image_embeds"]), np.array(dataset["teacher_text_embeds"])], axis=1)
+    return np.concatenate([image_features_per_row(dataset), np.array(dataset["teacher_text_embeds"])], axis=1)
 
 
 def _two_process_worker(rows_dict, output):

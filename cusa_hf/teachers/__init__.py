@@ -2,9 +2,10 @@
 
 The CUSA authors run the text teacher at every training step and read image-teacher features from undocumented
 ``.npy`` files. :func:`add_teacher_features` instead encodes every *unique* image and caption once (COCO: five
-captions per image, so five times fewer image-teacher passes than one per row), and returns the dataset with two
-list columns, ``teacher_image_embeds`` and ``teacher_text_embeds``, and a ``teacher_provenance`` column recording
-which teachers made them, so training pays nothing for the teachers.
+captions per image, so five times fewer image-teacher passes than one per row), and returns the dataset with the
+``teacher_text_embeds`` list column, a ``teacher_image_embeds_index`` column into a per-image table of
+``teacher_image_embeds`` (one row per image, :func:`image_feature_tables`), and a ``teacher_provenance`` column
+recording which teachers made them, so training pays nothing for the teachers.
 
 Modules:
     * :mod:`.registry`: :class:`TeacherEncoder` and the loaders (:func:`load_image_teacher`,
@@ -25,6 +26,7 @@ Example:
 from .cli import main
 from .feature_cache import (
     IMAGE_FEATURE_COLUMN,
+    PER_IMAGE_LAYOUT,
     PROVENANCE_COLUMN,
     PROVENANCE_FORMAT,
     STORAGE_DTYPES,
@@ -32,10 +34,18 @@ from .feature_cache import (
     FeatureCacheOptions,
     FeatureColumns,
     FeatureSource,
+    ImageFeatureTable,
     add_feature_columns,
     check_teacher_features,
+    feature_width,
+    has_feature_column,
+    image_feature_tables,
+    index_column,
+    join_feature_tables,
     read_teacher_provenance,
+    save_with_feature_tables,
     shard_batches,
+    with_image_features_in_rows,
 )
 from .features import add_teacher_features, reuse_or_add_teacher_features
 from .registry import (
@@ -52,6 +62,7 @@ __all__ = [
     "IMAGE_FEATURE_COLUMN",
     "IMAGE_POOLINGS",
     "OFFLINE_TEACHERS",
+    "PER_IMAGE_LAYOUT",
     "PROVENANCE_COLUMN",
     "PROVENANCE_FORMAT",
     "STORAGE_DTYPES",
@@ -59,16 +70,24 @@ __all__ = [
     "FeatureCacheOptions",
     "FeatureColumns",
     "FeatureSource",
+    "ImageFeatureTable",
     "TeacherEncoder",
     "add_feature_columns",
     "add_teacher_features",
     "check_teacher_features",
+    "feature_width",
+    "has_feature_column",
+    "image_feature_tables",
+    "index_column",
+    "join_feature_tables",
     "load_image_teacher",
     "load_text_teacher",
     "main",
     "processor_json",
     "read_teacher_provenance",
     "reuse_or_add_teacher_features",
+    "save_with_feature_tables",
     "shard_batches",
     "weights_sha256",
+    "with_image_features_in_rows",
 ]

@@ -12,7 +12,14 @@ import argparse
 import json
 from typing import Sequence
 
-from .feature_cache import IMAGE_FEATURE_COLUMN, STORAGE_DTYPES, TEXT_FEATURE_COLUMN, read_teacher_provenance
+from .feature_cache import (
+    IMAGE_FEATURE_COLUMN,
+    STORAGE_DTYPES,
+    TEXT_FEATURE_COLUMN,
+    read_teacher_provenance,
+    save_with_feature_tables,
+    with_image_features_in_rows,
+)
 from .features import add_teacher_features
 from .registry import IMAGE_POOLINGS, OFFLINE_TEACHERS
 
@@ -127,9 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_from_cache_file=not args.no_cache,
     )
     if state.is_main_process:
-        result.save_to_disk(args.output_dir)
+        save_with_feature_tables(result, args.output_dir)
         if args.push_to_hub:
-            result.push_to_hub(args.push_to_hub)
+            with_image_features_in_rows(result).push_to_hub(args.push_to_hub)  # a Hub dataset has no side tables
         summary = json.dumps(read_teacher_provenance(result), indent=2, sort_keys=True)
         print(f"wrote {len(result)} rows with teacher features to {args.output_dir}\n{summary}")
     state.wait_for_everyone()

@@ -10,6 +10,10 @@ Provenance (what made the features) lives in the dataset's *features*, the one p
 
 * the embedding columns are fixed-length lists, ``List(Value("float32"), length=dim)``, so the dimension is part of
   the schema;
+* image features live **once per image**: in a per-image table (an Arrow file next to the cached rows, one row per
+  image, with its ``image_id``) that caption rows point into through a small ``<column>_index`` column
+  (:func:`index_column`); :func:`image_feature_tables` opens the tables a dataset refers to, and the collator and the
+  evaluation view join them to caption rows. Text features stay one per caption row;
 * a ``teacher_provenance`` column is a ``ClassLabel`` whose single class name is a JSON document with each encoder's
   name or path, revision, pooling, dimension, normalisation, storage dtype and a SHA-256 of its weights. Its values
   are all 0 (8 bytes a row, compressed away in Parquet). ``dataset.info.description`` was rejected: Parquet files and
@@ -30,6 +34,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +58,10 @@ IMAGE_FEATURE_COLUMN = "teacher_image_embeds"
 TEXT_FEATURE_COLUMN = "teacher_text_embeds"
 PROVENANCE_COLUMN = "teacher_provenance"
 # Bumped when the stored layout or the meaning of a recorded field changes; part of the cache fingerprint.
-PROVENANCE_FORMAT = "cusa-teacher-features/1"
+# /1 stored image features in every caption row; /2 stores them once per image (datasets of /1 still train).
+PROVENANCE_FORMAT = "cusa-teacher-features/2"
+# Provenance field naming the layout of an image column written by format /2.
+PER_IMAGE_LAYOUT = "per_image"
 STORAGE_DTYPES = ("float32", "float16")
 MODALITIES = ("image", "text")
 # Cached-table column naming why a row's image failed (null when it did not); never part of the returned dataset.
@@ -117,12 +126,20 @@ class FeatureColumns:
         return self.image_feature_column if modality == "image" else self.text_feature_column
 
     def check(self, dataset: datasets.Dataset, modalities: Sequence[str]) -> None:
-        """Raise ``ValueError`` when an input column of ``modalities`` is missing or an output column exists."""
+        """Raise ``ValueError`` when the dataset is not map-style, an input column of ``modalities`` is missing or
+        an output column (or its per-image index column) exists."""
+        if not isinstance(dataset, datasets.Dataset):
+            raise ValueError(
+                f"the feature cache needs a map-style datasets.Dataset, got {type(dataset).__name__}: compute the "
+                "features on the map-style data and join them to the stream with "
+                "cusa_hf.teachers.join_feature_tables(stream, features) (frozen towers of a streamed run: "
+                "cache_frozen_towers=False)"
+            )
         for column in (self.input_column(modality) for modality in modalities):
             if column not in dataset.column_names:
                 raise ValueError(f"the dataset has no {column!r} column; its columns are {dataset.column_names}")
         for column in (self.output_column(modality) for modality in modalities):
-            if column in dataset.column_names:
+            if column in dataset.column_names or index_column(column) in dataset.column_names:
                 raise ValueError(
                     f"the dataset already has a {column!r} column; remove it or choose another output name"
                 )
@@ -143,6 +160,8 @@ class FeatureCacheOptions:
             (``datasets.disable_caching()``) and no ``cache_dir``, nothing is reused.
         load_from_cache_file: reuse a table computed earlier for the same data, encoders and options.
         show_progress: tqdm progress bars (local main process only).
+        image_table: store image features once per image, in a per-image table that rows point into
+            (``index_column``); ``False`` stores them in every row, where ``dataset[i]`` shows them directly.
 
     Example:
         >>> FeatureCacheOptions(batch_size=32, dtype="float16", cache_dir="/tmp/features")
@@ -155,6 +174,7 @@ class FeatureCacheOptions:
     cache_dir: str | os.PathLike | None = None
     load_from_cache_file: bool = True
     show_progress: bool = True
+    image_table: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
@@ -186,9 +206,13 @@ def add_feature_columns(
         columns: input and output column names.
         options: batch size, storage and caching.
 
+    Image features are stored once per image, in a per-image table (``<cache file>-images.arrow``: the features and
+    the image ids) that rows point into through ``index_column(column)``; :func:`image_feature_tables` opens it.
+
     Returns:
-        the input dataset plus, per source, a `(dim,)` list column (``columns.output_column(source.modality)``) and
-        the provenance column, in the input's row order minus rows whose image could not be read (with
+        the input dataset plus, per text source, a `(dim,)` list column (``columns.output_column("text")``), per
+        image source an int32 index column into its per-image table (``index_column(columns.output_column("image"))``),
+        and the provenance column, in the input's row order minus rows whose image could not be read (with
         ``options.skip_bad_images``).
 
     Raises:
@@ -204,18 +228,224 @@ def add_feature_columns(
     state = PartialState()
     previous = read_teacher_provenance(dataset, columns.provenance_column)
     cache_file = _cache_file(dataset, sources, columns, options, previous)
-    if cache_file is not None and options.load_from_cache_file and cache_file.is_file():
+    # Without a shared cache entry every process writes its own uniquely named temporary tables.
+    row_file = cache_file or Path(datasets.fingerprint.get_temporary_cache_files_directory()) / (
+        f"cusa-teachers-{uuid.uuid4().hex}.arrow"
+    )
+    image_file = row_file.with_name(f"{row_file.stem}-images.arrow")
+    has_images = "image" in modalities and options.image_table
+    if cache_file is not None and options.load_from_cache_file and row_file.is_file() and (
+        image_file.is_file() or not has_images
+    ):
         logger.info("loading teacher features from the cache %s", cache_file)
-        table = datasets.Dataset.from_file(str(cache_file))
+        table = datasets.Dataset.from_file(str(row_file))
     else:
-        features, dropped = _encode_feature_columns(dataset, sources, columns, options, state)
+        row_columns, image_tables, dropped = _encode_feature_columns(dataset, sources, columns, options, state)
         recorded = dict(previous.get("teachers", {}))
         for source in sources:
             column = columns.output_column(source.modality)
-            recorded[column] = source.provenance(features[column].shape[1], options.normalize, options.dtype)
+            if column in row_columns:
+                dim = row_columns[column].shape[1]
+                recorded[column] = source.provenance(dim, options.normalize, options.dtype)
+                continue
+            vectors, image_ids = image_tables[column]
+            recorded[column] = {
+                **source.provenance(vectors.shape[1], options.normalize, options.dtype),
+                "layout": PER_IMAGE_LAYOUT,
+                "index_column": index_column(column),
+                "table_file": str(image_file),
+                "num_images": len(vectors),
+            }
+            _write_image_table(column, vectors, columns.image_id_column, image_ids, dataset, image_file, cache_file, state)
         provenance = {"format": PROVENANCE_FORMAT, "teachers": recorded, "skipped_image_rows": len(dropped)}
-        table = _write_feature_table(features, dropped, provenance, columns.provenance_column, cache_file, state)
+        table = _write_feature_table(row_columns, dropped, provenance, columns.provenance_column, row_file, cache_file, state)
     return _join_feature_table(dataset, table, columns.provenance_column)
+
+
+def index_column(column: str) -> str:
+    """The per-row column that points caption rows into the per-image table of the image-feature ``column``.
+
+    Example:
+        >>> index_column("teacher_image_embeds")
+        'teacher_image_embeds_index'
+    """
+    return f"{column}_index"
+
+
+class ImageFeatureTable:
+    """The per-image table of one image-feature column, and the caption rows' column of row numbers into it.
+
+    Attributes:
+        column: the feature column (e.g. ``teacher_image_embeds``), also the table's column of `(dim,)` vectors.
+        index_column: the caption rows' int32 column of table rows (``index_column(column)``).
+        table: the memory-mapped ``datasets.Dataset``, one row per image: ``column`` and, when the data had image
+            ids, the ids (``image_id``).
+
+    Example:
+        >>> table = image_feature_tables(train)["teacher_image_embeds"]
+        >>> table.take(train[:4][table.index_column]).shape
+        (4, 1280)
+    """
+
+    def __init__(self, column: str, index_column: str, table: datasets.Dataset):
+        self.column = column
+        self.index_column = index_column
+        self.table = table
+        self._vectors = table.with_format("numpy", columns=[column])
+
+    @property
+    def dim(self) -> int:
+        return self.table.features[self.column].length
+
+    def take(self, rows: Sequence[int]) -> np.ndarray:
+        """`(len(rows), dim)` float32 features of the given table rows."""
+        return np.asarray(self._vectors[[int(row) for row in rows]][self.column], dtype=np.float32).reshape(-1, self.dim)
+
+    def join(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Caption rows with their image's `(dim,)` features under ``column`` instead of ``index_column``."""
+        vectors = self.take([row[self.index_column] for row in rows])
+        joined = []
+        for row, vector in zip(rows, vectors):
+            row = {key: value for key, value in row.items() if key != self.index_column}
+            row[self.column] = vector
+            joined.append(row)
+        return joined
+
+
+def image_feature_tables(
+    dataset: datasets.Dataset | datasets.IterableDataset, provenance_column: str = PROVENANCE_COLUMN
+) -> dict[str, ImageFeatureTable]:
+    """``{column: ImageFeatureTable}`` for every image-feature column whose rows point into a per-image table.
+
+    A table is found where it was written (the feature cache), else next to the dataset's own files (a folder
+    written by :func:`save_with_feature_tables`). Datasets of the earlier layout, with features in every row, have
+    none.
+
+    Raises:
+        FileNotFoundError: a table is in neither place (the message says how to make the folder complete).
+    """
+    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {})
+    names = dataset.column_names or []
+    return {
+        column: ImageFeatureTable(column, meta["index_column"], _open_image_table(dataset, column, meta))
+        for column, meta in recorded.items()
+        if meta.get("layout") == PER_IMAGE_LAYOUT and meta["index_column"] in names
+    }
+
+
+def _open_image_table(dataset: Any, column: str, meta: dict[str, Any]) -> datasets.Dataset:
+    recorded = Path(meta["table_file"])
+    folders = {Path(entry["filename"]).parent for entry in getattr(dataset, "cache_files", None) or []}
+    for path in [recorded, *(folder / recorded.name for folder in sorted(folders))]:
+        if path.is_file():
+            table = datasets.Dataset.from_file(str(path))
+            if column not in table.column_names or len(table) != meta["num_images"]:
+                raise ValueError(
+                    f"{path} is not the per-image table of column {column!r}: it has {len(table)} rows and columns "
+                    f"{table.column_names}, the provenance records {meta['num_images']} images"
+                )
+            return table
+    raise FileNotFoundError(
+        f"the per-image table of column {column!r} ({recorded.name}, {meta['num_images']} images) is neither at "
+        f"{recorded} nor next to the dataset's files. Dataset.save_to_disk keeps only the caption rows: save with "
+        "cusa_hf.teachers.save_with_feature_tables(dataset, folder), or recompute the features"
+    )
+
+
+def save_with_feature_tables(dataset: datasets.Dataset, folder: str | os.PathLike, **save_kwargs: Any) -> None:
+    """``dataset.save_to_disk(folder)`` plus a copy of every per-image feature table its rows point into, so the folder
+    is complete on its own (``datasets.load_from_disk`` and ``cusa_hf.data.load_retrieval_dataset`` read it back and
+    the tables are found next to the rows)."""
+    dataset.save_to_disk(os.fspath(folder), **save_kwargs)
+    for table in image_feature_tables(dataset).values():
+        source = Path(table.table.cache_files[0]["filename"])
+        shutil.copyfile(source, Path(folder) / source.name)
+
+
+def with_image_features_in_rows(dataset: datasets.Dataset) -> datasets.Dataset:
+    """The dataset with every per-image column's features copied into each of its rows (the layout before per-image
+    tables), for places that carry no side table: ``push_to_hub``, Parquet files, collators of other packages."""
+    for column, table in image_feature_tables(dataset).items():
+        features = dataset.features.copy()
+        del features[table.index_column]
+        features[column] = table.table.features[column]
+        dataset = dataset.map(
+            lambda batch, table=table: {table.column: table.take(batch[table.index_column])},
+            batched=True,
+            remove_columns=[table.index_column],
+            features=features,
+            new_fingerprint=datasets.fingerprint.Hasher.hash([dataset._fingerprint, column, "in rows"]),
+        )
+    return dataset
+
+
+def join_feature_tables(
+    stream: datasets.IterableDataset,
+    features: datasets.Dataset,
+    caption_column: str = "caption",
+    image_id_column: str = "image_id",
+    provenance_column: str = PROVENANCE_COLUMN,
+) -> datasets.IterableDataset:
+    """A stream of caption rows with the feature columns of ``features``, the same data map-style after
+    :func:`add_teacher_features` (or the frozen-tower functions): each row gets its image's row of every per-image
+    table, looked up by image id, and its caption's per-caption features, looked up by caption text, as `(dim,)`
+    arrays under the feature column names, with the provenance column (so the trainer checks them as usual).
+
+    Example:
+        >>> train = add_teacher_features(load_retrieval_dataset("shards/"), image_teacher=..., text_teacher=...)
+        >>> stream = join_feature_tables(load_webdataset_shards("shards/", streaming=True), train)
+
+    Raises:
+        ValueError: ``features`` has no feature columns, a per-image table has no image ids, or (while streaming)
+            a row's image id or caption is not in the tables.
+    """
+    recorded = read_teacher_provenance(features, provenance_column).get("teachers", {})
+    if not recorded:
+        raise ValueError("`features` records no feature columns; run add_teacher_features on it first")
+    tables = image_feature_tables(features, provenance_column)
+    rows_of_image: dict[str, dict[Any, int]] = {}
+    for column, table in tables.items():
+        if image_id_column not in table.table.column_names:
+            raise ValueError(
+                f"the per-image table of {column!r} has no {image_id_column!r} column (its data had no image ids), so "
+                "a stream cannot be joined to it by image id"
+            )
+        rows_of_image[column] = {image_id: row for row, image_id in enumerate(table.table[image_id_column])}
+    caption_columns = [column for column in recorded if column not in tables and column in features.column_names]
+    row_of_caption: dict[str, int] = {}
+    for row, caption in enumerate(features[caption_column] if caption_columns else []):
+        row_of_caption.setdefault(caption, row)
+    per_caption = features.select_columns(caption_columns).with_format("numpy")
+
+    def add_features(batch: dict[str, list]) -> dict[str, Any]:
+        added: dict[str, Any] = {provenance_column: [0] * len(batch[caption_column])}
+        for column, row_of in rows_of_image.items():
+            missing = [image_id for image_id in batch[image_id_column] if image_id not in row_of]
+            if missing:
+                raise ValueError(
+                    f"image id {missing[0]!r} of the stream is not in the per-image table of {column!r} ({len(row_of)} "
+                    "images): the features must be computed on the data the stream reads"
+                )
+            added[column] = tables[column].take([row_of[image_id] for image_id in batch[image_id_column]])
+        if caption_columns:
+            missing = [caption for caption in batch[caption_column] if caption not in row_of_caption]
+            if missing:
+                raise ValueError(f"caption {missing[0]!r} of the stream has no {caption_columns[0]!r} features")
+            vectors = per_caption[[row_of_caption[caption] for caption in batch[caption_column]]]
+            added.update({column: np.asarray(vectors[column], dtype=np.float32) for column in caption_columns})
+        return added
+
+    joined_features = None
+    if stream.features is not None:
+        joined_features = datasets.Features(
+            {
+                **stream.features,
+                **{column: table.table.features[column] for column, table in tables.items()},
+                **{column: features.features[column] for column in caption_columns},
+                provenance_column: features.features[provenance_column],
+            }
+        )
+    return stream.map(add_features, batched=True, features=joined_features)
 
 
 def shard_batches(num_batches: int, num_processes: int, process_index: int) -> range:
@@ -297,8 +527,11 @@ def _image_keys(dataset: datasets.Dataset, image_column: str, image_id_column: s
     return [path if path else ("row", row) for row, path in enumerate(paths)], False
 
 
-def _unique_images(dataset: datasets.Dataset, columns: FeatureColumns) -> tuple[np.ndarray, int, BatchLoader]:
-    """Each row's unique-image index, the number of unique images, and a loader of unique images by index."""
+def _unique_images(
+    dataset: datasets.Dataset, columns: FeatureColumns
+) -> tuple[np.ndarray, list[Any] | None, int, BatchLoader]:
+    """Each row's unique-image index, the unique images' ids (``None`` without an id column), their number, and a
+    loader of unique images by index."""
     image_column, image_id_column = columns.image_column, columns.image_id_column
     keys, keys_are_ids = _image_keys(dataset, image_column, image_id_column)
     undecoded = dataset.select_columns([image_column])
@@ -323,7 +556,7 @@ def _unique_images(dataset: datasets.Dataset, columns: FeatureColumns) -> tuple[
                 failures[index] = str(error)
         return images, loaded, failures
 
-    return row_to_unique, len(first_rows), load_images
+    return row_to_unique, (list(first_row) if keys_are_ids else None), len(first_rows), load_images
 
 
 def _unique_captions(dataset: datasets.Dataset, caption_column: str) -> tuple[np.ndarray, int, BatchLoader]:
@@ -350,13 +583,17 @@ def _encode_feature_columns(
     columns: FeatureColumns,
     options: FeatureCacheOptions,
     state: Any,
-) -> tuple[dict[str, np.ndarray], dict[int, str]]:
-    """Per-row feature arrays ``{column: (num_rows, dim)}`` and ``{row: error}`` for rows whose image failed."""
-    features: dict[str, np.ndarray] = {}
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[np.ndarray, list[Any] | None]], dict[int, str]]:
+    """The per-row arrays ``{column: array}`` (text features `(num_rows, dim)`, indices into the per-image tables
+    `(num_rows,)`), the per-image tables ``{column: ((num_images, dim) features, image ids or None)}`` and
+    ``{row: error}`` for rows whose image failed."""
+    row_columns: dict[str, np.ndarray] = {}
+    image_tables: dict[str, tuple[np.ndarray, list[Any] | None]] = {}
     dropped: dict[int, str] = {}
     for source in sources:
+        column = columns.output_column(source.modality)
         if source.modality == "image":
-            row_to_unique, num_unique, load_batch = _unique_images(dataset, columns)
+            row_to_unique, image_ids, num_unique, load_batch = _unique_images(dataset, columns)
         else:
             row_to_unique, num_unique, load_batch = _unique_captions(dataset, columns.caption_column)
         unique, failures = _encode_unique(source, num_unique, load_batch, options, state)
@@ -364,8 +601,18 @@ def _encode_feature_columns(
             dropped[row] = failures[int(row_to_unique[row])]
         if options.normalize:
             unique = F.normalize(torch.from_numpy(unique), dim=-1).numpy()
-        features[columns.output_column(source.modality)] = unique[row_to_unique].astype(options.dtype)
-    return features, dropped
+        unique = unique.astype(options.dtype)
+        if source.modality == "text" or not options.image_table:
+            row_columns[column] = unique[row_to_unique]
+            continue
+        # Images that failed leave the table; their rows are dropped, so their index (-1) is never read.
+        encoded = np.ones(num_unique, dtype=bool)
+        encoded[list(failures)] = False
+        position = np.where(encoded, np.cumsum(encoded) - 1, -1).astype(np.int32)
+        row_columns[index_column(column)] = position[row_to_unique]
+        kept_ids = None if image_ids is None else [image_id for image_id, kept in zip(image_ids, encoded) if kept]
+        image_tables[column] = (unique[encoded], kept_ids)
+    return row_columns, image_tables, dropped
 
 
 def _cache_location(dataset: datasets.Dataset, cache_dir: str | os.PathLike | None) -> Path | None:
@@ -406,6 +653,7 @@ def _cache_file(
             options.dtype,
             options.skip_bad_images,
             previous,
+            *(["rows"] if not options.image_table else []),
         ]
     )
     return location / f"cusa-teachers-{fingerprint}.arrow"
@@ -416,46 +664,74 @@ def _write_feature_table(
     dropped: dict[int, str],
     provenance: dict[str, Any],
     provenance_column: str,
+    path: Path,
     cache_file: Path | None,
     state: Any,
 ) -> datasets.Dataset:
-    """Write the per-row feature columns as an Arrow file (the cache entry) and open it memory-mapped."""
-    num_rows = next(iter(columns.values())).shape[0]
-    features = datasets.Features(
-        {
-            name: datasets.List(datasets.Value(str(array.dtype)), length=array.shape[1])
-            for name, array in columns.items()
-        }
-    )
+    """Write the per-row columns (features, per-image indices, provenance, image errors) as an Arrow file (the cache
+    entry) and open it memory-mapped."""
+    num_rows = len(next(iter(columns.values())))
+    arrays: dict[str, Any] = dict(columns)
+    features = datasets.Features({name: _feature_of(array) for name, array in columns.items()})
+    arrays[provenance_column] = np.zeros(num_rows, dtype=np.int64)
     features[provenance_column] = datasets.ClassLabel(names=[json.dumps(provenance, sort_keys=True)])
     if dropped:
+        arrays[_ERROR_COLUMN] = [dropped.get(row) for row in range(num_rows)]
         features[_ERROR_COLUMN] = datasets.Value("string")
-    # A shared cache file is written by the main process; without one, each process writes its own temporary copy.
-    writes_here = state.is_main_process or cache_file is None
-    if cache_file is None:
-        cache_file = Path(datasets.fingerprint.get_temporary_cache_files_directory()) / "cusa-teachers.arrow"
-    if writes_here:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        scratch = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+    return _write_arrow(arrays, features, path, cache_file is not None, state)
+
+
+def _write_image_table(
+    column: str,
+    vectors: np.ndarray,
+    image_id_column: str,
+    image_ids: list[Any] | None,
+    dataset: datasets.Dataset,
+    path: Path,
+    cache_file: Path | None,
+    state: Any,
+) -> datasets.Dataset:
+    """Write a per-image table: `(num_images, dim)` features and, when the data has them, the image ids."""
+    arrays: dict[str, Any] = {column: vectors}
+    features = datasets.Features({column: _feature_of(vectors)})
+    if image_ids is not None:
+        arrays[image_id_column] = image_ids
+        features[image_id_column] = dataset.features[image_id_column]
+    return _write_arrow(arrays, features, path, cache_file is not None, state)
+
+
+def _feature_of(array: np.ndarray) -> Any:
+    """The ``datasets`` feature of a `(n, dim)` feature array or a `(n,)` index array."""
+    if array.ndim == 2:
+        return datasets.List(datasets.Value(str(array.dtype)), length=array.shape[1])
+    return datasets.Value(str(array.dtype))
+
+
+def _write_arrow(
+    arrays: dict[str, Any], features: datasets.Features, path: Path, shared: bool, state: Any
+) -> datasets.Dataset:
+    """Write columns of equal length (2-d arrays as fixed-size lists) to ``path`` in chunks and open it
+    memory-mapped. A ``shared`` file is written by the main process while the others wait; otherwise each process
+    writes its own."""
+    if state.is_main_process or not shared:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        num_rows = len(next(iter(arrays.values())))
         chunk = 8192
         with datasets.arrow_writer.ArrowWriter(features=features, path=str(scratch)) as writer:
             for start in range(0, num_rows, chunk):
-                stop = min(start + chunk, num_rows)
-                arrays, names = [], []
-                for name, array in columns.items():
-                    values = pa.array(array[start:stop].reshape(-1))
-                    arrays.append(pa.FixedSizeListArray.from_arrays(values, array.shape[1]))
-                    names.append(name)
-                arrays.append(pa.array(np.zeros(stop - start, dtype=np.int64)))
-                names.append(provenance_column)
-                if dropped:
-                    arrays.append(pa.array([dropped.get(row) for row in range(start, stop)], type=pa.string()))
-                    names.append(_ERROR_COLUMN)
-                writer.write_table(pa.Table.from_arrays(arrays, names=names))
+                pieces = [_arrow_array(arrays[name][start : start + chunk]) for name in features]
+                writer.write_table(pa.Table.from_arrays(pieces, names=list(features)))
             writer.finalize()
-        os.replace(scratch, cache_file)
+        os.replace(scratch, path)
     state.wait_for_everyone()
-    return datasets.Dataset.from_file(str(cache_file))
+    return datasets.Dataset.from_file(str(path))
+
+
+def _arrow_array(values: Any) -> pa.Array:
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+    return pa.array(values)
 
 
 def _join_feature_table(dataset: datasets.Dataset, table: datasets.Dataset, provenance_column: str) -> datasets.Dataset:
@@ -480,8 +756,9 @@ def _join_feature_table(dataset: datasets.Dataset, table: datasets.Dataset, prov
 
 
 def read_teacher_provenance(dataset: datasets.Dataset, provenance_column: str = PROVENANCE_COLUMN) -> dict[str, Any]:
-    """The recorded teacher metadata (``{"format", "teachers": {column: {...}}}``), or ``{}`` when absent."""
-    feature = dataset.features.get(provenance_column)
+    """The recorded teacher metadata (``{"format", "teachers": {column: {...}}}``), or ``{}`` when absent (also for a
+    stream of unknown features)."""
+    feature = (dataset.features or {}).get(provenance_column)
     if feature is None:
         return {}
     if not isinstance(feature, datasets.ClassLabel) or len(feature.names) != 1:
@@ -504,7 +781,8 @@ def check_teacher_features(
     Checks that each named column exists, holds lists of one length (the schema length when fixed), has no null
     row and no NaN or infinite value, and agrees with the recorded dimension. ``expected`` maps ``"image"`` /
     ``"text"`` to fields that must match the provenance (e.g. ``{"text": {"name_or_path": "...", "dim": 768}}``).
-    A column set to ``None`` is not checked.
+    A column set to ``None`` is not checked. A per-image column is checked in its table, and its rows' indices
+    must fall inside it; a stream (``IterableDataset``) is checked on its first row only.
 
     Returns:
         ``{column: provenance dict}`` for the checked columns (empty dicts when the dataset records none; a warning
@@ -515,16 +793,23 @@ def check_teacher_features(
     """
     provenance = read_teacher_provenance(dataset, provenance_column)
     recorded = provenance.get("teachers", {})
+    tables = image_feature_tables(dataset, provenance_column)
     result: dict[str, Any] = {}
     for modality, column in (("image", image_column), ("text", text_column)):
         if column is None:
             continue
-        if column not in dataset.column_names:
+        if column not in tables and column not in (dataset.column_names or []):
             raise ValueError(
                 f"the dataset has no teacher feature column {column!r} (columns: {dataset.column_names}); run "
                 "cusa_hf.teachers.add_teacher_features or the cusa-extract-teachers CLI first"
             )
-        dim = _check_feature_values(dataset, column)
+        if column in tables:
+            dim = _check_feature_values(tables[column].table, column)
+            _check_table_indices(dataset, tables[column])
+        elif not isinstance(dataset, datasets.Dataset):
+            dim = len(next(iter(dataset))[column])
+        else:
+            dim = _check_feature_values(dataset, column)
         meta = recorded.get(column, {})
         if not meta:
             warnings.warn(f"column {column!r} has no recorded teacher provenance", stacklevel=2)
@@ -539,6 +824,37 @@ def check_teacher_features(
                 )
         result[column] = meta
     return result
+
+
+def feature_width(dataset: datasets.Dataset | datasets.IterableDataset, column: str) -> int:
+    """The width of a feature column: of its per-image table, else of the first row."""
+    tables = image_feature_tables(dataset)
+    if column in tables:
+        return tables[column].dim
+    first_row = dataset[0] if isinstance(dataset, datasets.Dataset) else next(iter(dataset))
+    return len(first_row[column])
+
+
+def has_feature_column(dataset: datasets.Dataset | datasets.IterableDataset, column: str) -> bool:
+    """Whether rows carry ``column``'s features, in the row or through an index into its per-image table."""
+    names = dataset.column_names or []
+    if column in names:
+        return True
+    meta = read_teacher_provenance(dataset).get("teachers", {}).get(column, {})
+    return meta.get("layout") == PER_IMAGE_LAYOUT and meta["index_column"] in names
+
+
+def _check_table_indices(dataset: Any, table: ImageFeatureTable) -> None:
+    """``ValueError`` when a row of a map-style dataset points outside its per-image table (streams are not read)."""
+    if not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
+        return
+    indices = dataset.with_format("arrow").select_columns([table.index_column])[table.index_column]
+    low, high = pc.min_max(indices).values()
+    if indices.null_count or low.as_py() < 0 or high.as_py() >= len(table.table):
+        raise ValueError(
+            f"column {table.index_column!r} points outside the per-image table of {table.column!r} ({len(table.table)} "
+            f"images): its values run from {low.as_py()} to {high.as_py()}"
+        )
 
 
 def _check_feature_values(dataset: datasets.Dataset, column: str) -> int:

@@ -17,6 +17,7 @@ from .feature_cache import (
     FeatureCacheOptions,
     FeatureColumns,
     add_feature_columns,
+    has_feature_column,
     read_teacher_provenance,
 )
 from .registry import load_image_teacher, load_text_teacher
@@ -50,11 +51,13 @@ def add_teacher_features(
     load_from_cache_file: bool = True,
     show_progress: bool = True,
 ) -> datasets.Dataset:
-    """Add frozen-teacher features to every row of a one-row-per-caption dataset.
+    """Add frozen-teacher features to a one-row-per-caption dataset.
 
-    Each unique image (grouped by ``image_id_column``, else by image path) and each unique caption is encoded once;
-    every row then gets its image's and its caption's feature. Features are L2-normalised by default (CUSA only
-    uses their cosine similarities) and stored as fixed-length float32 (or float16) list columns.
+    Each unique image (grouped by ``image_id_column``, else by image path) and each unique caption is encoded once.
+    Image features are stored once per image, in a per-image table that every row points into through
+    ``<image_feature_column>_index`` (``CusaTrainer``'s collator and :func:`image_feature_tables` join them); every
+    row gets its caption's feature. Features are L2-normalised by default (CUSA only uses their cosine similarities)
+    and stored as fixed-length float32 (or float16) lists.
 
     Args:
         dataset: rows with an image (``datasets.Image`` or a file path, absolute or relative to ``image_root``),
@@ -82,8 +85,8 @@ def add_teacher_features(
     the same dataset, identical to a one-process run.
 
     Returns:
-        the input dataset plus the feature columns and the provenance column, in the input's row order (minus
-        dropped rows).
+        the input dataset plus the text feature column, the image index column and the provenance column, in the
+        input's row order (minus dropped rows).
 
     Raises:
         BadImageError: an image cannot be read (message names the file and the row), unless ``skip_bad_images``.
@@ -94,6 +97,8 @@ def add_teacher_features(
         ...                              text_teacher="offline:all-MiniLM-L6-v2", batch_size=32)
         >>> train.features["teacher_text_embeds"]
         List(Value('float32'), length=384)
+        >>> image_feature_tables(train)["teacher_image_embeds"].dim
+        1280
     """
     from accelerate import PartialState
 
@@ -152,7 +157,7 @@ def reuse_or_add_teacher_features(
         ValueError: the dataset has feature columns made by other teachers (both names given), or only one of the
             two columns, or columns without provenance.
     """
-    present = [column for column in (image_feature_column, text_feature_column) if column in dataset.column_names]
+    present = [column for column in (image_feature_column, text_feature_column) if has_feature_column(dataset, column)]
     if not present:
         return add_teacher_features(
             dataset, image_teacher=image_teacher, text_teacher=text_teacher, image_feature_column=image_feature_column,
