@@ -186,6 +186,22 @@ class BackboneAdapter:
 
 _ADAPTERS: dict[str, type[BackboneAdapter]] = {}
 
+#: Backbone families whose adapters (and, for X2-VLM and SGR/SAF, config and model classes) live in the
+#: ``cusa_hf.models`` sub-package. ``save_pretrained`` copies into a checkpoint only ``modeling_cusa`` and the modules
+#: it imports relatively from its own folder (this one, ``configuration_cusa``, ``losses``, ``distributed``), so the
+#: code saved with a checkpoint knows the CLIP, Chinese-CLIP and dual-encoder adapters registered below, not these.
+PACKAGE_ONLY_MODEL_TYPES = ("blip", "sgraf", "x2vlm")
+
+
+def package_required_error(model_type: str) -> ImportError:
+    """The error for a checkpoint of a :data:`PACKAGE_ONLY_MODEL_TYPES` backbone loaded by its saved code alone
+    (``AutoModel.from_pretrained(..., trust_remote_code=True)`` without cusa-hf)."""
+    return ImportError(
+        f"this CUSA checkpoint's backbone (model_type={model_type!r}) is defined by the cusa-hf package, not by the "
+        "code saved with the checkpoint (which covers CLIP, Chinese-CLIP and VisionTextDualEncoder backbones). "
+        "Install it (pip install cusa-hf) and load the checkpoint with cusa_hf.CusaModel.from_pretrained(path)"
+    )
+
 
 def register_backbone_adapter(adapter_class: type[BackboneAdapter]) -> type[BackboneAdapter]:
     """Register an adapter for every ``model_type`` it lists (usable as a class decorator)."""
@@ -201,6 +217,8 @@ def adapter_class_for(model_type: str) -> type[BackboneAdapter]:
     try:
         return _ADAPTERS[model_type]
     except KeyError:
+        if model_type in PACKAGE_ONLY_MODEL_TYPES:
+            raise package_required_error(model_type) from None
         raise ValueError(
             f"No CUSA backbone adapter for model_type={model_type!r}. Supported: {sorted(_ADAPTERS)}. "
             "Register one with cusa_hf.register_backbone_adapter."

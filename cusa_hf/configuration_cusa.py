@@ -9,7 +9,9 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .backbones import PACKAGE_ONLY_MODEL_TYPES, package_required_error
 from .losses import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES
 
 #: (initial value field, min field, max field) of every learnable temperature.
@@ -53,6 +55,26 @@ def _refuse_unknown_keywords(kwargs: dict[str, Any]) -> None:
     if unknown:
         described = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
         raise ValueError(f"CusaConfig got unknown keyword(s) {described}; see CusaConfig's docstring for its fields")
+
+
+def _check_backbone_model_type(backbone_config: Any) -> None:
+    """A nested backbone dict (as config.json stores it) whose ``model_type`` AutoConfig does not know would fail inside
+    transformers with a bare ``KeyError``: name the field, and for the backbones that cusa-hf itself defines (X2-VLM,
+    SGR/SAF, loaded by the checkpoint's saved code without the package), what to install."""
+    if not isinstance(backbone_config, dict):
+        return
+    model_type = backbone_config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return
+    if model_type in PACKAGE_ONLY_MODEL_TYPES:
+        raise package_required_error(model_type)
+    described = (
+        "no 'model_type'" if model_type is None else f"model_type={model_type!r}, which AutoConfig does not know"
+    )
+    raise ValueError(
+        f"CusaConfig.backbone_config has {described}; give a config object, or a dict whose 'model_type' is a "
+        "transformers model type or one registered with AutoConfig.register"
+    )
 
 
 class CusaConfig(PreTrainedConfig):
@@ -127,6 +149,7 @@ class CusaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any):
         _refuse_unknown_keywords(kwargs)
+        _check_backbone_model_type(self.backbone_config)
         super().__post_init__(**kwargs)
         self._validate_cusa_fields()
 
