@@ -116,6 +116,14 @@ class DataArguments:
         default=0, metadata={"help": "Without a validation file, hold out this many training images (all their captions)."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from a stream (IterableDataset): a train_file folder of WebDataset .tar shards is read as "
+            "training goes (teacher features are computed once on a map-style pass of the same shards and joined by "
+            "image id and caption); other sources stream the loaded split. Needs max_steps (a stream has no length)."
+        },
+    )
     skip_invalid: bool = field(
         default=False,
         metadata={"help": "Skip (and report) records with empty captions, missing images or images that do not decode."},
@@ -171,6 +179,19 @@ def _training_arguments_class() -> type:
         ),
         # The collator reads the raw image, caption and teacher columns, which the Trainer would otherwise drop.
         ("remove_unused_columns", bool, field(default=False, metadata={"help": "Kept False: the collator reads raw columns."})),
+        (
+            "loss_chunk_size",
+            int | None,
+            field(
+                default=None,
+                metadata={
+                    "help": "Gradient-cached CUSA loss: encode each batch in chunks of this many pairs (activations of "
+                    "one chunk at a time), compute InfoNCE, CSA and USA on the whole (gathered) batch, then back-propagate "
+                    "chunk by chunk. Same update as the unchunked step, for contrastive batches larger than the device "
+                    "holds, at the cost of a second forward pass. Default: off."
+                },
+            ),
+        ),
     ]
     for name in CUSA_CONFIG_FIELDS:
         spec = config_fields[name]

@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import TOWER_NAMES, BackboneAdapter, BackboneFeatures, adapter_class_for
 from .configuration_cusa import TEMPERATURE_FIELDS, CusaConfig
-from .losses import CusaLoss
+from .losses import CusaLoss, CusaLossOutput
 
 
 @dataclass
@@ -222,12 +222,22 @@ class CusaModel(CusaPreTrainedModel):
                 parameter.clamp_(getattr(self.config, min_name), getattr(self.config, max_name))
 
     def temperatures(self) -> dict[str, float]:
-        """Current values of the temperatures this model has, by config field name."""
-        return {
-            name: float(getattr(self, name).detach())
-            for name, _, _ in TEMPERATURE_FIELDS
-            if getattr(self, name, None) is not None
-        }
+        """Current values of the temperatures this model has, by config field name. Under FSDP2 a temperature is a
+        sharded one-element DTensor whose value is gathered first (a collective: every process must call this)."""
+        values = {}
+        for name, _, _ in TEMPERATURE_FIELDS:
+            parameter = getattr(self, name, None)
+            if parameter is not None:
+                parameter = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+                values[name] = float(parameter.detach().reshape(()))
+        return values
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        """The backbone's token embedding, or None (accelerate's FSDP2 wrapping asks for it)."""
+        try:
+            return self.backbone.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            return None
 
     # ------------------------------------------------------------------ embeddings
     def _cross_embeds(self, features: torch.Tensor, projection: str) -> torch.Tensor:
@@ -369,14 +379,9 @@ class CusaModel(CusaPreTrainedModel):
             uni_image_embeds=uni_image_embeds,
             uni_text_embeds=uni_text_embeds,
         )
-        temperatures = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
         if return_loss:
-            losses = self.cusa_loss(
-                image_embeds,
-                text_embeds,
-                **temperatures,
-                uni_image_embeds=uni_image_embeds,
-                uni_text_embeds=uni_text_embeds,
+            losses = self.loss_from_embeddings(
+                output,
                 image_ids=image_ids,
                 teacher_image_embeds=teacher_image_embeds,
                 teacher_text_embeds=teacher_text_embeds,
@@ -395,10 +400,44 @@ class CusaModel(CusaPreTrainedModel):
                     "CusaModel.forward scores aligned pairs"
                 )
             similarity = features.similarity if features.similarity is not None else image_embeds @ text_embeds.t()
-            itc_temperature = temperatures["itc_temperature"]
+            itc_temperature = getattr(self, "itc_temperature", None)
             logits_per_image = similarity / itc_temperature if itc_temperature is not None else similarity
         output.logits_per_image, output.logits_per_text = logits_per_image, logits_per_image.t()
         return output
+
+    def loss_from_embeddings(
+        self,
+        embeddings: CusaOutput,
+        image_ids: torch.Tensor | None = None,
+        teacher_image_embeds: torch.Tensor | None = None,
+        teacher_text_embeds: torch.Tensor | None = None,
+        **loss_kwargs: Any,
+    ) -> CusaLossOutput:
+        """InfoNCE + CSA + USA of a batch's embeddings with this model's temperatures and loss settings
+        (``self.cusa_loss``, which gathers them across processes when ``gather_features`` is on).
+
+        ``forward`` calls it with the embeddings it has just computed; ``CusaTrainer`` with ``loss_chunk_size`` calls it
+        with the embeddings of every chunk of a batch, computed without gradient, to cache their gradients.
+
+        Args:
+            embeddings: the `(batch_size, dim)` ``image_embeds``, ``text_embeds`` and (with USA heads)
+                ``uni_image_embeds``, ``uni_text_embeds`` of ``forward(return_loss=False)``.
+            image_ids, teacher_image_embeds, teacher_text_embeds: as in ``forward``.
+            **loss_kwargs: ``pair_similarity`` / ``itc_terms`` of backbones that score pairs or bring their own loss
+                (see [`CusaLoss`]).
+        """
+        temperatures = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        return self.cusa_loss(
+            embeddings.image_embeds,
+            embeddings.text_embeds,
+            **temperatures,
+            uni_image_embeds=embeddings.uni_image_embeds,
+            uni_text_embeds=embeddings.uni_text_embeds,
+            image_ids=image_ids,
+            teacher_image_embeds=teacher_image_embeds,
+            teacher_text_embeds=teacher_text_embeds,
+            **loss_kwargs,
+        )
 
     def _project_cached_tower(self, modality: str, tower_features: torch.Tensor) -> torch.Tensor:
         """The backbone's (trainable) projection of a frozen ``modality`` tower's cached pooled output."""
