@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--builtin_batches", type=int, nargs="*", default=[64, 128])
     parser.add_argument("--chunk_sizes", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--quadratic_batches", type=int, nargs="*", default=[1024, 2048, 4096])
-    parser.add_argument("--estimate_chunk_size", type=int, default=32)
+    parser.add_argument("--estimate_chunk_size", type=int, default=8)
     parser.add_argument("--overhead_gib", type=float, default=2.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write the report here")
