@@ -1,4 +1,8 @@
-"""CusaTrainer: ``transformers.Trainer`` that feeds teacher-feature columns to ``CusaModel`` and logs CUSA's terms."""
+"""CusaTrainer: ``transformers.Trainer`` that feeds teacher-feature columns to ``CusaModel``, logs CUSA's terms,
+evaluates through a ``RetrievalEvaluator`` and, with ``loss_chunk_size``, caches gradients over large batches.
+
+The collator lives in ``cusa_hf.collator``, the once-only checks in ``cusa_hf.training_checks``, output folders and
+checkpoints in ``cusa_hf.checkpoints``, the gradient-cache pieces in ``cusa_hf.gradient_cache``."""
 
 from __future__ import annotations
 
@@ -6,125 +10,45 @@ import logging
 import os
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
-import datasets
-import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .arguments import CusaTrainingArguments
-from .data import caption_max_length
-from .images import load_image
+from .checkpoints import (  # noqa: F401  (re-exported: their home before cusa_hf.checkpoints)
+    RESUME_FIELDS,
+    check_resumable,
+    claim_output_dir,
+    last_complete_checkpoint,
+)
+from .collator import CusaDataCollator, FeatureTableCollator, join_image_features, with_feature_tables  # noqa: F401
+from .configuration_cusa import TEMPERATURE_FIELDS
+from .distributed import is_distributed
 from .evaluation import RetrievalEvaluator
-from .frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN, check_tower_features
-from .schema import is_caption, stable_image_id  # noqa: F401  (stable_image_id re-exported)
+from .fsdp import fsdp_unsharded, vectorize_scalar_parameters
+from .gradient_cache import (
+    EMBEDDING_FIELDS,
+    LOSS_INPUTS,
+    ChunkRandomState,
+    average_gradients_across_processes,
+    check_loss_chunking,
+    chunk_rows,
+)
+from .modeling_cusa import CusaOutput
+from .schema import stable_image_id  # noqa: F401  (re-exported: its home before cusa_hf.schema)
+from .training_checks import (  # noqa: F401  (check_* re-exported: their home before cusa_hf.training_checks)
+    check_contrastive_batches,
+    check_teacher_columns,
+    check_tower_columns,
+    with_numpy_feature_columns,
+)
 
 logger = logging.getLogger(__name__)
 
 LOSS_COMPONENTS = ("loss_itc", "loss_csa", "loss_usa")
-
-
-class CusaDataCollator:
-    """Turns dataset rows (image, caption, image id, teacher features) into ``CusaModel`` inputs.
-
-    Args:
-        processor: a transformers processor with ``image_processor`` and ``tokenizer`` attributes (``CLIPProcessor``,
-            ``VisionTextDualEncoderProcessor``, ...).
-        image_column, caption_column, image_id_column: dataset column names. The image column may hold
-            ``PIL.Image``/``datasets.Image`` values or file paths (relative ones resolved against ``image_root``).
-        teacher_image_column, teacher_text_column: teacher-feature columns; copied into the batch when present.
-        image_tower_column: cached output of a frozen vision tower (``cusa_hf.add_image_tower_features``); when
-            present it is batched as ``image_tower_features`` and no image is loaded.
-        text_tower_column: cached output of a frozen text tower (``cusa_hf.add_text_tower_features``); when present it
-            is batched as ``text_tower_features`` and no caption is tokenised.
-        max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
-    """
-
-    def __init__(
-        self,
-        processor: Any,
-        image_column: str = "image",
-        caption_column: str = "caption",
-        image_id_column: str = "image_id",
-        teacher_image_column: str = "teacher_image_embeds",
-        teacher_text_column: str = "teacher_text_embeds",
-        image_tower_column: str = IMAGE_TOWER_COLUMN,
-        text_tower_column: str = TEXT_TOWER_COLUMN,
-        image_root: str | None = None,
-        max_length: int | None = None,
-    ):
-        for attribute in ("image_processor", "tokenizer"):
-            if getattr(processor, attribute, None) is None:
-                raise ValueError(
-                    f"the processor {type(processor).__name__} has no {attribute}; pass a processor that bundles an "
-                    "image processor and a tokenizer (e.g. CLIPProcessor or VisionTextDualEncoderProcessor)"
-                )
-        self.processor = processor
-        self.image_column = image_column
-        self.caption_column = caption_column
-        self.image_id_column = image_id_column
-        self.teacher_image_column = teacher_image_column
-        self.teacher_text_column = teacher_text_column
-        self.image_tower_column = image_tower_column
-        self.text_tower_column = text_tower_column
-        self.image_root = image_root
-        self.max_length = caption_max_length(processor.tokenizer, max_length)
-
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if not rows:
-            raise ValueError("the collator got an empty batch")
-        cached_tower = self.image_tower_column in rows[0]
-        for column in (self.caption_column,) if cached_tower else (self.image_column, self.caption_column):
-            if column not in rows[0]:
-                raise ValueError(
-                    f"dataset rows have no {column!r} column (columns: {sorted(rows[0])}); set the collator's column "
-                    "names or rename the column"
-                )
-        captions = []
-        for position, row in enumerate(rows):
-            caption = row[self.caption_column]
-            if not is_caption(caption):
-                raise ValueError(
-                    f"empty or non-text caption {caption!r} at batch position {position} "
-                    f"(image {row.get(self.image_column)!r}); clean the data or load it with skip_invalid=True"
-                )
-            captions.append(caption)
-        if cached_tower:
-            batch = {"image_tower_features": _stack_column(rows, self.image_tower_column)}
-        else:
-            images = [
-                load_image(row[self.image_column], self.image_root, where=f"batch position {position}")
-                for position, row in enumerate(rows)
-            ]
-            batch = dict(self.processor.image_processor(images=images, return_tensors="pt"))
-        if self.text_tower_column in rows[0]:
-            batch["text_tower_features"] = _stack_column(rows, self.text_tower_column)
-        else:
-            text = self.processor.tokenizer(
-                captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-            batch["input_ids"] = text["input_ids"]
-            if "attention_mask" in text:
-                batch["attention_mask"] = text["attention_mask"]
-        if self.image_id_column in rows[0]:
-            batch["image_ids"] = torch.tensor(
-                [stable_image_id(row[self.image_id_column]) for row in rows], dtype=torch.long
-            )
-        for column, key in (
-            (self.teacher_image_column, "teacher_image_embeds"),
-            (self.teacher_text_column, "teacher_text_embeds"),
-        ):
-            if column in rows[0]:
-                batch[key] = _stack_column(rows, column)
-        return batch
-
-
-def _stack_column(rows: Sequence[dict[str, Any]], column: str) -> torch.Tensor:
-    """`(len(rows), dim)` float32 tensor of a fixed-length feature column (through numpy: torch.tensor on nested
-    Python lists is several times slower)."""
-    return torch.from_numpy(np.asarray([row[column] for row in rows], dtype=np.float32))
 
 
 class TemperatureClampCallback(TrainerCallback):
@@ -211,11 +135,14 @@ class CusaTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("CusaTrainer needs a data_collator or a processing_class (the backbone's processor)")
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
+        if model is not None:
+            check_loss_chunking(model, args)
         if model is not None and train_dataset is not None:
             check_contrastive_batches(args, train_dataset, getattr(model.config, "gather_features", False))
             check_teacher_columns(model.config, train_dataset, data_collator)
             train_dataset = check_tower_columns(model, train_dataset, data_collator, processing_class)
             train_dataset = with_numpy_feature_columns(train_dataset, data_collator)
+            data_collator = with_feature_tables(data_collator, train_dataset)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
         super().__init__(
             model=model,
@@ -233,6 +160,15 @@ class CusaTrainer(Trainer):
         self.evaluator = evaluator
         self._deprecated_eval_settings = deprecated
         self._evaluators: dict[str, RetrievalEvaluator] = {}
+        # FSDP refuses 0-d parameters (the temperatures, CLIP's logit_scale): they train as one-element vectors and
+        # ``_save`` writes them back as scalars, so a checkpoint is the same with or without FSDP.
+        self._fsdp_scalar_names = vectorize_scalar_parameters(self.model) if self.is_fsdp_enabled else set()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if state_dict is not None and self._fsdp_scalar_names:
+            state_dict = {name: tensor.reshape(()) if name in self._fsdp_scalar_names else tensor
+                          for name, tensor in state_dict.items()}  # fmt: skip
+        super()._save(output_dir, state_dict=state_dict)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after checking that a checkpoint to resume from was trained with the same CUSA settings
@@ -253,12 +189,109 @@ class CusaTrainer(Trainer):
     ):
         outputs = model(**inputs, return_loss=True)
         if model.training:
-            components = {name: getattr(outputs, name) for name in LOSS_COMPONENTS}
-            components.update(outputs.softlabel_stats or {})
-            for name, value in components.items():
-                self._component_sums[name] = self._component_sums.get(name, 0.0) + value.detach().float()
-            self._component_steps += 1
+            self._record_loss_components(outputs)
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _record_loss_components(self, losses: Any) -> None:
+        """Add a training step's CUSA terms and soft-label statistics (of a ``CusaOutput`` or ``CusaLossOutput``) to
+        the running sums that ``log`` averages."""
+        components = {name: getattr(losses, name) for name in LOSS_COMPONENTS}
+        components.update(losses.softlabel_stats or {})
+        for name, value in components.items():
+            self._component_sums[name] = self._component_sums.get(name, 0.0) + value.detach().float()
+        self._component_steps += 1
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """``Trainer.training_step``, or with ``args.loss_chunk_size`` the gradient-cached step of
+        :meth:`_chunked_forward_backward` (the same update, with the activations of one chunk at a time)."""
+        chunk_size = getattr(self.args, "loss_chunk_size", None)
+        if chunk_size is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        check_loss_chunking(self.accelerator.unwrap_model(model), self.args)
+        if is_distributed() and not isinstance(model, DistributedDataParallel):
+            raise ValueError(
+                f"loss_chunk_size={chunk_size} supports one process or DDP; this run wraps the model in "
+                f"{type(model).__name__} (FSDP?). Train without loss_chunk_size or with DDP"
+            )
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self._chunked_forward_backward(model, inputs, chunk_size)
+        # As the stock step: the loss of one micro-batch of a gradient-accumulation step, for the logs.
+        return loss / self.current_gradient_accumulation_steps
+
+    def _chunked_forward_backward(self, model: nn.Module, inputs: dict[str, Any], chunk_size: int) -> torch.Tensor:
+        """Gradient caching (Gao et al., 2021) of the CUSA loss; returns the batch's loss, detached.
+
+        1. The embeddings of the batch, chunk by chunk without keeping activations (``no_grad``); each chunk's RNG
+           state is kept.
+        2. InfoNCE + CSA + USA of the whole batch (gathered across processes with ``gather_features``) on those
+           embeddings, and the loss's gradients w.r.t. them and the temperatures.
+        3. Each chunk again with gradients, its RNG state restored (same dropout masks), back-propagated with its rows
+           of the embedding gradients; the temperatures' gradients go in with the first chunk. Under DDP the
+           gradients are then averaged over processes.
+
+        Peak activation memory is one chunk's, plus the `(batch_size, dim)` embeddings and the loss's B x B terms.
+        """
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss_inputs = {key: value for key, value in inputs.items() if key in LOSS_INPUTS}
+        pair_inputs = {key: value for key, value in inputs.items() if key not in LOSS_INPUTS}
+        batch_size = next(value.shape[0] for value in pair_inputs.values() if isinstance(value, torch.Tensor))
+        chunks = [slice(start, start + chunk_size) for start in range(0, batch_size, chunk_size)]
+
+        random_states, pieces = [], []
+        with torch.no_grad():
+            for rows in chunks:
+                chunk_inputs = chunk_rows(pair_inputs, rows)
+                random_states.append(ChunkRandomState(chunk_inputs.values()))
+                pieces.append(unwrapped(**chunk_inputs, return_loss=False))
+        # Float32 leaves: the cached gradients keep full precision under fp16/bf16 autocast.
+        embeddings = {
+            name: torch.cat([getattr(piece, name) for piece in pieces]).float().requires_grad_()
+            for name in EMBEDDING_FIELDS
+            if getattr(pieces[0], name) is not None
+        }
+        del pieces
+        losses = unwrapped.loss_from_embeddings(CusaOutput(**embeddings), **loss_inputs)
+        self._record_loss_components(losses)
+        loss = losses.loss
+        temperatures = [
+            parameter
+            for name, _, _ in TEMPERATURE_FIELDS
+            if (parameter := getattr(unwrapped, name, None)) is not None and parameter.requires_grad
+        ]
+        # allow_unused: a term switched off by a zero weight leaves its embeddings and temperature without gradient,
+        # as in the unchunked step.
+        gradients = torch.autograd.grad(loss, [*embeddings.values(), *temperatures], allow_unused=True)
+        embedding_gradients = {name: gradient for name, gradient in zip(embeddings, gradients) if gradient is not None}
+        temperature_gradients = [
+            (temperature, gradient)
+            for temperature, gradient in zip(temperatures, gradients[len(embeddings):])
+            if gradient is not None
+        ]
+        del embeddings, losses  # the B x B terms are not needed any more
+
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        for position, (rows, random_state) in enumerate(zip(chunks, random_states)):
+            with random_state.restored():
+                output = unwrapped(**chunk_rows(pair_inputs, rows), return_loss=False)
+            # d(surrogate)/d(chunk embeddings) = the cached gradients: its backward is the chunk's share of the loss's.
+            surrogate = sum(
+                (getattr(output, name).float() * gradient[rows]).sum() for name, gradient in embedding_gradients.items()
+            )
+            if position == 0:
+                surrogate += sum((temperature * gradient).sum() for temperature, gradient in temperature_gradients)
+            self.accelerator.backward(surrogate * scale)
+        # No chunk ran through the DDP wrapper (its reducer expects one forward per backward, and with
+        # find_unused_parameters it would count the temperatures, used only in the loss, as unused): average the
+        # gradients as its backward would, at the last micro-batch of an optimiser step (not inside no_sync).
+        if isinstance(model, DistributedDataParallel) and model.require_backward_grad_sync:
+            average_gradients_across_processes(unwrapped)
+        return loss.detach()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_steps:
@@ -295,9 +328,10 @@ class CusaTrainer(Trainer):
                 return metrics
             evaluator = self._evaluator_for(dataset)
         start = time.time()
-        metrics = evaluator(
-            self.model, self.processing_class, accelerator=self.accelerator, metric_key_prefix=metric_key_prefix
-        )
+        with fsdp_unsharded(self.model if self.is_fsdp_enabled else None):  # the evaluator calls get_*_features
+            metrics = evaluator(
+                self.model, self.processing_class, accelerator=self.accelerator, metric_key_prefix=metric_key_prefix
+            )
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -324,189 +358,14 @@ class CusaTrainer(Trainer):
         return self._evaluators[key]
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """Keep a CUSA model card written by ``cusa_hf.model_card`` (the stock card would replace it on push)."""
-        card = os.path.join(self.args.output_dir, "README.md")
-        if os.path.isfile(card) and "cusa-hf" in open(card, encoding="utf-8").read():
+        """Keep a card written by ``cusa_hf.model_card`` (recognised by its metadata tag): ``push_to_hub`` calls this
+        before uploading, and the stock card would replace ours; any other README is replaced as the Trainer does."""
+        from .model_card import is_cusa_model_card
+
+        if is_cusa_model_card(os.path.join(self.args.output_dir, "README.md")):
             return
         super().create_model_card(*args, **kwargs)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
-
-
-#: CusaConfig fields that decide which parameters a model has, or what its teacher columns mean: a checkpoint resumes
-#: only into a run that agrees on all of them.
-RESUME_FIELDS = (
-    "use_csa", "use_usa", "learnable_temperatures", "cross_projection", "projection_dim", "teacher_image_dim",
-    "teacher_text_dim",
-)  # fmt: skip
-
-
-def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
-    """Refuse to resume ``checkpoint`` into a model whose CUSA settings or teachers differ from the checkpoint's
-    (the optimiser state would not fit, or training would go on against other soft labels while the saved config
-    claimed the new ones); the message names both values."""
-    from .configuration_cusa import CusaConfig
-
-    if not os.path.isfile(os.path.join(os.fspath(checkpoint), "config.json")):
-        return  # not a CusaModel checkpoint; the stock Trainer reports what is missing
-    saved = CusaConfig.from_pretrained(checkpoint)
-    differences = [
-        f"{name}: checkpoint {getattr(saved, name)!r}, this run {getattr(config, name, None)!r}"
-        for name in RESUME_FIELDS
-        if getattr(saved, name) is not None and getattr(saved, name) != getattr(config, name, None)
-    ]
-    if saved.backbone_config.model_type != config.backbone_config.model_type:
-        differences.append(
-            f"backbone: checkpoint {saved.backbone_config.model_type!r}, this run {config.backbone_config.model_type!r}"
-        )
-    for column, info in (saved.teacher_info or {}).items():
-        current = (getattr(config, "teacher_info", None) or {}).get(column, {})
-        for key in ("name_or_path", "dim", "weights_sha256"):
-            if info.get(key) != current.get(key):
-                differences.append(f"{column} {key}: checkpoint {info.get(key)!r}, this run {current.get(key)!r}")
-    if differences:
-        raise ValueError(
-            f"cannot resume from {checkpoint}: it was trained with other settings ({'; '.join(differences)}). Resume "
-            "with the checkpoint's settings and teachers, or start a new run in another output_dir"
-        )
-
-
-def claim_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, resuming: bool = False) -> None:
-    """Make sure a new run does not write over another run's results.
-
-    A missing or empty folder is fine. A folder that holds anything is refused unless the run resumes from it
-    (``resuming``) or ``overwrite`` is set, in which case its contents are deleted first (so no checkpoint of the old
-    run is left for a later ``resume_from_checkpoint`` to pick up).
-    """
-    import shutil
-
-    folder = os.fspath(output_dir)
-    if not os.path.isdir(folder) or not os.listdir(folder) or resuming:
-        return
-    if not overwrite:
-        shown = ", ".join(sorted(os.listdir(folder))[:6])
-        raise ValueError(
-            f"the output folder {folder} already holds a run ({shown}); pass overwrite_output_dir=True to replace it, "
-            "resume_from_checkpoint to continue it, or another output_dir"
-        )
-    logger.warning("overwrite_output_dir: deleting the earlier run in %s", folder)
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
-    """The newest ``checkpoint-N`` folder of ``output_dir`` that was saved completely, to resume from.
-
-    The Trainer writes ``trainer_state.json`` last when it saves a checkpoint, so a folder without it was cut off
-    while saving (a killed run): it is skipped with a warning and the previous complete checkpoint is returned.
-
-    Raises:
-        FileNotFoundError: ``output_dir`` does not exist.
-        ValueError: it holds no complete checkpoint, so there is nothing to resume.
-    """
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    folder = os.fspath(output_dir)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"cannot resume: the output folder {folder} does not exist")
-    numbered = []
-    for name in os.listdir(folder):
-        prefix, _, number = name.partition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() and os.path.isdir(os.path.join(folder, name)):
-            numbered.append((int(number), os.path.join(folder, name)))
-    for _, path in sorted(numbered, reverse=True):
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            return path
-        logger.warning("skipping %s: it has no trainer_state.json, so its saving was cut off", path)
-    raise ValueError(
-        f"nothing to resume in {folder}: it holds no complete checkpoint-N folder (checkpoints are written with "
-        "save_strategy 'steps' or 'epoch'). Start the run without resume_from_checkpoint"
-    )
-
-
-def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
-    """Refuse, before training, settings that certainly give a contrastive batch of one pair (whose loss and
-    gradients are exactly 0): a per-device batch of 1 (unless features are gathered across processes), a training
-    set of one row, or a last batch of one row."""
-    if args is None:
-        return
-    processes = args.world_size if gather_features else 1
-    batch = args.per_device_train_batch_size
-    if batch * processes < 2:
-        raise ValueError(
-            f"per_device_train_batch_size={batch} gives contrastive batches of {batch * processes} pair: InfoNCE, CSA "
-            "and USA compare the pairs of a batch with each other, so every loss and gradient would be 0. Use 2 or more"
-        )
-    rows = len(dataset) if hasattr(dataset, "__len__") else None
-    if rows is None or args.max_steps > 0:
-        return
-    if rows < 2:
-        raise ValueError(f"the training set has {rows} row(s); a contrastive batch needs at least two image-text pairs")
-    if args.world_size == 1 and rows % batch == 1 and not args.dataloader_drop_last:
-        raise ValueError(
-            f"{rows} training rows in batches of {batch} leave a last batch of one pair, whose loss is 0; pass "
-            "dataloader_drop_last=True or change the batch size"
-        )
-
-
-def with_numpy_feature_columns(dataset: Any, collator: Any) -> Any:
-    """The dataset with its feature columns (teacher and cached tower features) read as numpy arrays: the collator
-    stacks them, and turning every float of a batch into a Python object first costs more than a cached-tower step."""
-    if not isinstance(dataset, datasets.Dataset):
-        return dataset
-    names = ("teacher_image_column", "teacher_text_column", "image_tower_column", "text_tower_column")
-    columns = [getattr(collator, name, None) for name in names]
-    columns = [column for column in columns if column in dataset.column_names]
-    if not columns or dataset.format["type"] is not None:
-        return dataset
-    return dataset.with_format("numpy", columns=columns, output_all_columns=True)
-
-
-def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any) -> Any:
-    """Check the cached frozen-tower columns of a dataset against ``model`` (weights, width, preprocessing) and
-    return the dataset without the raw column a cached tower replaces (so images are not decoded at every step)."""
-    columns = getattr(dataset, "column_names", None) or []
-    checks = (
-        ("image", getattr(collator, "image_tower_column", None), getattr(processor, "image_processor", None),
-         getattr(collator, "image_column", "image")),
-        ("text", getattr(collator, "text_tower_column", None), getattr(processor, "tokenizer", None), None),
-    )  # fmt: skip
-    for modality, column, preprocessing, replaced in checks:
-        if column in columns:
-            check_tower_features(
-                model, dataset, modality, column, preprocessing, max_length=getattr(collator, "max_length", None)
-            )
-            if replaced in columns:
-                dataset = dataset.remove_columns([replaced])
-    return dataset
-
-
-def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:
-    """Fail before training when CSA/USA are active but the teacher columns are missing, malformed (NaN, ragged) or
-    of another teacher than the model was trained with; record their provenance and widths in the model config."""
-    if not getattr(config, "needs_teachers", False) or getattr(dataset, "column_names", None) is None:
-        return
-    from .teachers import check_teacher_features
-
-    image_column = getattr(collator, "teacher_image_column", "teacher_image_embeds")
-    text_column = getattr(collator, "teacher_text_column", "teacher_text_embeds")
-    for column in (image_column, text_column):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"CSA/USA are on but the training dataset has no {column!r} column (columns: {dataset.column_names}). "
-                "Compute the teacher features once with cusa_hf.add_teacher_features(dataset, image_teacher=..., "
-                "text_teacher=...) or the cusa-extract-teachers CLI, or train the baseline with use_csa=False, "
-                "use_usa=False."
-            )
-    expected = {
-        modality: {"dim": dim}
-        for modality, dim in (("image", config.teacher_image_dim), ("text", config.teacher_text_dim))
-        if dim is not None
-    }
-    provenance = check_teacher_features(dataset, image_column, text_column, expected=expected or None)
-    config.teacher_image_dim = len(dataset[0][image_column])
-    config.teacher_text_dim = len(dataset[0][text_column])
-    config.teacher_info = {column: info for column, info in provenance.items() if info} or None

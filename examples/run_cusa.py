@@ -29,11 +29,11 @@ from transformers import set_seed
 
 from cusa_hf.arguments import parse_arguments
 from cusa_hf.backbones import rerank_factory
-from cusa_hf.data import load_splits
+from cusa_hf.data import load_splits, load_training_stream
 from cusa_hf.evaluation import RetrievalEvaluator, format_retrieval_table
 from cusa_hf.example_data import default_training_data
 from cusa_hf.factory import build_model, build_processor, cache_frozen_towers, check_backbone, load_sgraf_data
-from cusa_hf.model_card import write_model_card
+from cusa_hf.model_card import comparison_hub_model_id, write_model_card
 from cusa_hf.models.sgraf import SgrafConfig
 from cusa_hf.models.sgraf.training_data import with_image_paths
 from cusa_hf.teachers import reuse_or_add_teacher_features
@@ -52,8 +52,9 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
     if model_args.cache_frozen_towers:
         splits = cache_frozen_towers(model, splits, processor, model_args, data_args, not training_args.disable_tqdm)
     run_args = dataclasses.replace(training_args)
-    if name != "single":
+    if name != "single":  # each run of a comparison has its own folder and Hub repo (me/x and me/x-baseline)
         run_args.output_dir, run_args.run_name = os.path.join(training_args.output_dir, name), name
+        run_args.hub_model_id = comparison_hub_model_id(training_args.hub_model_id, training_args.output_dir, name)
 
     # 5b. Train, selecting on the validation split's RSUM when the arguments ask for it.
     evaluator = None
@@ -88,13 +89,16 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
     elif "test" in splits:
         metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
 
-    # 7. Save the model, its processor and card, and push them.
-    trainer.save_model()
+    # 7. Save the processor and card, then the model; push_to_hub saves the model and uploads the folder, our card
+    #    included (the Trainer keeps it rather than writing its own).
     if trainer.is_world_process_zero():
         processor.save_pretrained(run_args.output_dir)
-        write_model_card(run_args.output_dir, model.config, metrics, backbone=model_args.backbone, data=description, command=command)
-        if run_args.push_to_hub:
-            trainer.push_to_hub(commit_message=f"CUSA run {name}")
+        write_model_card(run_args.output_dir, model.config, metrics, backbone=model_args.backbone, data=description,
+                         command=command, data_args=data_args, repo_id=trainer.hub_model_id)  # fmt: skip
+    if run_args.push_to_hub:
+        trainer.push_to_hub(commit_message=f"CUSA run {name}")
+    else:
+        trainer.save_model()
     return metrics
 
 
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 2. Data: region features for SGRAF backbones, else the image-caption splits (the built-in data by default).
     if check_backbone(model_args) == SgrafConfig.model_type:
+        if data_args.streaming:
+            raise ValueError("streaming is for image-caption data; SGRAF backbones read precomputed region features")
         sgraf = load_sgraf_data(model_args, data_args, training_args)
         splits, processor, description = sgraf.splits, sgraf.tokenizer, sgraf.description
     else:
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             image_root=data_args.image_root,
             cache_dir=data_args.teacher_cache_dir,
         )
+    if data_args.streaming:  # the trainer reads the training split as a stream, features joined from the tables
+        splits["train"] = load_training_stream(data_args, splits["train"], seed=training_args.seed)
 
     # 4-7. Train, evaluate and save each run: the baseline and CUSA with identical settings, or the one asked for.
     runs = [("baseline", False), ("cusa", True)] if training_args.compare_with_baseline else [("single", training_args.cusa)]

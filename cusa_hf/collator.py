@@ -1,0 +1,173 @@
+"""Turning dataset rows (image, caption, image id, teacher and cached-tower features) into ``CusaModel`` batches,
+with per-image feature tables joined in by image."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .data import caption_max_length
+from .frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
+from .images import load_image
+from .schema import is_caption, stable_image_id
+from .teachers.feature_cache import ImageFeatureTable, image_feature_tables, index_column
+
+
+class CusaDataCollator:
+    """Turns dataset rows (image, caption, image id, teacher features) into ``CusaModel`` inputs.
+
+    Args:
+        processor: a transformers processor with ``image_processor`` and ``tokenizer`` attributes (``CLIPProcessor``,
+            ``VisionTextDualEncoderProcessor``, ...).
+        image_column, caption_column, image_id_column: dataset column names. The image column may hold
+            ``PIL.Image``/``datasets.Image`` values or file paths (relative ones resolved against ``image_root``).
+        teacher_image_column, teacher_text_column: teacher-feature columns; copied into the batch when present.
+        image_tower_column: cached output of a frozen vision tower (``cusa_hf.add_image_tower_features``); when
+            present it is batched as ``image_tower_features`` and no image is loaded.
+        text_tower_column: cached output of a frozen text tower (``cusa_hf.add_text_tower_features``); when present it
+            is batched as ``text_tower_features`` and no caption is tokenised.
+        max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
+        feature_tables: ``{column: ImageFeatureTable}``, the per-image tables that rows point into through an index
+            column (``cusa_hf.teachers.image_feature_tables(dataset)``); each row is joined to its image's features
+            when the batch is built. ``CusaTrainer`` adds the training set's tables itself.
+
+    Example:
+        >>> collator = CusaDataCollator(processor, feature_tables=image_feature_tables(train))
+        >>> batch = collator([train[row] for row in range(4)])
+        >>> batch["teacher_image_embeds"].shape
+        torch.Size([4, 1280])
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        image_column: str = "image",
+        caption_column: str = "caption",
+        image_id_column: str = "image_id",
+        teacher_image_column: str = "teacher_image_embeds",
+        teacher_text_column: str = "teacher_text_embeds",
+        image_tower_column: str = IMAGE_TOWER_COLUMN,
+        text_tower_column: str = TEXT_TOWER_COLUMN,
+        image_root: str | None = None,
+        max_length: int | None = None,
+        feature_tables: dict[str, ImageFeatureTable] | None = None,
+    ):
+        for attribute in ("image_processor", "tokenizer"):
+            if getattr(processor, attribute, None) is None:
+                raise ValueError(
+                    f"the processor {type(processor).__name__} has no {attribute}; pass a processor that bundles an "
+                    "image processor and a tokenizer (e.g. CLIPProcessor or VisionTextDualEncoderProcessor)"
+                )
+        self.processor = processor
+        self.image_column = image_column
+        self.caption_column = caption_column
+        self.image_id_column = image_id_column
+        self.teacher_image_column = teacher_image_column
+        self.teacher_text_column = teacher_text_column
+        self.image_tower_column = image_tower_column
+        self.text_tower_column = text_tower_column
+        self.image_root = image_root
+        self.max_length = caption_max_length(processor.tokenizer, max_length)
+        self.feature_tables = dict(feature_tables or {})
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("the collator got an empty batch")
+        rows = join_image_features(rows, self.feature_tables, (self.teacher_image_column, self.image_tower_column))
+        cached_tower = self.image_tower_column in rows[0]
+        for column in (self.caption_column,) if cached_tower else (self.image_column, self.caption_column):
+            if column not in rows[0]:
+                raise ValueError(
+                    f"dataset rows have no {column!r} column (columns: {sorted(rows[0])}); set the collator's column "
+                    "names or rename the column"
+                )
+        captions = []
+        for position, row in enumerate(rows):
+            caption = row[self.caption_column]
+            if not is_caption(caption):
+                raise ValueError(
+                    f"empty or non-text caption {caption!r} at batch position {position} "
+                    f"(image {row.get(self.image_column)!r}); clean the data or load it with skip_invalid=True"
+                )
+            captions.append(caption)
+        if cached_tower:
+            batch = {"image_tower_features": _stack_column(rows, self.image_tower_column)}
+        else:
+            images = [
+                load_image(row[self.image_column], self.image_root, where=f"batch position {position}")
+                for position, row in enumerate(rows)
+            ]
+            batch = dict(self.processor.image_processor(images=images, return_tensors="pt"))
+        if self.text_tower_column in rows[0]:
+            batch["text_tower_features"] = _stack_column(rows, self.text_tower_column)
+        else:
+            text = self.processor.tokenizer(
+                captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            batch["input_ids"] = text["input_ids"]
+            if "attention_mask" in text:
+                batch["attention_mask"] = text["attention_mask"]
+        if self.image_id_column in rows[0]:
+            batch["image_ids"] = torch.tensor(
+                [stable_image_id(row[self.image_id_column]) for row in rows], dtype=torch.long
+            )
+        for column, key in (
+            (self.teacher_image_column, "teacher_image_embeds"),
+            (self.teacher_text_column, "teacher_text_embeds"),
+        ):
+            if column in rows[0]:
+                batch[key] = _stack_column(rows, column)
+        return batch
+
+
+def join_image_features(
+    rows: Sequence[dict[str, Any]], feature_tables: dict[str, ImageFeatureTable], columns: Sequence[str] = ()
+) -> Sequence[dict[str, Any]]:
+    """Rows with each per-image column's features joined in through its index column; ``ValueError`` naming an
+    index column of ``columns`` whose table is not in ``feature_tables``."""
+    for table in feature_tables.values():
+        if table.index_column in rows[0]:
+            rows = table.join(rows)
+    for column in columns:
+        if index_column(column) in rows[0]:
+            raise ValueError(
+                f"dataset rows carry {index_column(column)!r}, an index into the per-image table of {column!r}, but the "
+                "collator was not given that table: CusaTrainer gives it the training set's tables; otherwise pass "
+                "feature_tables=cusa_hf.teachers.image_feature_tables(dataset)"
+            )
+    return rows
+
+
+class FeatureTableCollator:
+    """Another package's collator, given rows whose per-image features are joined in from their tables first (its
+    other attributes are the wrapped collator's)."""
+
+    def __init__(self, collator: Any, feature_tables: dict[str, ImageFeatureTable]):
+        self.collator = collator
+        self.feature_tables = feature_tables
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> Any:
+        return self.collator(join_image_features(rows, self.feature_tables))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["collator"], name)
+
+
+def with_feature_tables(collator: Any, dataset: Any) -> Any:
+    """The collator, able to join the per-image feature tables the dataset's rows point into: a ``CusaDataCollator``
+    is given them, another collator is wrapped in a :class:`FeatureTableCollator`."""
+    tables = image_feature_tables(dataset)
+    if not tables:
+        return collator
+    if isinstance(collator, CusaDataCollator):
+        collator.feature_tables.update(tables)
+        return collator
+    return FeatureTableCollator(collator, tables)
+
+
+def _stack_column(rows: Sequence[dict[str, Any]], column: str) -> torch.Tensor:
+    """`(len(rows), dim)` float32 tensor of a fixed-length feature column (through numpy: torch.tensor on nested
+    Python lists is several times slower)."""
+    return torch.from_numpy(np.asarray([row[column] for row in rows], dtype=np.float32))

@@ -1,0 +1,103 @@
+"""Checks that ``CusaTrainer`` runs once, when it is built, over the whole training set (instead of at every step):
+contrastive batches of at least two pairs, teacher columns present and finite, cached tower columns computed by this
+model's towers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import datasets
+from transformers import TrainingArguments
+
+from .frozen_towers import check_tower_features
+from .teachers.feature_cache import feature_width, has_feature_column
+
+def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
+    """Refuse, before training, settings that certainly give a contrastive batch of one pair (whose loss and
+    gradients are exactly 0): a per-device batch of 1 (unless features are gathered across processes), a training
+    set of one row, or a last batch of one row; and a stream (``IterableDataset``) without ``max_steps``."""
+    if args is None:
+        return
+    if isinstance(dataset, datasets.IterableDataset) and args.max_steps <= 0:
+        raise ValueError(
+            "the training set is a stream (IterableDataset): it has no length, so num_train_epochs cannot say how long "
+            "to train. Set max_steps, the number of optimiser steps (e.g. epochs x training rows / "
+            "(per_device_train_batch_size x processes x gradient_accumulation_steps))"
+        )
+    processes = args.world_size if gather_features else 1
+    batch = args.per_device_train_batch_size
+    if batch * processes < 2:
+        raise ValueError(
+            f"per_device_train_batch_size={batch} gives contrastive batches of {batch * processes} pair: InfoNCE, CSA "
+            "and USA compare the pairs of a batch with each other, so every loss and gradient would be 0. Use 2 or more"
+        )
+    rows = len(dataset) if hasattr(dataset, "__len__") else None
+    if rows is None or args.max_steps > 0:
+        return
+    if rows < 2:
+        raise ValueError(f"the training set has {rows} row(s); a contrastive batch needs at least two image-text pairs")
+    if args.world_size == 1 and rows % batch == 1 and not args.dataloader_drop_last:
+        raise ValueError(
+            f"{rows} training rows in batches of {batch} leave a last batch of one pair, whose loss is 0; pass "
+            "dataloader_drop_last=True or change the batch size"
+        )
+
+
+def with_numpy_feature_columns(dataset: Any, collator: Any) -> Any:
+    """The dataset with its feature columns (teacher and cached tower features) read as numpy arrays: the collator
+    stacks them, and turning every float of a batch into a Python object first costs more than a cached-tower step."""
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    names = ("teacher_image_column", "teacher_text_column", "image_tower_column", "text_tower_column")
+    columns = [getattr(collator, name, None) for name in names]
+    columns = [column for column in columns if column in dataset.column_names]
+    if not columns or dataset.format["type"] is not None:
+        return dataset
+    return dataset.with_format("numpy", columns=columns, output_all_columns=True)
+
+
+def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any) -> Any:
+    """Check the cached frozen-tower columns of a dataset against ``model`` (weights, width, preprocessing) and
+    return the dataset without the raw column a cached tower replaces (so images are not decoded at every step)."""
+    columns = getattr(dataset, "column_names", None) or []
+    checks = (
+        ("image", getattr(collator, "image_tower_column", None), getattr(processor, "image_processor", None),
+         getattr(collator, "image_column", "image")),
+        ("text", getattr(collator, "text_tower_column", None), getattr(processor, "tokenizer", None), None),
+    )  # fmt: skip
+    for modality, column, preprocessing, replaced in checks:
+        if column is not None and has_feature_column(dataset, column):
+            check_tower_features(
+                model, dataset, modality, column, preprocessing, max_length=getattr(collator, "max_length", None)
+            )
+            if replaced in columns:
+                dataset = dataset.remove_columns([replaced])
+    return dataset
+
+
+def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:
+    """Fail before training when CSA/USA are active but the teacher columns are missing, malformed (NaN, ragged) or
+    of another teacher than the model was trained with; record their provenance and widths in the model config."""
+    if not getattr(config, "needs_teachers", False) or getattr(dataset, "column_names", None) is None:
+        return
+    from .teachers import check_teacher_features  # the teachers package imports the trainer helpers lazily too
+
+    image_column = getattr(collator, "teacher_image_column", "teacher_image_embeds")
+    text_column = getattr(collator, "teacher_text_column", "teacher_text_embeds")
+    for column in (image_column, text_column):
+        if not has_feature_column(dataset, column):
+            raise ValueError(
+                f"CSA/USA are on but the training dataset has no {column!r} column (columns: {dataset.column_names}). "
+                "Compute the teacher features once with cusa_hf.add_teacher_features(dataset, image_teacher=..., "
+                "text_teacher=...) or the cusa-extract-teachers CLI, or train the baseline with use_csa=False, "
+                "use_usa=False."
+            )
+    expected = {
+        modality: {"dim": dim}
+        for modality, dim in (("image", config.teacher_image_dim), ("text", config.teacher_text_dim))
+        if dim is not None
+    }
+    provenance = check_teacher_features(dataset, image_column, text_column, expected=expected or None)
+    config.teacher_image_dim = feature_width(dataset, image_column)
+    config.teacher_text_dim = feature_width(dataset, text_column)
+    config.teacher_info = {column: info for column, info in provenance.items() if info} or None
