@@ -1,11 +1,13 @@
 """FSDP support for ``CusaTrainer``: FSDP refuses 0-d parameters (the temperatures, CLIP's ``logit_scale``), and
-evaluation calls ``get_*_features`` rather than ``forward``."""
+evaluation calls ``get_*_features`` rather than ``forward``. (FSDP2 re-classes the model it wraps:
+``CusaPreTrainedModel.save_pretrained`` saves it as its own class.)"""
 
 from __future__ import annotations
 
 import contextlib
 
 from torch import nn
+
 
 def vectorize_scalar_parameters(model: nn.Module) -> set[str]:
     """Replace every 0-d parameter of ``model`` by a one-element vector (FSDP1 and FSDP2 refuse scalars); returns

@@ -107,6 +107,22 @@ class CusaPreTrainedModel(PreTrainedModel):
                 )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained``, also of a model that FSDP2's ``fully_shard`` has re-classed as torch's
+        generated ``FSDPCusaModel``: it is saved as its own class, so config.json's ``auto_map`` names
+        ``modeling_cusa.CusaModel`` and only this package's modeling files are copied beside the weights (the
+        remote-code save copies the module defining ``type(self)``, which would be torch's ``_fsdp_init.py``).
+        Resolved here rather than in ``cusa_hf.fsdp``: every relative import of this file is copied into checkpoints."""
+        wrapped_class = type(self)
+        # fully_shard (and torch's replicate) re-class a module as type("FSDP" + name, (FSDPModule, cls), ...).
+        self.__class__ = next(
+            cls for cls in wrapped_class.__mro__ if not cls.__module__.startswith("torch.distributed.")
+        )
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapped_class
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, CusaProjection):
             init.normal_(module.linear.weight, mean=0.0, std=0.02)

@@ -160,6 +160,13 @@ class CusaTrainer(Trainer):
         self.evaluator = evaluator
         self._deprecated_eval_settings = deprecated
         self._evaluators: dict[str, RetrievalEvaluator] = {}
+        if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            raise ValueError(
+                f"CusaTrainer under FSDP needs fsdp_state_dict_type FULL_STATE_DICT (this run has "
+                f"{self.accelerator.state.fsdp_plugin.state_dict_type}): with any other the Trainer saves no "
+                "model.safetensors, so neither the output folder nor its checkpoints would load with "
+                "CusaModel.from_pretrained"
+            )
         # FSDP refuses 0-d parameters (the temperatures, CLIP's logit_scale): they train as one-element vectors and
         # ``_save`` writes them back as scalars, so a checkpoint is the same with or without FSDP.
         self._fsdp_scalar_names = vectorize_scalar_parameters(self.model) if self.is_fsdp_enabled else set()

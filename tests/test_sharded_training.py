@@ -27,15 +27,17 @@ from cusa_hf import CusaModel
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "examples" / "configs"
 
-# Written into each test's folder and launched instead of run_cusa.py: records every Hub call per rank (mocked at
-# HfApi, as tests/test_modeling.py does) and, when asked, lets accelerate keep FSDP on CPU processes.
+# Written into each test's folder and launched instead of run_cusa.py: records save_model and every Hub call per rank
+# (the Hub mocked at HfApi's HTTP calls, as tests/test_hub_push.py does) and, when asked, lets accelerate keep FSDP on
+# CPU processes.
 LAUNCHED = textwrap.dedent(
     """
     import json, os, sys
     sys.path.insert(0, {examples!r})
+    import huggingface_hub.hf_api, yaml
     from huggingface_hub import CommitInfo, HfApi, RepoUrl
 
-    calls = os.path.join(os.environ["CUSA_TEST_HUB_CALLS"], "rank%s.json" % os.environ.get("RANK", "0"))
+    calls = os.path.join(os.environ["CUSA_TEST_CALLS"], "rank%s.json" % os.environ.get("RANK", "0"))
     def record(entry):
         entries = json.load(open(calls)) if os.path.exists(calls) else []
         json.dump(entries + [entry], open(calls, "w"))
@@ -46,9 +48,12 @@ LAUNCHED = textwrap.dedent(
         record({{"call": "create_commit", "repo_id": repo_id, "files": sorted(op.path_in_repo for op in operations)}})
         return CommitInfo(commit_url="https://huggingface.co/%s/commit/%s" % (repo_id, "0" * 40), commit_message="",
                           commit_description="", oid="0" * 40)
-    HfApi.create_repo, HfApi.create_commit = create_repo, create_commit
-    from huggingface_hub.repocard import RepoCard
-    RepoCard.validate = lambda self, *args, **kwargs: None  # the card's YAML check is an HTTP call too
+    def validate_yaml(self, content, **kwargs):  # POST /api/validate-yaml: the Hub refuses metadata that won't parse
+        record({{"call": "validate_yaml"}})
+        yaml.safe_load(content.split("---")[1])
+    HfApi.create_repo, HfApi.create_commit, HfApi._validate_yaml = create_repo, create_commit, validate_yaml
+    # With hf_xet installed, upload_folder streams through xet instead of one create_commit (tests/test_hub_push.py)
+    huggingface_hub.hf_api.is_xet_available = lambda: False
 
     if os.environ.get("CUSA_TEST_FSDP_ON_CPU") == "1":
         import accelerate.state
@@ -62,6 +67,11 @@ LAUNCHED = textwrap.dedent(
         accelerate.state.AcceleratorState.__init__ = init
 
     from cusa_hf.trainer import CusaTrainer
+    original_save_model = CusaTrainer.save_model
+    def save_model(self, *args, **kwargs):  # under FSDP every rank must join: the full state dict is gathered
+        record({{"call": "save_model"}})
+        return original_save_model(self, *args, **kwargs)
+    CusaTrainer.save_model = save_model
     original_train = CusaTrainer.train
     def train(self, *args, **kwargs):
         output = original_train(self, *args, **kwargs)
@@ -76,25 +86,37 @@ LAUNCHED = textwrap.dedent(
 
 COMMON = ["--gather_features", "true", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",
           "--load_best_model_at_end", "false", "--logging_steps", "1", "--dataloader_drop_last", "true"]  # fmt: skip
+PUSH = ["--push_to_hub", "true", "--hub_model_id", "someone/tiny-cusa-fsdp", "--hub_token", "dummy"]
 
 
-def accelerate_launch(tmp_path, config_file, backbone, data, num_processes, *, cpu, per_device_batch):
-    """``accelerate launch --config_file ... run_cusa.py`` with the Hub mocked; returns the output folder."""
+def fsdp_cpu_config(tmp_path) -> Path:
+    """examples/configs/accelerate_fsdp.yaml for CPU processes (fp32: bf16 autocast is for the GPUs)."""
+    config = yaml.safe_load((CONFIGS / "accelerate_fsdp.yaml").read_text())
+    config.update(use_cpu=True, mixed_precision="no")
+    config_file = tmp_path / "accelerate_fsdp_cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    return config_file
+
+
+def accelerate_launch(tmp_path, config_file, backbone, data, num_processes, *extra, cpu, per_device_batch,
+                      name="sharded", succeed=True):  # fmt: skip
+    """``accelerate launch --config_file ... run_cusa.py COMMON + extra`` with the Hub mocked; returns the output
+    folder ``tmp_path / name`` and the log. Each rank's calls are recorded in ``tmp_path / f"calls_{name}"``.
+    ``succeed=False``: the run must fail instead."""
     script = tmp_path / "launched_run_cusa.py"
     script.write_text(LAUNCHED.format(examples=str(REPO / "examples")))
-    (tmp_path / "hub_calls").mkdir()
-    output = tmp_path / "sharded"
+    (tmp_path / f"calls_{name}").mkdir()
+    output = tmp_path / name
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
                "--num_processes", str(num_processes), "--main_process_port", str(free_port()), str(script),
                *tiny_run_args(backbone, data, output, *COMMON, "--per_device_train_batch_size", str(per_device_batch),
-                              "--teacher_cache_dir", str(tmp_path / "cache_sharded"), "--push_to_hub", "true",
-                              "--hub_model_id", "someone/tiny-cusa-fsdp", "--hub_token", "dummy",
-                              "--use_cpu", str(cpu).lower())]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUSA_TEST_HUB_CALLS": str(tmp_path / "hub_calls"),
+                              "--teacher_cache_dir", str(tmp_path / f"cache_{name}"), "--use_cpu", str(cpu).lower(),
+                              *extra)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUSA_TEST_CALLS": str(tmp_path / f"calls_{name}"),
            "CUSA_TEST_FSDP_ON_CPU": "1" if cpu else "0"}  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
-    assert result.returncode == 0, "\n".join(errors[-20:]) + result.stderr[-3000:]
+    assert (result.returncode == 0) == succeed, "\n".join(errors[-20:]) + result.stderr[-3000:]
     return output, result.stdout + result.stderr
 
 
@@ -111,34 +133,143 @@ def check_like_one_process(tmp_path, backbone, data, output, num_processes, log)
         assert sharded[name].shape == tensor.shape, name  # the temperatures are saved as scalars again
         assert torch.allclose(sharded[name], tensor, atol=1e-4), name
     initial = CusaModel.from_backbone(backbone).state_dict()
-    assert not torch.allclose(one["cross_image_projection.weight"], initial["cross_image_projection.weight"])
+    assert not torch.allclose(one["backbone.visual_projection.weight"], initial["backbone.visual_projection.weight"])
     results = json.loads((output / "results.json").read_text())
     for name, value in single["cusa"].items():
         if not name.endswith("_runtime"):
             assert results["cusa"][name] == pytest.approx(value, abs=1e-3), name
-    calls = {path.stem: json.loads(path.read_text()) for path in (tmp_path / "hub_calls").glob("rank*.json")}
-    commits = [call for call in calls.get("rank0", []) if call["call"] == "create_commit"]
-    assert commits and {"model.safetensors", "config.json", "README.md"} <= set(commits[-1]["files"])
+    # The same checkpoint as without FSDP: files (no torch _fsdp_*.py beside ours) and config (auto_map naming
+    # modeling_cusa.CusaModel, architectures CusaModel), not only the weights.
+    assert sorted(path.name for path in output.iterdir()) == sorted(path.name for path in (tmp_path / "one").iterdir())
+    config, one_config = (json.loads((folder / "config.json").read_text()) for folder in (output, tmp_path / "one"))
+    assert config["auto_map"]["AutoModel"] == "modeling_cusa.CusaModel" and config["architectures"] == ["CusaModel"]
+    for info in (*config["teacher_info"].values(), *one_config["teacher_info"].values()):
+        info.pop("table_file", None)  # each run has its own teacher cache folder
+    assert config == one_config
+    calls = {rank: json.loads((tmp_path / f"calls_{output.name}" / f"rank{rank}.json").read_text())
+             for rank in range(num_processes)}  # fmt: skip
+    assert all({"call": "save_model"} in calls[rank] for rank in range(num_processes)), calls
+    commits = [call for call in calls[0] if call["call"] == "create_commit"]
+    assert commits, calls[0]
+    assert {"model.safetensors", "config.json", "README.md", "modeling_cusa.py"} <= set(commits[-1]["files"])
+    assert [name for name in commits[-1]["files"] if name.endswith(".py")] == sorted(
+        path.name for path in (tmp_path / "one").glob("*.py"))  # fmt: skip
+    assert {"call": "validate_yaml"} in calls[0]
     for rank in range(1, num_processes):
-        assert not any(call["call"] == "create_commit" for call in calls.get(f"rank{rank}", [])), calls
+        assert [call["call"] for call in calls[rank]] == ["save_model"], calls
+
+
+def _fully_shard_and_save(folder):
+    """In each of two gloo processes: a tiny CusaModel, its scalars vectorised as CusaTrainer does under FSDP, wrapped
+    by FSDP2's ``fully_shard`` (which re-classes it as ``FSDPCusaModel``); its full state dict gathered and saved by
+    rank 0 with ``save_pretrained`` (the temperatures as scalars again, as ``CusaTrainer._save`` does)."""
+    from accelerate import PartialState
+    from tiny_models import tiny_cusa_model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from cusa_hf.fsdp import vectorize_scalar_parameters
+
+    state = PartialState(cpu=True)
+    model = tiny_cusa_model()
+    scalars = vectorize_scalar_parameters(model)
+    fully_shard(model)
+    assert type(model).__name__ == "FSDPCusaModel"
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if state.is_main_process:
+        model.save_pretrained(folder, state_dict={name: tensor.reshape(()) if name in scalars else tensor
+                                                  for name, tensor in full.items()})  # fmt: skip
+    assert type(model).__name__ == "FSDPCusaModel"  # still wrapped after the save
+    state.wait_for_everyone()
+
+
+def test_a_fully_sharded_model_saves_the_checkpoint_of_an_unwrapped_one(tmp_path):
+    """save_pretrained of the FSDPCusaModel writes what the plain CusaModel writes: the same files (our modeling
+    files, not torch's _fsdp_*.py), config.json (auto_map naming modeling_cusa.CusaModel, so the folder loads with
+    trust_remote_code as an unwrapped save does) and weights."""
+    from tiny_models import tiny_cusa_model
+    from two_process import spawn_launcher
+
+    spawn_launcher(_fully_shard_and_save, args=(str(tmp_path / "sharded"),))
+    tiny_cusa_model().save_pretrained(tmp_path / "plain")
+    sharded, plain = tmp_path / "sharded", tmp_path / "plain"
+    assert sorted(path.name for path in sharded.iterdir()) == sorted(path.name for path in plain.iterdir())
+    for name in (path.name for path in plain.glob("*.py")):
+        assert (sharded / name).read_bytes() == (plain / name).read_bytes(), name
+    config = json.loads((sharded / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_cusa.CusaModel" and config["architectures"] == ["CusaModel"]
+    assert config == json.loads((plain / "config.json").read_text())
+    expected, state = (CusaModel.from_pretrained(folder).state_dict() for folder in (plain, sharded))
+    assert state.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert state[name].shape == tensor.shape and torch.equal(state[name], tensor), name
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open: rank 0's upload still calls https://huggingface.co/api/validate-yaml "
-                   "(the Hub mock misses it), and under FSDP2 save_pretrained writes auto_map "
-                   "'_fsdp_init.FSDPCusaModel' and copies torch's _fsdp_*.py files (the model class is fully_shard's "
-                   "dynamic subclass); training, evaluation and the safetensors save already run")  # fmt: skip
 def test_fsdp_two_cpu_processes_train_save_and_push_like_one(tiny_backbone, shapes, tmp_path):  # noqa: F811
     """FSDP2 full shard in two gloo processes, features gathered: the checkpoint (full state dict gathered on rank 0,
     safetensors) loads with CusaModel.from_pretrained and equals one process trained on the same global batches;
     validation and test metrics match; push_to_hub has every rank join the save and rank 0 alone upload."""
-    config = yaml.safe_load((CONFIGS / "accelerate_fsdp.yaml").read_text())
-    config.update(use_cpu=True, mixed_precision="no")
-    config_file = tmp_path / "accelerate_fsdp_cpu.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    output, log = accelerate_launch(tmp_path, config_file, tiny_backbone, shapes, 2, cpu=True, per_device_batch=4)
+    output, log = accelerate_launch(tmp_path, fsdp_cpu_config(tmp_path), tiny_backbone, shapes, 2, *PUSH, cpu=True,
+                                    per_device_batch=4)  # fmt: skip
     assert "trained with fsdp=True as FSDPCusaModel" in log  # accelerate wrapped the model with fully_shard
     check_like_one_process(tmp_path, tiny_backbone, shapes, output, 2, log)
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_the_best_checkpoint_and_resumes_like_an_uninterrupted_run(
+    tiny_backbone, shapes, tmp_path  # noqa: F811
+):
+    """Under FSDP2 a checkpoint holds accelerate's FSDP state (pytorch_model_fsdp.bin with the one-element
+    temperatures, the sharded optimiser) beside the model.safetensors / config.json of an unwrapped save.
+    load_best_model_at_end reloads the best checkpoint into the sharded model, and a run resumed from checkpoint-2
+    (model, optimiser, schedule, data position) writes the same checkpoint-4 as the run that was not interrupted."""
+    config_file = fsdp_cpu_config(tmp_path)
+    # RSUM rises from step 2 to step 4 in this run: with lower-is-better the best checkpoint is not the last one, so
+    # the final model is checkpoint-2's only if load_best_model_at_end reloaded it.
+    steps = ["--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps",
+             "--save_steps", "2", "--load_best_model_at_end", "true", "--metric_for_best_model", "rsum",
+             "--greater_is_better", "false"]  # fmt: skip
+    full, log = accelerate_launch(tmp_path, config_file, tiny_backbone, shapes, 2, *steps, cpu=True, per_device_batch=4,
+                                  name="full")  # fmt: skip
+    assert "trained with fsdp=True as FSDPCusaModel" in log and log.count("'loss_csa'") == 4
+    weights = {}
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):
+        folder = full / checkpoint
+        files = {path.name for path in folder.iterdir()}
+        assert {"model.safetensors", "pytorch_model_fsdp.bin", "modeling_cusa.py"} <= files
+        assert not list(folder.glob("_fsdp*.py"))
+        assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_cusa.CusaModel"
+        weights[checkpoint] = CusaModel.from_pretrained(folder).state_dict()
+        assert weights[checkpoint]["itc_temperature"].shape == ()
+    assert not torch.equal(weights["checkpoint-2"]["backbone.visual_projection.weight"],
+                           weights["checkpoint-4"]["backbone.visual_projection.weight"])  # fmt: skip
+    state = json.loads((full / "checkpoint-4" / "trainer_state.json").read_text())
+    assert Path(state["best_model_checkpoint"]).name == "checkpoint-2", state["log_history"]
+    final = CusaModel.from_pretrained(full).state_dict()
+    for name, tensor in weights["checkpoint-2"].items():
+        assert torch.equal(final[name], tensor), name
+
+    resume = ["--resume_from_checkpoint", str(full / "checkpoint-2")]
+    resumed, log = accelerate_launch(tmp_path, config_file, tiny_backbone, shapes, 2, *steps, *resume, cpu=True,
+                                     per_device_batch=4, name="resumed")  # fmt: skip
+    assert log.count("'loss_csa'") == 2  # steps 3 and 4 only: it went on from checkpoint-2
+    again = CusaModel.from_pretrained(resumed / "checkpoint-4").state_dict()
+    for name, tensor in weights["checkpoint-4"].items():
+        assert torch.allclose(again[name], tensor, atol=1e-6), name
+
+
+@pytest.mark.slow
+def test_fsdp_with_a_sharded_state_dict_is_refused_before_training(tiny_backbone, shapes, tmp_path):  # noqa: F811
+    """With SHARDED_STATE_DICT the Trainer would save no model.safetensors: CusaTrainer refuses it and names the fix."""
+    config = yaml.safe_load(fsdp_cpu_config(tmp_path).read_text())
+    config["fsdp_config"]["fsdp_state_dict_type"] = "SHARDED_STATE_DICT"
+    config_file = tmp_path / "accelerate_fsdp_sharded_state.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    output, log = accelerate_launch(tmp_path, config_file, tiny_backbone, shapes, 2, cpu=True, per_device_batch=4,
+                                    succeed=False)  # fmt: skip
+    assert "CusaTrainer under FSDP needs fsdp_state_dict_type FULL_STATE_DICT" in log
+    assert "trained with fsdp" not in log and not (output / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -148,10 +279,15 @@ def test_fsdp_on_gpus(tiny_backbone, shapes, tmp_path):  # noqa: F811
     """The same run, unpatched, on up to two GPUs with the repository's FSDP config as it is (bf16)."""
     num_processes = min(2, torch.cuda.device_count())
     output, log = accelerate_launch(tmp_path, CONFIGS / "accelerate_fsdp.yaml", tiny_backbone, shapes, num_processes,
-                                    cpu=False, per_device_batch=8 // num_processes)  # fmt: skip
+                                    *PUSH, cpu=False, per_device_batch=8 // num_processes)  # fmt: skip
     assert "'loss'" in log and "trained with fsdp=True as FSDPCusaModel" in log
     model = CusaModel.from_pretrained(output)
     assert model.itc_temperature.shape == ()
+    assert json.loads((output / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_cusa.CusaModel"
+    assert not list(output.glob("_fsdp*.py"))
+    for rank in range(1, num_processes):
+        calls = json.loads((tmp_path / "calls_sharded" / f"rank{rank}.json").read_text())
+        assert [call["call"] for call in calls] == ["save_model"], calls
 
 
 @pytest.mark.parametrize("name", ["accelerate_fsdp.yaml", "accelerate_deepspeed_zero2.yaml"])
