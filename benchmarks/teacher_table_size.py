@@ -23,14 +23,9 @@ import datasets
 import numpy as np
 from accelerate import PartialState
 
-from cusa_hf.teachers.feature_cache import (
-    IMAGE_FEATURE_COLUMN,
-    PROVENANCE_COLUMN,
-    TEXT_FEATURE_COLUMN,
-    _write_feature_table,
-    _write_image_table,
-    index_column,
-)
+from cusa_hf.teachers.feature_cache import _write_feature_table, _write_image_table
+from cusa_hf.teachers.image_tables import index_column
+from cusa_hf.teachers.provenance import IMAGE_FEATURE_COLUMN, PROVENANCE_COLUMN, TEXT_FEATURE_COLUMN
 
 COCO_IMAGES, COCO_CAPTIONS = 113_287, 566_747
 

@@ -2,18 +2,15 @@
 evaluation view: cusa_hf.eval_view).
 
 Every loader returns a ``datasets.Dataset`` with one row per caption in the schema of ``cusa_hf.schema``
-(``image``, ``caption``, ``image_id``); WebDataset tar shards (:func:`write_webdataset_shards`) also load as a stream
-(:func:`load_webdataset_shards`, :func:`load_training_stream`).
+(``image``, ``caption``, ``image_id``); WebDataset tar shards load too, and stream (``cusa_hf.streaming``).
 
 Row order follows the source: records in file order, and for an image with a caption list its captions in list order.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,8 +19,8 @@ import datasets
 from tqdm.auto import tqdm
 
 from .eval_view import RetrievalEvalView, build_eval_view, eval_view_pixel_batches  # noqa: F401  (re-exported)
-from .images import BadImageError, load_image  # noqa: F401  (re-exported)
-from .teachers.feature_cache import join_feature_tables, read_teacher_provenance
+from .images import BadImageError, load_image, resolve_image_path  # noqa: F401  (re-exported)
+from .streaming import is_webdataset_folder, load_webdataset_shards
 from .schema import (  # noqa: F401  (re-exported: cusa_hf.data was their home before cusa_hf.schema)
     CAPTION_COLUMN_CANDIDATES,
     IMAGE_COLUMN,
@@ -110,12 +107,6 @@ def caption_max_length(tokenizer: Any, max_length: int | None = None) -> int:
     return limit if limit and limit < 100_000 else 77
 
 
-def _resolve_path(path: str, image_root: str | os.PathLike | None) -> str:
-    if image_root is None or os.path.isabs(path):
-        return path
-    return os.path.join(os.fspath(image_root), path)
-
-
 def _refuse_paths_outside_root(
     paths: Sequence[Any], image_root: str | os.PathLike | None, source: str, column: str
 ) -> None:
@@ -194,7 +185,7 @@ def load_json_dataset(
             builder.problem(f"{where}: expected an object with 'image' and 'caption', got {type(record).__name__}")
             continue
         image = record.get("image")
-        resolved = _resolve_path(image, root) if isinstance(image, str) and image.strip() else None
+        resolved = resolve_image_path(image, root) if isinstance(image, str) and image.strip() else None
         builder.add(
             index,
             where,
@@ -283,7 +274,7 @@ def flatten_captions(
         if paths_within_root:
             _refuse_paths_outside_root(raw_paths, image_root, source, image_column)
         image_values = [
-            _resolve_path(value, image_root) if isinstance(value, str) and value.strip() else None for value in raw_paths
+            resolve_image_path(value, image_root) if isinstance(value, str) and value.strip() else None for value in raw_paths
         ]
         resolved_paths = image_values
     captions = dataset[caption_column]
@@ -408,7 +399,7 @@ def load_retrieval_dataset(
         caption_feature = dataset.features.get(kwargs.get("caption_column") or "caption")
         if not (isinstance(caption_feature, datasets.Value) and image_root is None):
             dataset = flatten_captions(dataset, image_root=image_root, skip_invalid=skip_invalid, source=str(path), **kwargs)
-    elif _is_webdataset_folder(path):
+    elif is_webdataset_folder(path):
         dataset = load_webdataset_shards(path)
     elif path.is_dir():
         dataset = load_imagefolder_dataset(path, split=split, image_root=image_root, skip_invalid=skip_invalid, **kwargs)
@@ -451,136 +442,6 @@ def drop_undecodable_images(
     if not kept:
         raise InvalidRecordError(f"{source}: no image decodes ({shown})")
     return dataset.select(kept)
-
-
-def write_webdataset_shards(
-    dataset: datasets.Dataset,
-    folder: str | os.PathLike,
-    shard_size: int = 1000,
-    image_root: str | os.PathLike | None = None,
-) -> list[Path]:
-    """Write a one-row-per-caption dataset as WebDataset tar shards, ``shard_size`` rows per ``shard-NNNNN.tar``.
-
-    Each row is one sample of three files: ``{key}.jpg`` (the image: JPEG files byte for byte, other images
-    re-encoded as JPEG at quality 95), ``{key}.txt`` (the caption) and ``{key}.json`` (``{"image_id": ...}``). An
-    image is stored once per caption row, as WebDataset samples do not share files.
-
-    Example:
-        >>> write_webdataset_shards(load_json_dataset("coco/train.json"), "coco-shards", shard_size=5000)
-        [PosixPath('coco-shards/shard-00000.tar'), ...]
-    """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be positive, got {shard_size}")
-    if isinstance(dataset.features.get(IMAGE_COLUMN), datasets.Image):
-        dataset = dataset.cast_column(IMAGE_COLUMN, datasets.Image(decode=False))
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for start in range(0, len(dataset), shard_size):
-        shard = folder / f"shard-{start // shard_size:05d}.tar"
-        with tarfile.open(shard, "w") as tar:
-            for row in range(start, min(start + shard_size, len(dataset))):
-                record = dataset[row]
-                files = {
-                    "jpg": _jpeg_bytes(record[IMAGE_COLUMN], image_root, row),
-                    "txt": record["caption"].encode("utf-8"),
-                    "json": json.dumps({IMAGE_ID_COLUMN: record[IMAGE_ID_COLUMN]}).encode("utf-8"),
-                }
-                for extension, data in files.items():
-                    info = tarfile.TarInfo(f"{row:09d}.{extension}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        shards.append(shard)
-    return shards
-
-
-def _jpeg_bytes(value: Any, image_root: str | os.PathLike | None, row: int) -> bytes:
-    """The image as JPEG bytes: a JPEG file or ``datasets.Image`` bytes as they are, anything else re-encoded."""
-    data = None
-    if isinstance(value, dict) and value.get("bytes"):
-        data = value["bytes"]
-    elif isinstance(value, (dict, str)):
-        path = value["path"] if isinstance(value, dict) else value
-        if path and os.path.isfile(_resolve_path(path, image_root)):
-            data = Path(_resolve_path(path, image_root)).read_bytes()
-    if data is not None and data[:3] == b"\xff\xd8\xff":
-        return data
-    buffer = io.BytesIO()
-    load_image(value, image_root, where=f"row {row}").save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _is_webdataset_folder(path: Path) -> bool:
-    return path.is_dir() and any(path.glob("*.tar"))
-
-
-def load_webdataset_shards(
-    folder: str | os.PathLike, streaming: bool = False
-) -> datasets.Dataset | datasets.IterableDataset:
-    """WebDataset tar shards (``{key}.jpg``, ``{key}.txt``, ``{key}.json`` holding ``image_id``: what
-    :func:`write_webdataset_shards` writes) as one row per caption (``image``, ``caption``, ``image_id``), read with
-    ``datasets.load_dataset("webdataset", ...)``: map-style (converted once into the ``datasets`` cache, images as
-    ``datasets.Image``), or with ``streaming=True`` an ``IterableDataset`` that reads the shards as it goes.
-
-    Raises:
-        FileNotFoundError: the folder holds no ``.tar`` file.
-        ValueError: the samples lack a ``jpg``, ``txt`` or ``json`` file, or a ``json`` has no ``image_id``.
-    """
-    shards = sorted(str(path) for path in Path(folder).glob("*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"{folder} holds no WebDataset .tar shards")
-    raw = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=streaming)
-    missing = [column for column in ("jpg", "txt", "json") if column not in (raw.column_names or [])]
-    if missing:
-        raise ValueError(
-            f"{folder}: the shards' samples have no {missing[0]!r} file (files per sample: {raw.column_names}); each "
-            "sample needs {key}.jpg, {key}.txt and {key}.json with its image_id (write_webdataset_shards writes them)"
-        )
-    features = None
-    if raw.features is not None and IMAGE_ID_COLUMN in raw.features["json"]:
-        features = datasets.Features(
-            {"image": raw.features["jpg"], "caption": raw.features["txt"], "image_id": raw.features["json"][IMAGE_ID_COLUMN]}
-        )
-    rows = raw.rename_columns({"jpg": "image", "txt": "caption"})
-    other = [column for column in rows.column_names if column not in ("image", "caption")]
-    return rows.map(_image_id_of_sample, input_columns=["json"], remove_columns=other, features=features)
-
-
-def _image_id_of_sample(record: Any) -> dict[str, Any]:
-    if not isinstance(record, dict) or IMAGE_ID_COLUMN not in record:
-        raise ValueError(f"a shard sample's .json holds {record!r}, without an {IMAGE_ID_COLUMN!r}")
-    return {IMAGE_ID_COLUMN: record[IMAGE_ID_COLUMN]}
-
-
-def load_training_stream(
-    data_args: Any, train: datasets.Dataset, seed: int = 42, buffer_size: int = 1000
-) -> datasets.IterableDataset:
-    """The training split as a stream (``IterableDataset``), for ``DataArguments.streaming``.
-
-    ``train`` is the map-style training split, on which the teacher features were computed. When ``train_file`` is a
-    folder of WebDataset shards, the shards are read as a stream (:func:`load_webdataset_shards`): rows of images
-    that ``train`` does not hold (validation images held out with ``validation_images``) are skipped,
-    ``max_train_samples`` is applied, and ``train``'s feature columns are joined by image id and caption
-    (:func:`cusa_hf.teachers.join_feature_tables`). Other sources stream ``train`` itself
-    (``to_iterable_dataset``; per-image tables are joined by the collator). Rows are shuffled with a buffer of
-    ``buffer_size`` (and the shard order), reseeded every epoch. Training from it needs ``max_steps``.
-
-    Example:
-        >>> splits = load_splits(data_args)                   # map-style, for the teachers and evaluation
-        >>> splits["train"] = add_teacher_features(splits["train"], ...)
-        >>> splits["train"] = load_training_stream(data_args, splits["train"], seed=42)
-    """
-    source = Path(data_args.train_file)
-    if not _is_webdataset_folder(source):
-        return train.to_iterable_dataset().shuffle(seed=seed, buffer_size=buffer_size)
-    stream = load_webdataset_shards(source, streaming=True)
-    kept = set(train[IMAGE_ID_COLUMN])
-    stream = stream.filter(lambda image_id: image_id in kept, input_columns=[IMAGE_ID_COLUMN])
-    if data_args.max_train_samples is not None:
-        stream = stream.take(data_args.max_train_samples)
-    if read_teacher_provenance(train):
-        stream = join_feature_tables(stream, train)
-    return stream.shuffle(seed=seed, buffer_size=buffer_size)
 
 
 def hold_out_images(dataset: datasets.Dataset, num_images: int) -> tuple[datasets.Dataset, datasets.Dataset]:

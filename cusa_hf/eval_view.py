@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .images import load_image
 from .schema import first_row_per_image, is_caption, normalize_image_ids
-from .teachers.feature_cache import image_feature_tables
+from .teachers.image_tables import image_feature_tables
 
 
 @dataclass

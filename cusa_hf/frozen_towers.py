@@ -32,15 +32,9 @@ import torch
 
 from .backbones import TOWER_NAMES
 from .data import caption_max_length
-from .teachers.feature_cache import (
-    PROVENANCE_COLUMN,
-    FeatureCacheOptions,
-    FeatureColumns,
-    FeatureSource,
-    add_feature_columns,
-    feature_width,
-    read_teacher_provenance,
-)
+from .teachers.feature_cache import FeatureCacheOptions, FeatureColumns, FeatureSource, add_feature_columns
+from .teachers.image_tables import feature_width
+from .teachers.provenance import PROVENANCE_COLUMN, read_teacher_provenance
 from .teachers.registry import processor_json, weights_sha256
 
 IMAGE_TOWER_COLUMN = "image_tower_features"

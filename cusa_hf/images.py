@@ -55,3 +55,10 @@ def load_image(value: Any, image_root: str | os.PathLike | None = None, where: s
         raise BadImageError(f"{label}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise BadImageError(f"{label}: cannot decode image ({error})") from None
+
+
+def resolve_image_path(path: str, image_root: str | os.PathLike | None) -> str:
+    """``path`` itself when absolute (or without ``image_root``), else joined to ``image_root``."""
+    if image_root is None or os.path.isabs(path):
+        return path
+    return os.path.join(os.fspath(image_root), path)

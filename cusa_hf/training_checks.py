@@ -10,7 +10,7 @@ import datasets
 from transformers import TrainingArguments
 
 from .frozen_towers import check_tower_features
-from .teachers.feature_cache import feature_width, has_feature_column
+from .teachers.image_tables import feature_width, has_feature_column
 
 def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
     """Refuse, before training, settings that certainly give a contrastive batch of one pair (whose loss and

@@ -29,7 +29,8 @@ from transformers import set_seed
 
 from cusa_hf.arguments import parse_arguments
 from cusa_hf.backbones import rerank_factory
-from cusa_hf.data import load_splits, load_training_stream
+from cusa_hf.data import load_splits
+from cusa_hf.streaming import load_training_stream
 from cusa_hf.evaluation import RetrievalEvaluator, format_retrieval_table
 from cusa_hf.example_data import default_training_data
 from cusa_hf.factory import build_model, build_processor, cache_frozen_towers, check_backbone, load_sgraf_data

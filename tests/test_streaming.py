@@ -9,7 +9,8 @@ import pytest
 from test_run_cusa import run_cusa, tiny_backbone, tiny_run_args  # noqa: F401  (tiny_backbone is a fixture)
 
 from cusa_hf.arguments import DataArguments
-from cusa_hf.data import load_json_dataset, load_retrieval_dataset, load_training_stream, write_webdataset_shards
+from cusa_hf.data import load_json_dataset, load_retrieval_dataset
+from cusa_hf.streaming import load_training_stream, write_webdataset_shards
 from cusa_hf.teachers import add_teacher_features, image_feature_tables
 
 TEACHERS = dict(image_teacher="offline:efficientnet-lite0", text_teacher="offline:all-MiniLM-L6-v2")

@@ -24,28 +24,32 @@ Example:
 """
 
 from .cli import main
+from .checks import check_teacher_features
 from .feature_cache import (
-    IMAGE_FEATURE_COLUMN,
-    PER_IMAGE_LAYOUT,
-    PROVENANCE_COLUMN,
-    PROVENANCE_FORMAT,
     STORAGE_DTYPES,
-    TEXT_FEATURE_COLUMN,
     FeatureCacheOptions,
     FeatureColumns,
     FeatureSource,
-    ImageFeatureTable,
     add_feature_columns,
-    check_teacher_features,
+    shard_batches,
+)
+from .image_tables import (
+    ImageFeatureTable,
     feature_width,
     has_feature_column,
     image_feature_tables,
     index_column,
     join_feature_tables,
-    read_teacher_provenance,
     save_with_feature_tables,
-    shard_batches,
     with_image_features_in_rows,
+)
+from .provenance import (
+    IMAGE_FEATURE_COLUMN,
+    PER_IMAGE_LAYOUT,
+    PROVENANCE_COLUMN,
+    PROVENANCE_FORMAT,
+    TEXT_FEATURE_COLUMN,
+    read_teacher_provenance,
 )
 from .features import add_teacher_features, reuse_or_add_teacher_features
 from .registry import (

@@ -12,14 +12,9 @@ import argparse
 import json
 from typing import Sequence
 
-from .feature_cache import (
-    IMAGE_FEATURE_COLUMN,
-    STORAGE_DTYPES,
-    TEXT_FEATURE_COLUMN,
-    read_teacher_provenance,
-    save_with_feature_tables,
-    with_image_features_in_rows,
-)
+from .feature_cache import STORAGE_DTYPES
+from .image_tables import save_with_feature_tables, with_image_features_in_rows
+from .provenance import IMAGE_FEATURE_COLUMN, TEXT_FEATURE_COLUMN, read_teacher_provenance
 from .features import add_teacher_features
 from .registry import IMAGE_POOLINGS, OFFLINE_TEACHERS
 

@@ -10,16 +10,9 @@ from typing import Any
 import datasets
 import torch
 
-from .feature_cache import (
-    IMAGE_FEATURE_COLUMN,
-    PROVENANCE_COLUMN,
-    TEXT_FEATURE_COLUMN,
-    FeatureCacheOptions,
-    FeatureColumns,
-    add_feature_columns,
-    has_feature_column,
-    read_teacher_provenance,
-)
+from .feature_cache import FeatureCacheOptions, FeatureColumns, add_feature_columns
+from .image_tables import has_feature_column
+from .provenance import IMAGE_FEATURE_COLUMN, PROVENANCE_COLUMN, TEXT_FEATURE_COLUMN, read_teacher_provenance
 from .registry import load_image_teacher, load_text_teacher
 
 logger = logging.getLogger(__name__)
