@@ -96,9 +96,10 @@ def cache_frozen_towers(
     cached = {}
     for name, split in splits.items():
         if model_args.freeze_vision_tower and model.adapter.has_separable_image_tower:
+            # Once per image, in a per-image table the caption rows point into (as the teachers' image features).
             split = add_image_tower_features(
                 split, model, processor.image_processor, batch_size=data_args.teacher_batch_size,
-                image_root=data_args.image_root, **options,
+                image_root=data_args.image_root, image_table=True, **options,
             )  # fmt: skip
         if model_args.freeze_text_tower and model.adapter.has_separable_text_tower:
             split = add_text_tower_features(
