@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import normalize_image_ids
+from .schema import first_row_per_image, is_caption, normalize_image_ids
 from .evaluation import encode_images, encode_texts
 
 MANIFEST_FILE = "manifest.json"
@@ -150,9 +150,7 @@ def _image_values(
         else:
             ids = [_path_of(value) or str(row) for row, value in enumerate(values)]
         # A one-row-per-caption dataset repeats each image: keep the first row of each id, as evaluation does.
-        first_row: dict[Any, int] = {}
-        for row, image_id in enumerate(ids):
-            first_row.setdefault(image_id, row)
+        first_row = first_row_per_image(ids)
         values = [values[row] for row in first_row.values()]
         return values, list(first_row), [_path_of(value) for value in values]
     if isinstance(images, (str, os.PathLike)):
@@ -222,7 +220,7 @@ def _as_caption_list(texts: Any, name: str) -> list[str]:
 
 def _check_captions(captions: Sequence[Any], name: str) -> None:
     for position, caption in enumerate(captions):
-        if not isinstance(caption, str) or not caption.strip():
+        if not is_caption(caption):
             raise ValueError(f"{name}[{position}] is {caption!r}; captions must be non-empty strings")
 
 
