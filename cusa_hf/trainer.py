@@ -157,6 +157,7 @@ class CusaTrainer(Trainer):
         # Running sums stay on the device: no host synchronisation per step.
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_steps = 0
+        self._loss_chunking_checked = False
         self.evaluator = evaluator
         self._deprecated_eval_settings = deprecated
         self._evaluators: dict[str, RetrievalEvaluator] = {}
@@ -219,12 +220,15 @@ class CusaTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        check_loss_chunking(self.accelerator.unwrap_model(model), self.args)
-        if is_distributed() and not isinstance(model, DistributedDataParallel):
-            raise ValueError(
-                f"loss_chunk_size={chunk_size} supports one process or DDP; this run wraps the model in "
-                f"{type(model).__name__} (FSDP?). Train without loss_chunk_size or with DDP"
-            )
+        if not self._loss_chunking_checked:
+            # Again at the first step, now that the model is in training mode (live BatchNorm) and wrapped.
+            check_loss_chunking(self.accelerator.unwrap_model(model), self.args)
+            if is_distributed() and not isinstance(model, DistributedDataParallel):
+                raise ValueError(
+                    f"loss_chunk_size={chunk_size} supports one process or DDP; this run wraps the model in "
+                    f"{type(model).__name__} (FSDP?). Train without loss_chunk_size or with DDP"
+                )
+            self._loss_chunking_checked = True
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             loss = self._chunked_forward_backward(model, inputs, chunk_size)
