@@ -24,6 +24,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_cusa import CusaConfig
 from .models.sgraf import SgrafConfig
+from .optimization import check_learning_rate_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,19 @@ def _training_arguments_class() -> type:
                 },
             ),
         ),
+        (
+            "learning_rate_mapping",
+            dict | str | None,
+            field(
+                default=None,
+                metadata={
+                    "help": "Learning rates of their own for some parameters: a mapping (JSON on the command line) of "
+                    "regular expressions over parameter names to learning rates, e.g. "
+                    '\'{"^usa_|^csa_temperature$": 1e-3}\' for heads that start fresh on a pretrained model; every '
+                    "other parameter uses learning_rate. Each group follows the run's schedule from its own peak."
+                },
+            ),
+        ),
     ]
     for name in CUSA_CONFIG_FIELDS:
         spec = config_fields[name]
@@ -216,6 +230,8 @@ def _training_arguments_class() -> type:
         namespace={
             "__doc__": "``TrainingArguments`` plus CUSA's loss settings (CusaConfig fields) and run switches.",
             "__module__": __name__,
+            # TrainingArguments.__post_init__ reads a JSON string given for these fields into a dict.
+            "_VALID_DICT_FIELDS": [*TrainingArguments._VALID_DICT_FIELDS, "learning_rate_mapping"],
             "cusa_config_fields": cusa_config_fields,
             "needs_teachers": needs_teachers,
         },
@@ -254,6 +270,7 @@ def parse_arguments(
         parser.set_defaults(output_dir=default_output_dir)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     CusaConfig(**training_args.cusa_config_fields(True))  # invalid CUSA settings stop here, before teacher extraction
+    training_args.learning_rate_mapping = check_learning_rate_mapping(training_args.learning_rate_mapping)
     return model_args, data_args, training_args
 
 

@@ -13,13 +13,14 @@ from typing import Any
 
 from .arguments import BUILTIN_BACKBONE, SGRAF_BACKBONE, DataArguments, ModelArguments
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
+from .configuration_cusa import CusaConfig
 from .modeling_cusa import CusaModel
 from .models.sgraf import SgrafConfig, SgrafModel
 
 
 def check_backbone(model_args: ModelArguments) -> str | None:
     """Fail early (before teachers and training) on a backbone that cannot be loaded or has no adapter; returns its
-    model type (``None`` for the built-in towers)."""
+    model type (``None`` for the built-in towers). A saved CUSA checkpoint is checked by the backbone it wraps."""
     if model_args.backbone == BUILTIN_BACKBONE:
         return None
     if model_args.backbone == SGRAF_BACKBONE:
@@ -35,6 +36,8 @@ def check_backbone(model_args: ModelArguments) -> str | None:
             f"cannot load backbone={model_args.backbone!r}: not a local model folder and not reachable on the Hub "
             f"({str(error).splitlines()[0]})"
         ) from None
+    if config.model_type == CusaConfig.model_type:
+        config = config.backbone_config
     adapter_class_for(config.model_type)
     return config.model_type
 
@@ -73,7 +76,8 @@ def build_backbone(model_args: ModelArguments, sgraf_config: dict[str, Any] | No
 
 def build_model(model_args: ModelArguments, sgraf_config: dict[str, Any] | None = None, **cusa_fields: Any) -> CusaModel:
     """A ``CusaModel`` around the backbone of ``model_args`` with fresh CUSA heads (``cusa_fields``: CusaConfig
-    fields), its towers frozen as ``freeze_vision_tower`` / ``freeze_text_tower`` say."""
+    fields), or starting from a saved CUSA checkpoint (``CusaModel.from_backbone``), its towers frozen as
+    ``freeze_vision_tower`` / ``freeze_text_tower`` say."""
     model = CusaModel.from_backbone(build_backbone(model_args, sgraf_config), **cusa_fields)
     if model_args.freeze_vision_tower:
         freeze_tower(model.backbone.vision_model)

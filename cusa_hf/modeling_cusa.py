@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,26 @@ from transformers.utils import ModelOutput
 from .backbones import TOWER_NAMES, BackboneAdapter, BackboneFeatures, adapter_class_for
 from .configuration_cusa import TEMPERATURE_FIELDS, CusaConfig
 from .losses import CusaLoss, CusaLossOutput
+
+
+logger = logging.getLogger(__name__)
+
+#: CusaConfig fields that shape the projectors: a run that starts from a checkpoint keeps the checkpoint's.
+ARCHITECTURE_FIELDS = ("cross_projection", "projection_dim")
+
+
+def _is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | None) -> bool:
+    """``name_or_path`` holds a saved ``CusaModel`` (its config.json says ``model_type: cusa``)."""
+    hub_options = {
+        key: value
+        for key, value in (backbone_kwargs or {}).items()
+        if key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
+    }
+    try:
+        config_dict, _ = CusaConfig.get_config_dict(name_or_path, **hub_options)
+    except OSError:
+        return False  # not loadable as a config: the backbone's own loader raises its error
+    return config_dict.get("model_type") == CusaConfig.model_type
 
 
 @dataclass
@@ -205,11 +226,23 @@ class CusaModel(CusaPreTrainedModel):
         """Wrap a pretrained backbone (a model, a Hub name such as ``openai/clip-vit-base-patch32``, or a local
         folder) with freshly initialised CUSA projectors and heads, keeping the backbone's pretrained weights.
 
+        ``backbone`` may also be a saved CUSA checkpoint (a ``CusaModel``, or the folder / Hub id of one): the new model
+        starts from it, see :meth:`_continue_from`.
+
         Args:
-            backbone: the backbone model or its name/path.
+            backbone: the backbone model or its name/path, or a CUSA checkpoint.
             backbone_kwargs: passed to the backbone's ``from_pretrained`` when ``backbone`` is a name/path.
             **cusa_fields: any [`CusaConfig`] field (``csa_weight=0.1``, ``use_usa=False``, ...).
+
+        Example::
+
+            >>> model = CusaModel.from_backbone("openai/clip-vit-base-patch32")       # fresh CUSA heads
+            >>> model = CusaModel.from_backbone("outputs/cusa-default/baseline")       # a trained CUSA checkpoint
         """
+        if isinstance(backbone, (str, os.PathLike)) and _is_cusa_checkpoint(backbone, backbone_kwargs):
+            backbone = cls.from_pretrained(backbone, **(backbone_kwargs or {}))
+        if isinstance(backbone, CusaModel):
+            return cls._continue_from(backbone, **cusa_fields)
         if isinstance(backbone, (str, os.PathLike)):
             backbone_config = AutoConfig.from_pretrained(backbone, **(backbone_kwargs or {}))
             adapter_class = adapter_class_for(backbone_config.model_type)
@@ -221,6 +254,56 @@ class CusaModel(CusaPreTrainedModel):
         model.backbone.load_state_dict(pretrained_state)
         # Wrapping resets the backbone config's attention implementation to None, with which CLIP's text tower
         # attends to padding (features then depend on how a batch is padded); keep the backbone's own.
+        if attn_implementation is not None:
+            model.set_attn_implementation(attn_implementation)
+        return model
+
+    @classmethod
+    def _continue_from(cls, checkpoint: "CusaModel", **cusa_fields: Any) -> "CusaModel":
+        """A model that starts from a trained CUSA checkpoint: its backbone (towers and their projections), its
+        cross-modal projectors and every temperature it has, trained; its USA heads when it has them and
+        ``cusa_fields`` keep USA on. What the checkpoint lacks (USA heads or the CSA temperature of an InfoNCE
+        baseline) starts fresh, initial temperatures from ``cusa_fields``.
+
+        The loss settings are the new run's, as for any backbone: ``cusa_fields``, else CusaConfig's defaults (to go on
+        with the checkpoint's own settings, load it with ``from_pretrained``). The teacher widths and provenance are
+        left for the next training run to record from its own teachers. The projector layout (``cross_projection``,
+        ``projection_dim``) is the checkpoint's: a different value is refused rather than silently re-initialised.
+        """
+        saved = checkpoint.config
+        for name in ARCHITECTURE_FIELDS:
+            wanted = cusa_fields.get(name)
+            if wanted is not None and wanted != getattr(saved, name):
+                raise ValueError(
+                    f"{name}={wanted!r} differs from the checkpoint's {name}={getattr(saved, name)!r}: starting from a "
+                    f"CUSA checkpoint keeps its trained projectors; leave {name} unset (None)"
+                )
+        fields = {name: value for name, value in cusa_fields.items() if name not in ARCHITECTURE_FIELDS}
+        fields.update({name: getattr(saved, name) for name in ARCHITECTURE_FIELDS})
+        trained_temperatures = checkpoint.temperatures()
+        # The config's initial temperatures say where the new run starts: the checkpoint's trained values (a float32
+        # value clamped to a bound may lie a rounding error outside it).
+        for name, min_name, max_name in TEMPERATURE_FIELDS:
+            if name in trained_temperatures:
+                low, high = (fields.get(bound, getattr(CusaConfig, bound)) for bound in (min_name, max_name))
+                fields[name] = min(max(trained_temperatures[name], low), high)
+        # Cloned first: building the new model may re-initialise the (shared) backbone's weights in place.
+        state = {name: tensor.detach().clone() for name, tensor in checkpoint.state_dict().items()}
+        attn_implementation = checkpoint.backbone.config._attn_implementation
+        model = cls(CusaConfig(backbone_config=saved.backbone_config, **fields), backbone=checkpoint.backbone)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        fresh = sorted({key.split(".")[0] for key in missing if not key.endswith("num_batches_tracked")})
+        unknown = [key for key in fresh if key.startswith(("backbone", "cross_"))]
+        if unknown:
+            raise ValueError(f"the CUSA checkpoint lacks trained weights for {unknown}; it does not match its config")
+        dropped = sorted({key.split(".")[0] for key in unexpected})
+        logger.info(
+            "starting from the CUSA checkpoint %s: trained backbone, cross-modal projectors and %s%s%s",
+            saved._name_or_path or "(in memory)",
+            ", ".join(sorted(trained_temperatures)) or "no temperatures",
+            f"; fresh: {', '.join(fresh)}" if fresh else "",
+            f"; not used by this run: {', '.join(dropped)}" if dropped else "",
+        )
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
         return model

@@ -38,6 +38,7 @@ from .gradient_cache import (
     chunk_rows,
 )
 from .modeling_cusa import CusaOutput
+from .optimization import parameter_groups
 from .schema import stable_image_id  # noqa: F401  (re-exported: its home before cusa_hf.schema)
 from .training_checks import (  # noqa: F401  (check_* re-exported: their home before cusa_hf.training_checks)
     check_contrastive_batches,
@@ -186,6 +187,20 @@ class CusaTrainer(Trainer):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             check_resumable(resume_from_checkpoint, self.accelerator.unwrap_model(self.model).config)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def get_optimizer_cls_and_kwargs(self, args: TrainingArguments, model: nn.Module | None = None) -> tuple[Any, Any]:
+        """The stock optimiser, with ``args.learning_rate_mapping``'s parameter groups (``cusa_hf.optimization``)
+        when it is set; the Trainer builds the optimiser from the groups given as ``optimizer_dict``."""
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        mapping = getattr(args, "learning_rate_mapping", None)
+        if mapping and model is not None:
+            if {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+                raise ValueError(f"learning_rate_mapping cannot be combined with optim={args.optim!r}, which groups the "
+                                 "parameters itself")  # fmt: skip
+            optimizer_kwargs["optimizer_dict"] = parameter_groups(
+                model, mapping, args.learning_rate, args.weight_decay, self.get_decay_parameter_names(model)
+            )
+        return optimizer_cls, optimizer_kwargs
 
     def compute_loss(
         self,

@@ -81,6 +81,7 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
     )
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_args.output_dir) if resume in ("last", "true", "True") else resume)
+    trainer.save_state()  # trainer_state.json: the logged CUSA terms, soft-label statistics and temperatures
 
     # 6. Evaluate: validation (the split the run was selected on) and the test split, once.
     metrics = trainer.evaluate(metric_key_prefix="validation") if evaluator is not None else {}

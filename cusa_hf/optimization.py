@@ -1,0 +1,80 @@
+"""Optimiser parameter groups with their own learning rates (``learning_rate_mapping``).
+
+Fine-tuning a pretrained, already aligned model with CUSA adds parts that start from scratch (the USA heads, the CSA
+temperature) beside weights that should move slowly. ``learning_rate_mapping`` maps regular expressions over
+parameter names to learning rates, as sentence-transformers' training arguments do; every other parameter keeps the
+run's ``learning_rate``. The scheduler scales every group by the same factor, so each group follows the run's warm-up
+and decay from its own peak.
+
+Example::
+
+    >>> groups = parameter_groups(model, {r"^usa_|^csa_temperature$": 1e-3}, learning_rate=5e-5,
+    ...                           weight_decay=1e-4, decay_parameter_names=trainer.get_decay_parameter_names(model))
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable
+
+from torch import nn
+
+
+def check_learning_rate_mapping(mapping: Any) -> dict[str, float]:
+    """``mapping`` as ``{pattern: learning rate}``, each pattern a valid regular expression and each rate a finite
+    number > 0; a clear error naming the entry otherwise."""
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise ValueError(
+            f"learning_rate_mapping must map parameter-name patterns to learning rates (a dict, or its JSON text), "
+            f"got {type(mapping).__name__} {mapping!r}"
+        )
+    checked = {}
+    for pattern, rate in mapping.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"learning_rate_mapping pattern {pattern!r} is not a regular expression ({error})") from None
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            raise ValueError(f"learning_rate_mapping[{pattern!r}] must be a finite number > 0, got {rate!r}")
+        checked[pattern] = float(rate)
+    return checked
+
+
+def parameter_groups(
+    model: nn.Module,
+    learning_rate_mapping: dict[str, float],
+    learning_rate: float,
+    weight_decay: float,
+    decay_parameter_names: Iterable[str],
+) -> list[dict[str, Any]]:
+    """Optimiser groups of ``model``'s trainable parameters: each parameter takes the rate of the first pattern of
+    ``learning_rate_mapping`` that its name matches (``re.search``), else ``learning_rate``; weight decay only on
+    ``decay_parameter_names`` (the Trainer's choice: no decay on biases and norms). A pattern that matches no trainable
+    parameter is refused: a typo would otherwise leave the intended parts at the base rate without a word."""
+    mapping = check_learning_rate_mapping(learning_rate_mapping)
+    decay_names = set(decay_parameter_names)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    matched = dict.fromkeys(mapping, 0)
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        rate = learning_rate
+        for pattern, pattern_rate in mapping.items():
+            if re.search(pattern, name):
+                rate, matched[pattern] = pattern_rate, matched[pattern] + 1
+                break
+        groups.setdefault((rate, name in decay_names), []).append(parameter)
+    unmatched = [pattern for pattern, count in matched.items() if count == 0]
+    if unmatched:
+        trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+        raise ValueError(
+            f"learning_rate_mapping pattern(s) {unmatched} match no trainable parameter of the model (trainable: "
+            f"{', '.join(trainable[:8])}{', ...' if len(trainable) > 8 else ''})"
+        )
+    return [
+        {"params": params, "lr": rate, "weight_decay": weight_decay if decays else 0.0}
+        for (rate, decays), params in groups.items()
+    ]
