@@ -1,8 +1,11 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+# The one version string, cusa_hf/version.py (read as text: importing cusa_hf here would need its dependencies).
+version = re.search(r'__version__ = "([^"]+)"', (here / "cusa_hf" / "version.py").read_text()).group(1)
 
 # The offline pretrained towers used by the built-in default run, the benchmarks and the tests
 # (see docs/data_and_teachers.md); timm brings torchvision.
@@ -18,7 +21,7 @@ examples_requires = [
 
 setup(
     name="cusa-hf",
-    version="0.1.0",
+    version=version,
     description="CUSA (Cross-modal and Uni-modal Soft-label Alignment, AAAI 2024) for Hugging Face image-text retrieval",
     long_description=(here / "README.md").read_text(encoding="utf-8") if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
@@ -53,7 +56,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "cusa-extract-teachers=cusa_hf.teachers.cli:main",
+            "cusa-extract-teachers=cusa_hf.teachers_cli:main",
             "cusa-convert-x2vlm=cusa_hf.models.x2vlm.convert:main",
             "cusa-sgraf-convert=cusa_hf.models.sgraf.convert:main",
             "cusa-sgraf-grid-features=cusa_hf.models.sgraf.features:main",

@@ -70,7 +70,8 @@ def text_text_retrieval(model_dir: str, test_file: str, image_root: str | None) 
 
     import cusa_hf  # noqa: F401  (registers CusaModel with AutoModel)
     from cusa_hf.data import load_retrieval_dataset
-    from cusa_hf.evaluation import encode_texts, image_retrieval_r1
+    from cusa_hf.evaluation.encoding import encode_texts
+    from cusa_hf.evaluation.unimodal import image_retrieval_r1
 
     model = AutoModel.from_pretrained(model_dir).eval()
     # Only the tokenizer: the built-in student's saved TimmWrapper image processor does not reload through
@@ -91,8 +92,8 @@ def reference_text_text(test_file: str, image_root: str | None, teachers: list[s
     """The same text-text retrieval with sentence-transformers encoders as they are (the text teacher, and the
     student's text tower before fine-tuning with its own sentence-transformers pooling): what the rows compare to."""
     from cusa_hf.data import load_retrieval_dataset
-    from cusa_hf.evaluation import image_retrieval_r1
-    from cusa_hf.teachers import load_text_teacher
+    from cusa_hf.evaluation.unimodal import image_retrieval_r1
+    from cusa_hf.teachers.registry import load_text_teacher
 
     test = load_retrieval_dataset(test_file, split="test", image_root=image_root)
     captions, image_ids = list(test["caption"]), list(test["image_id"])

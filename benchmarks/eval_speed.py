@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from cusa_hf.evaluation import recalls_from_ranks, retrieval_ranks
+from cusa_hf.evaluation.metrics import recalls_from_ranks, retrieval_ranks
 
 
 def build_scores(n_images: int, captions_per_image: int, dim: int, noise: float, seed: int):

@@ -48,11 +48,12 @@ def prepare(output_dir: str):
     from transformers import set_seed
 
     from cusa_hf.arguments import parse_arguments
-    from cusa_hf.data import build_eval_view, load_splits
+    from cusa_hf.data import load_splits
+    from cusa_hf.eval_view import build_eval_view
     from cusa_hf.example_data import default_training_data
     from cusa_hf.factory import build_model, build_processor, cache_frozen_towers
     from cusa_hf.schema import stable_image_id
-    from cusa_hf.teachers import add_teacher_features
+    from cusa_hf.teachers.features import add_teacher_features
 
     model_args, data_args, training_args = parse_arguments(
         ["--output_dir", output_dir, "--disable_tqdm", "true"], default_config=run_cusa.BUILTIN_CONFIG
@@ -86,7 +87,7 @@ def prepare(output_dir: str):
 
 @torch.no_grad()
 def rsum(model, view) -> float:
-    from cusa_hf.evaluation import retrieval_metrics
+    from cusa_hf.evaluation.metrics import retrieval_metrics
 
     model.eval()
     images = model.get_image_features(image_tower_features=view.image_tower_features)

@@ -112,7 +112,7 @@ def make_batch(student: str, model, tokenizer, batch_size: int, seed: int = 0) -
 
 
 def load_online_text_teacher():
-    from cusa_hf.teachers import load_text_teacher
+    from cusa_hf.teachers.registry import load_text_teacher
 
     return load_text_teacher("offline:all-mpnet-base-v2")
 

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from cusa_hf.data import load_json_dataset
-from cusa_hf.teachers import add_teacher_features, load_image_teacher, load_text_teacher
+from cusa_hf.teachers.features import add_teacher_features
+from cusa_hf.teachers.registry import load_image_teacher, load_text_teacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

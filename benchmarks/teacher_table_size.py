@@ -25,7 +25,7 @@ from accelerate import PartialState
 
 from cusa_hf.teachers.feature_cache import _write_feature_table, _write_image_table
 from cusa_hf.teachers.image_tables import index_column
-from cusa_hf.teachers.provenance import IMAGE_FEATURE_COLUMN, PROVENANCE_COLUMN, TEXT_FEATURE_COLUMN
+from cusa_hf.schema import PROVENANCE_COLUMN, TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
 
 COCO_IMAGES, COCO_CAPTIONS = 113_287, 566_747
 
@@ -43,15 +43,15 @@ def measure(num_images: int, num_captions: int, dtype: str, folder: Path) -> dic
     report = {}
 
     start = time.perf_counter()
-    per_row = {IMAGE_FEATURE_COLUMN: image_table[row_to_image], TEXT_FEATURE_COLUMN: text_rows}
+    per_row = {TEACHER_IMAGE_COLUMN: image_table[row_to_image], TEACHER_TEXT_COLUMN: text_rows}
     _write_feature_table(per_row, {}, provenance, PROVENANCE_COLUMN, folder / "per_row.arrow", None, state)
     report["per_row_s"] = time.perf_counter() - start
     report["per_row_mb"] = (folder / "per_row.arrow").stat().st_size / 1e6
     del per_row
 
     start = time.perf_counter()
-    _write_image_table(IMAGE_FEATURE_COLUMN, image_table, "image_id", image_ids, ids_dataset, folder / "images.arrow", None, state)
-    rows = {index_column(IMAGE_FEATURE_COLUMN): row_to_image, TEXT_FEATURE_COLUMN: text_rows}
+    _write_image_table(TEACHER_IMAGE_COLUMN, image_table, "image_id", image_ids, ids_dataset, folder / "images.arrow", None, state)
+    rows = {index_column(TEACHER_IMAGE_COLUMN): row_to_image, TEACHER_TEXT_COLUMN: text_rows}
     _write_feature_table(rows, {}, provenance, PROVENANCE_COLUMN, folder / "rows.arrow", None, state)
     report["per_image_s"] = time.perf_counter() - start
     report["per_image_table_mb"] = (folder / "images.arrow").stat().st_size / 1e6

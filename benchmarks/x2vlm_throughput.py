@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from cusa_hf.models.x2vlm import X2VlmConfig, X2VlmModel
+from cusa_hf.models.x2vlm.configuration_x2vlm import X2VlmConfig
+from cusa_hf.models.x2vlm.modeling_x2vlm import X2VlmModel
 
 COCO_IMAGES, COCO_TEXTS = 5000, 25000
 

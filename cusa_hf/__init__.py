@@ -6,6 +6,7 @@ from .arguments import CusaTrainingArguments
 from .backbones import (
     BackboneAdapter,
     BackboneFeatures,
+    RerankConfig,
     adapter_class_for,
     dual_encoder_config,
     dual_encoder_from_towers,
@@ -14,31 +15,26 @@ from .backbones import (
     sentence_transformer_text_tower,
     supported_model_types,
 )
+from .collator import CusaDataCollator
 from .configuration_cusa import CusaConfig
 from .data import load_hub_dataset, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
 from .eval_view import build_eval_view
-from .evaluation import (
-    RerankConfig,
-    RetrievalEvaluator,
-    eccv_metrics,
-    encode_images,
-    encode_texts,
-    evaluate_retrieval,
-    image_retrieval_r1,
-    pairwise_similarity,
-    rerank_with_itm,
-    retrieval_metrics,
-    sts_spearman,
-)
+from .evaluation.eccv import eccv_metrics
+from .evaluation.encoding import encode_images, encode_texts, evaluate_retrieval
+from .evaluation.evaluator import RetrievalEvaluator
+from .evaluation.metrics import retrieval_metrics
+from .evaluation.reranking import pairwise_similarity, rerank_with_itm
+from .evaluation.unimodal import image_retrieval_r1, sts_spearman
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
 from .losses import CusaLoss
 from .modeling_cusa import CusaModel, CusaOutput
 from .search import RetrievalIndex
-from .teachers import add_teacher_features, check_teacher_features, read_teacher_provenance
-from .trainer import CusaDataCollator, CusaTrainer, cusa_training_arguments
+from .teachers.checks import check_teacher_features
+from .teachers.features import add_teacher_features
+from .teachers.provenance import read_feature_provenance
+from .trainer import CusaTrainer, cusa_training_arguments
+from .version import __version__
 from . import models  # noqa: E402,F401  registers the X2VLM, BLIP and SGR/SAF adapters and Auto classes
-
-__version__ = "0.1.0"
 
 AutoConfig.register(CusaConfig.model_type, CusaConfig, exist_ok=True)
 AutoModel.register(CusaConfig, CusaModel, exist_ok=True)
@@ -79,7 +75,7 @@ __all__ = [
     "load_json_dataset",
     "load_retrieval_dataset",
     "pairwise_similarity",
-    "read_teacher_provenance",
+    "read_feature_provenance",
     "register_backbone_adapter",
     "rerank_factory",
     "rerank_with_itm",

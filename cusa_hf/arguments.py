@@ -23,15 +23,12 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_cusa import CusaConfig
-from .models.sgraf import SgrafConfig
+from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE, SgrafConfig
+from .offline_models import BUILTIN_BACKBONE
 from .optimization import check_learning_rate_mapping
 
 logger = logging.getLogger(__name__)
 
-#: The built-in backbone: pretrained EfficientNet-Lite0 + all-MiniLM-L6-v2 towers installed from PyPI, new projections.
-BUILTIN_BACKBONE = "builtin:efficientnet-lite0+minilm"
-#: A fresh SGR/SAF model (``cusa_hf.models.sgraf``) trained on precomputed region features.
-SGRAF_BACKBONE = "sgraf"
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 _SGRAF_DEFAULTS = SgrafConfig()
 

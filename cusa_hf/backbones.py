@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 
-if TYPE_CHECKING:
-    # Absolute: save_pretrained copies every module that modeling_cusa imports relatively into the checkpoint.
-    from cusa_hf.evaluation import RerankConfig
-
+from .configuration_cusa import PACKAGE_ONLY_MODEL_TYPES, package_required_error
 
 #: What each modality's tower is called in messages.
 TOWER_NAMES = {"image": "vision tower", "text": "text tower"}
+#: ``itm_score(image_idx, text_idx)``: fusion-encoder match scores `(n_pairs,)` of aligned pairs of an evaluation
+#: split, given as two `(n_pairs,)` long tensors of indices into its images and captions.
+ItmScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -51,6 +51,18 @@ class BackboneFeatures:
     text_features: torch.Tensor
     similarity: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RerankConfig:
+    """How ``evaluation.evaluate_retrieval`` reranks an evaluation split: an ITM scorer over its image / caption
+    indices and the candidates rescored per image (``k_i2t``) and per caption (``k_t2i``). Fusion adapters return one
+    from ``rerank_config``."""
+
+    itm_score: ItmScoreFn
+    k_i2t: int = 256
+    k_t2i: int = 128
+    batch_size: int = 128
 
 
 class BackboneAdapter:
@@ -177,7 +189,7 @@ class BackboneAdapter:
         """How ``evaluation.evaluate_retrieval`` reranks ``eval_view`` with this backbone's ITM head.
 
         Fusion-backbone adapters (``supports_reranking``) encode the split once with ``processor`` and return an
-        ``evaluation.RerankConfig`` that rescores each query's top ``k_test`` candidates (``None``: the backbone's
+        :class:`RerankConfig` that rescores each query's top ``k_test`` candidates (``None``: the backbone's
         default); ``rerank_kwargs`` are their further options (the rerank ``batch_size``, the ITM scorer's). Every
         other adapter raises ``ValueError``.
         """
@@ -185,23 +197,6 @@ class BackboneAdapter:
 
 
 _ADAPTERS: dict[str, type[BackboneAdapter]] = {}
-
-#: Backbone families whose adapters (and, for X2-VLM and SGR/SAF, config and model classes) live in the
-#: ``cusa_hf.models`` sub-package. ``save_pretrained`` copies into a checkpoint only ``modeling_cusa`` and the modules
-#: it imports relatively from its own folder (this one, ``configuration_cusa``, ``losses``, ``distributed``), so the
-#: code saved with a checkpoint knows the CLIP, Chinese-CLIP and dual-encoder adapters registered below, not these.
-PACKAGE_ONLY_MODEL_TYPES = ("blip", "sgraf", "x2vlm")
-
-
-def package_required_error(model_type: str) -> ImportError:
-    """The error for a checkpoint of a :data:`PACKAGE_ONLY_MODEL_TYPES` backbone loaded by its saved code alone
-    (``AutoModel.from_pretrained(..., trust_remote_code=True)`` without cusa-hf)."""
-    return ImportError(
-        f"this CUSA checkpoint's backbone (model_type={model_type!r}) is defined by the cusa-hf package, not by the "
-        "code saved with the checkpoint (which covers CLIP, Chinese-CLIP and VisionTextDualEncoder backbones). "
-        "Install it (pip install cusa-hf) and load the checkpoint with cusa_hf.CusaModel.from_pretrained(path)"
-    )
-
 
 def register_backbone_adapter(adapter_class: type[BackboneAdapter]) -> type[BackboneAdapter]:
     """Register an adapter for every ``model_type`` it lists (usable as a class decorator)."""

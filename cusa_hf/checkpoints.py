@@ -7,6 +7,8 @@ import logging
 import os
 from typing import Any
 
+from .configuration_cusa import CusaConfig
+
 logger = logging.getLogger(__name__)
 
 #: CusaConfig fields that decide which parameters a model has, or what its teacher columns mean: a checkpoint resumes
@@ -21,8 +23,6 @@ def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     """Refuse to resume ``checkpoint`` into a model whose CUSA settings or teachers differ from the checkpoint's
     (the optimiser state would not fit, or training would go on against other soft labels while the saved config
     claimed the new ones); the message names both values."""
-    from .configuration_cusa import CusaConfig
-
     if not os.path.isfile(os.path.join(os.fspath(checkpoint), "config.json")):
         return  # not a CusaModel checkpoint; the stock Trainer reports what is missing
     saved = CusaConfig.from_pretrained(checkpoint)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .data import caption_max_length
-from .frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
+from .schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .images import load_image
 from .schema import is_caption, stable_image_id
 from .teachers.image_tables import ImageFeatureTable, image_feature_tables, index_column

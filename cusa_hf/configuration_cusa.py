@@ -11,8 +11,21 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .backbones import PACKAGE_ONLY_MODEL_TYPES, package_required_error
-from .losses import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES
+#: Reductions of (soft-)cross-entropy terms (``itc_reduction``).
+#: ``"all_entries_mean"`` (the authors' ``contrastive_loss_mode: mean``) averages target-weighted log-probabilities over
+#: all B x B entries, i.e. the usual InfoNCE divided by the number of columns; the published CSA/USA weights were tuned
+#: against this scale. ``"row_mean"`` is the usual InfoNCE: sum over each row, mean over rows.
+REDUCTIONS = ("all_entries_mean", "row_mean")
+#: How teacher similarities become CSA's soft labels (``softlabel_mode``, see ``cusa_hf.losses.teacher_soft_labels``).
+SOFTLABEL_MODES = ("each", "add", "dot")
+#: How a distribution is aligned to its soft labels (``softlabel_loss``, see ``cusa_hf.losses.soft_label_loss``).
+SOFTLABEL_LOSSES = ("kl", "contrastive")
+
+#: Backbone families whose adapters (and, for X2-VLM and SGR/SAF, config and model classes) live in the
+#: ``cusa_hf.models`` sub-package. ``save_pretrained`` copies into a checkpoint only ``modeling_cusa`` and the modules
+#: it imports relatively from its own folder (``backbones``, this one, ``losses``, ``distributed``), so the code saved
+#: with a checkpoint knows the CLIP, Chinese-CLIP and dual-encoder adapters of ``backbones``, not these.
+PACKAGE_ONLY_MODEL_TYPES = ("blip", "sgraf", "x2vlm")
 
 #: (initial value field, min field, max field) of every learnable temperature.
 TEMPERATURE_FIELDS = (
@@ -55,6 +68,16 @@ def _refuse_unknown_keywords(kwargs: dict[str, Any]) -> None:
     if unknown:
         described = ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in hints.items())
         raise ValueError(f"CusaConfig got unknown keyword(s) {described}; see CusaConfig's docstring for its fields")
+
+
+def package_required_error(model_type: str) -> ImportError:
+    """The error for a checkpoint of a :data:`PACKAGE_ONLY_MODEL_TYPES` backbone loaded by its saved code alone
+    (``AutoModel.from_pretrained(..., trust_remote_code=True)`` without cusa-hf)."""
+    return ImportError(
+        f"this CUSA checkpoint's backbone (model_type={model_type!r}) is defined by the cusa-hf package, not by the "
+        "code saved with the checkpoint (which covers CLIP, Chinese-CLIP and VisionTextDualEncoder backbones). "
+        "Install it (pip install cusa-hf) and load the checkpoint with cusa_hf.CusaModel.from_pretrained(path)"
+    )
 
 
 def _check_backbone_model_type(backbone_config: Any) -> None:
@@ -101,7 +124,7 @@ class CusaConfig(PreTrainedConfig):
         softlabel_mode (`str`, defaults to `"each"`): `"each"`, `"add"` or `"dot"` (see `cusa_hf.losses`).
         softlabel_loss (`str`, defaults to `"kl"`): `"kl"` or `"contrastive"` (soft-target cross-entropy).
         itc_reduction (`str`, defaults to `"all_entries_mean"`): the authors' InfoNCE scale (mean over all B x B
-            entries) or `"row_mean"` (the usual InfoNCE); see `cusa_hf.losses.REDUCTIONS`.
+            entries) or `"row_mean"` (the usual InfoNCE); see `REDUCTIONS`.
         cross_projection (`bool`, *optional*): add the cross-modal projectors (LayerNorm + Linear) on the backbone's
             pooled features. `None` means: yes, unless the backbone scores pairs itself or trains with its own loss.
         projection_dim (`int`, *optional*): output width of the cross-modal projectors; defaults to the backbone's

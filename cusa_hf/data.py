@@ -1,5 +1,4 @@
-"""Image-text retrieval data: loading datasets and splits as one row per caption (images: cusa_hf.images; the
-evaluation view: cusa_hf.eval_view).
+"""Image-text retrieval data: loading datasets and splits as one row per caption.
 
 Every loader returns a ``datasets.Dataset`` with one row per caption in the schema of ``cusa_hf.schema``
 (``image``, ``caption``, ``image_id``); WebDataset tar shards load too, and stream (``cusa_hf.streaming``).
@@ -18,10 +17,8 @@ from typing import Any, Sequence
 import datasets
 from tqdm.auto import tqdm
 
-from .eval_view import RetrievalEvalView, build_eval_view, eval_view_pixel_batches  # noqa: F401  (re-exported)
-from .images import BadImageError, load_image, resolve_image_path  # noqa: F401  (re-exported)
-from .streaming import is_webdataset_folder, load_webdataset_shards
-from .schema import (  # noqa: F401  (re-exported: cusa_hf.data was their home before cusa_hf.schema)
+from .images import BadImageError, load_image, resolve_image_path
+from .schema import (
     CAPTION_COLUMN_CANDIDATES,
     IMAGE_COLUMN,
     IMAGE_COLUMN_CANDIDATES,
@@ -32,6 +29,7 @@ from .schema import (  # noqa: F401  (re-exported: cusa_hf.data was their home b
     is_caption,
     normalize_image_ids,
 )
+from .streaming import is_webdataset_folder, load_webdataset_shards
 
 
 class _RowBuilder:

@@ -11,11 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from .arguments import BUILTIN_BACKBONE, SGRAF_BACKBONE, DataArguments, ModelArguments
-from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, VisionTextDualEncoderProcessor
+
+from .arguments import DataArguments, ModelArguments
+from .backbones import adapter_class_for, dual_encoder_from_towers
 from .configuration_cusa import CusaConfig
+from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
 from .modeling_cusa import CusaModel
-from .models.sgraf import SgrafConfig, SgrafModel
+from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE, SgrafConfig
+from .models.sgraf.modeling_sgraf import SgrafModel
+from .models.sgraf.training_data import load_sgraf_training_data
+from .offline_models import (
+    BUILTIN_BACKBONE,
+    efficientnet_lite_student_image_processor,
+    efficientnet_lite_timm_wrapper,
+    minilm_path,
+)
 
 
 def check_backbone(model_args: ModelArguments) -> str | None:
@@ -25,10 +36,6 @@ def check_backbone(model_args: ModelArguments) -> str | None:
         return None
     if model_args.backbone == SGRAF_BACKBONE:
         return SgrafConfig.model_type
-    from transformers import AutoConfig
-
-    from .backbones import adapter_class_for
-
     try:
         config = AutoConfig.from_pretrained(model_args.backbone)
     except (OSError, ValueError) as error:
@@ -45,16 +52,10 @@ def check_backbone(model_args: ModelArguments) -> str | None:
 def build_processor(model_args: ModelArguments) -> Any:
     """The processor (``image_processor`` + ``tokenizer``) of ``model_args.backbone`` (or ``processor_name``)."""
     if model_args.backbone == BUILTIN_BACKBONE:
-        from transformers import AutoTokenizer, VisionTextDualEncoderProcessor
-
-        from .offline_models import efficientnet_lite_student_image_processor, minilm_path
-
         return VisionTextDualEncoderProcessor(
             image_processor=efficientnet_lite_student_image_processor(0),
             tokenizer=AutoTokenizer.from_pretrained(str(minilm_path())),
         )
-    from transformers import AutoProcessor
-
     return AutoProcessor.from_pretrained(model_args.processor_name or model_args.backbone)
 
 
@@ -66,9 +67,6 @@ def build_backbone(model_args: ModelArguments, sgraf_config: dict[str, Any] | No
             raise ValueError(f"backbone={SGRAF_BACKBONE!r} needs sgraf_config (the SgrafConfig fields of a fresh model)")
         return SgrafModel(SgrafConfig(**sgraf_config))
     if model_args.backbone == BUILTIN_BACKBONE:
-        from .backbones import dual_encoder_from_towers
-        from .offline_models import efficientnet_lite_timm_wrapper, minilm_path
-
         # A sentence-transformers folder: the text tower pools (mean) and normalises as all-MiniLM-L6-v2 was trained.
         return dual_encoder_from_towers(efficientnet_lite_timm_wrapper(0), minilm_path(), model_args.projection_dim)
     return model_args.backbone
@@ -117,8 +115,6 @@ def cache_frozen_towers(
 def load_sgraf_data(model_args: ModelArguments, data_args: DataArguments, training_args: Any) -> Any:
     """The region-feature datasets, tokenizer, collator and scorers of an SGR/SAF run (docs/sgraf.md): a
     :class:`~cusa_hf.models.sgraf.training_data.SgrafTrainingData`."""
-    from .models.sgraf.training_data import load_sgraf_training_data
-
     if data_args.features_dir is None:
         raise ValueError(f"backbone={model_args.backbone!r} (SGRAF) reads precomputed region features: set features_dir")
     if model_args.freeze_vision_tower or model_args.freeze_text_tower:

@@ -32,15 +32,12 @@ import torch
 
 from .backbones import TOWER_NAMES
 from .data import caption_max_length
+from .schema import IMAGE_TOWER_COLUMN, PROVENANCE_COLUMN, TEXT_TOWER_COLUMN
 from .teachers.feature_cache import FeatureCacheOptions, FeatureColumns, FeatureSource, add_feature_columns
-from .teachers.image_tables import feature_width
-from .teachers.provenance import PROVENANCE_COLUMN, read_teacher_provenance
+from .teachers.image_tables import feature_width, has_feature_column
+from .teachers.provenance import read_feature_provenance
 from .teachers.registry import processor_json, weights_sha256
 
-IMAGE_TOWER_COLUMN = "image_tower_features"
-
-
-TEXT_TOWER_COLUMN = "text_tower_features"
 MODALITIES = tuple(TOWER_NAMES)
 
 
@@ -337,7 +334,7 @@ def check_tower_features(
     expected = getattr(model.adapter, f"{modality}_tower_dim")
     if width != expected:
         raise ValueError(f"column {column!r} holds {width}-d features; this model's {TOWER_NAMES[modality]} gives {expected}-d")
-    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {}).get(column, {})
+    recorded = read_feature_provenance(dataset, provenance_column).get("teachers", {}).get(column, {})
     made_with = recorded.get("weights_sha256")
     add = f"add_{modality}_tower_features"
     if made_with is None:
@@ -361,3 +358,22 @@ def check_tower_features(
             f"(which evaluation uses: processor settings, length limit, pooling); recompute it with "
             f"{add}(dataset, model, ...)"
         )
+
+
+def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any) -> Any:
+    """Check the cached frozen-tower columns of a dataset against ``model`` (weights, width, preprocessing) and
+    return the dataset without the raw column a cached tower replaces (so images are not decoded at every step)."""
+    columns = getattr(dataset, "column_names", None) or []
+    checks = (
+        ("image", getattr(collator, "image_tower_column", None), getattr(processor, "image_processor", None),
+         getattr(collator, "image_column", "image")),
+        ("text", getattr(collator, "text_tower_column", None), getattr(processor, "tokenizer", None), None),
+    )  # fmt: skip
+    for modality, column, preprocessing, replaced in checks:
+        if column is not None and has_feature_column(dataset, column):
+            check_tower_features(
+                model, dataset, modality, column, preprocessing, max_length=getattr(collator, "max_length", None)
+            )
+            if replaced in columns:
+                dataset = dataset.remove_columns([replaced])
+    return dataset

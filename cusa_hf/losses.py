@@ -23,15 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_cusa import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES
 from .distributed import gather_with_grad, is_distributed
-
-#: Reductions of (soft-)cross-entropy terms.
-#: ``"all_entries_mean"`` (the authors' ``contrastive_loss_mode: mean``) averages target-weighted log-probabilities over
-#: all B x B entries, i.e. the usual InfoNCE divided by the number of columns; the published CSA/USA weights were tuned
-#: against this scale. ``"row_mean"`` is the usual InfoNCE: sum over each row, mean over rows.
-REDUCTIONS = ("all_entries_mean", "row_mean")
-SOFTLABEL_MODES = ("each", "add", "dot")
-SOFTLABEL_LOSSES = ("kl", "contrastive")
 
 
 class DirectionalLoss(NamedTuple):

@@ -25,8 +25,9 @@ from typing import Any, Iterable
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .arguments import BUILTIN_BACKBONE, SGRAF_BACKBONE
 from .evaluation.metrics import RETRIEVAL_METRIC_NAMES as METRIC_COLUMNS
+from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE
+from .offline_models import BUILTIN_BACKBONE
 
 #: The tag that marks a card written here (``CusaTrainer.create_model_card`` keeps such a card).
 CARD_TAG = "cusa-hf"

@@ -10,6 +10,9 @@ A retrieval dataset has one row per caption and three columns:
 
 Captions of one image are found by :func:`first_row_per_image`. Loaders (``cusa_hf.data``), the collator, the
 evaluation view and the feature caches all use these helpers, so what counts as a caption or an image is decided here.
+
+Feature columns added to a split (``cusa_hf.teachers``, ``cusa_hf.frozen_towers``) are named here too: the teachers'
+image and text features, the cached output of frozen towers, and the provenance column recording what made each.
 """
 
 from __future__ import annotations
@@ -20,6 +23,16 @@ from typing import Any, Iterable, Sequence
 IMAGE_COLUMN = "image"
 CAPTION_COLUMN = "caption"
 IMAGE_ID_COLUMN = "image_id"
+
+#: The frozen teachers' features (``cusa_hf.teachers.add_teacher_features``).
+TEACHER_IMAGE_COLUMN = "teacher_image_embeds"
+TEACHER_TEXT_COLUMN = "teacher_text_embeds"
+#: The cached pooled output of a frozen vision / text tower (``cusa_hf.frozen_towers``).
+IMAGE_TOWER_COLUMN = "image_tower_features"
+TEXT_TOWER_COLUMN = "text_tower_features"
+#: What made each feature column above, teachers and frozen towers alike (``cusa_hf.teachers.provenance``). Its name
+#: predates the frozen towers; it is kept because saved datasets and the feature caches carry it.
+PROVENANCE_COLUMN = "teacher_provenance"
 
 # Column names tried, in order, when a Hub dataset's columns are not given explicitly.
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "image_path", "filepath", "file_name", "filename")

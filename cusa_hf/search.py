@@ -38,7 +38,8 @@ import torch
 from PIL import Image
 
 from .schema import first_row_per_image, is_caption, normalize_image_ids
-from .evaluation import encode_images, encode_texts
+from .evaluation.encoding import encode_images, encode_texts
+from .version import __version__
 
 MANIFEST_FILE = "manifest.json"
 INDEX_FORMAT = "cusa-retrieval-index"
@@ -480,8 +481,6 @@ class RetrievalIndex:
                 "dataset": name,
                 "faiss_index": index_file.name,
             }
-        from . import __version__
-
         manifest = {
             "format": INDEX_FORMAT,
             "format_version": INDEX_FORMAT_VERSION,

@@ -16,7 +16,7 @@ import datasets
 from .images import load_image, resolve_image_path
 from .schema import IMAGE_COLUMN, IMAGE_ID_COLUMN
 from .teachers.image_tables import join_feature_tables
-from .teachers.provenance import read_teacher_provenance
+from .teachers.provenance import read_feature_provenance
 
 
 def write_webdataset_shards(
@@ -144,6 +144,6 @@ def load_training_stream(
     stream = stream.filter(lambda image_id: image_id in kept, input_columns=[IMAGE_ID_COLUMN])
     if data_args.max_train_samples is not None:
         stream = stream.take(data_args.max_train_samples)
-    if read_teacher_provenance(train):
+    if read_feature_provenance(train):
         stream = join_feature_tables(stream, train)
     return stream.shuffle(seed=seed, buffer_size=buffer_size)

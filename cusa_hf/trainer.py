@@ -1,15 +1,15 @@
 """CusaTrainer: ``transformers.Trainer`` that feeds teacher-feature columns to ``CusaModel``, logs CUSA's terms,
 evaluates through a ``RetrievalEvaluator`` and, with ``loss_chunk_size``, caches gradients over large batches.
 
-The collator lives in ``cusa_hf.collator``, the once-only checks in ``cusa_hf.training_checks``, output folders and
-checkpoints in ``cusa_hf.checkpoints``, the gradient-cache pieces in ``cusa_hf.gradient_cache``."""
+The collator lives in ``cusa_hf.collator``, the once-only checks in ``cusa_hf.training_checks`` and
+``cusa_hf.frozen_towers``, output folders and checkpoints in ``cusa_hf.checkpoints``, the gradient-cache pieces in
+``cusa_hf.gradient_cache``."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-import warnings
 from typing import Any
 
 import torch
@@ -18,16 +18,12 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .arguments import CusaTrainingArguments
-from .checkpoints import (  # noqa: F401  (re-exported: their home before cusa_hf.checkpoints)
-    RESUME_FIELDS,
-    check_resumable,
-    claim_output_dir,
-    last_complete_checkpoint,
-)
-from .collator import CusaDataCollator, FeatureTableCollator, join_image_features, with_feature_tables  # noqa: F401
+from .checkpoints import check_resumable, last_complete_checkpoint
+from .collator import CusaDataCollator, with_feature_tables
 from .configuration_cusa import TEMPERATURE_FIELDS
 from .distributed import is_distributed
-from .evaluation import RetrievalEvaluator
+from .evaluation.evaluator import RetrievalEvaluator
+from .frozen_towers import check_tower_columns
 from .fsdp import fsdp_unsharded, vectorize_scalar_parameters
 from .gradient_cache import (
     EMBEDDING_FIELDS,
@@ -37,15 +33,10 @@ from .gradient_cache import (
     check_loss_chunking,
     chunk_rows,
 )
+from .model_card import is_cusa_model_card
 from .modeling_cusa import CusaOutput
 from .optimization import parameter_groups
-from .schema import stable_image_id  # noqa: F401  (re-exported: its home before cusa_hf.schema)
-from .training_checks import (  # noqa: F401  (check_* re-exported: their home before cusa_hf.training_checks)
-    check_contrastive_batches,
-    check_teacher_columns,
-    check_tower_columns,
-    with_numpy_feature_columns,
-)
+from .training_checks import check_contrastive_batches, check_teacher_columns, with_numpy_feature_columns
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +88,6 @@ class CusaTrainer(Trainer):
       ``image_root`` and ``args.per_device_eval_batch_size``;
     * ``evaluate(dataset, metric_key_prefix="test")`` evaluates another split with the same settings. Evaluators (and
       so their views of the splits) are kept between evaluations.
-
-    ``rerank`` and ``pairwise_scorer`` are deprecated: pass them to the ``RetrievalEvaluator``.
     """
 
     def __init__(
@@ -111,21 +100,8 @@ class CusaTrainer(Trainer):
         processing_class: Any = None,
         collator_kwargs: dict[str, Any] | None = None,
         evaluator: RetrievalEvaluator | None = None,
-        rerank: Any = None,
-        pairwise_scorer: Any = None,
         **kwargs: Any,
     ):
-        deprecated = {"rerank": rerank, "pairwise_scorer": pairwise_scorer}
-        deprecated = {name: value for name, value in deprecated.items() if value is not None}
-        for name in deprecated:
-            warnings.warn(
-                f"CusaTrainer({name}=...) is deprecated and will be removed; pass "
-                f"evaluator=RetrievalEvaluator(eval_dataset, {name}=...) instead",
-                FutureWarning,
-                stacklevel=2,
-            )
-        if evaluator is not None and deprecated:
-            raise ValueError(f"pass {' and '.join(deprecated)} to the RetrievalEvaluator, not to CusaTrainer")
         if evaluator is not None and eval_dataset is None:
             eval_dataset = evaluator.eval_data  # the stock Trainer refuses an eval_strategy without an eval_dataset
         if args is not None and args.remove_unused_columns:
@@ -160,7 +136,6 @@ class CusaTrainer(Trainer):
         self._component_steps = 0
         self._loss_chunking_checked = False
         self.evaluator = evaluator
-        self._deprecated_eval_settings = deprecated
         self._evaluators: dict[str, RetrievalEvaluator] = {}
         if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
             raise ValueError(
@@ -365,7 +340,7 @@ class CusaTrainer(Trainer):
 
     def _evaluator_for(self, dataset: Any) -> RetrievalEvaluator:
         """The evaluator of a split, built once: the given evaluator's settings, or the trainer's (collator columns,
-        eval batch size, progress bars, the deprecated ``rerank`` / ``pairwise_scorer``)."""
+        eval batch size, progress bars)."""
         if self.evaluator is not None and dataset is self.evaluator.eval_data:
             return self.evaluator
         key = getattr(dataset, "_fingerprint", None) or str(id(dataset))
@@ -379,15 +354,12 @@ class CusaTrainer(Trainer):
                     batch_size=self.args.per_device_eval_batch_size,
                     text_batch_size=max(self.args.per_device_eval_batch_size, 64),
                     show_progress=not self.args.disable_tqdm,
-                    **self._deprecated_eval_settings,
                 )
         return self._evaluators[key]
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Keep a card written by ``cusa_hf.model_card`` (recognised by its metadata tag): ``push_to_hub`` calls this
         before uploading, and the stock card would replace ours; any other README is replaced as the Trainer does."""
-        from .model_card import is_cusa_model_card
-
         if is_cusa_model_card(os.path.join(self.args.output_dir, "README.md")):
             return
         super().create_model_card(*args, **kwargs)

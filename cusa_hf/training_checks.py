@@ -9,8 +9,9 @@ from typing import Any
 import datasets
 from transformers import TrainingArguments
 
-from .frozen_towers import check_tower_features
+from .teachers.checks import check_teacher_features
 from .teachers.image_tables import feature_width, has_feature_column
+
 
 def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
     """Refuse, before training, settings that certainly give a contrastive batch of one pair (whose loss and
@@ -56,32 +57,11 @@ def with_numpy_feature_columns(dataset: Any, collator: Any) -> Any:
     return dataset.with_format("numpy", columns=columns, output_all_columns=True)
 
 
-def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any) -> Any:
-    """Check the cached frozen-tower columns of a dataset against ``model`` (weights, width, preprocessing) and
-    return the dataset without the raw column a cached tower replaces (so images are not decoded at every step)."""
-    columns = getattr(dataset, "column_names", None) or []
-    checks = (
-        ("image", getattr(collator, "image_tower_column", None), getattr(processor, "image_processor", None),
-         getattr(collator, "image_column", "image")),
-        ("text", getattr(collator, "text_tower_column", None), getattr(processor, "tokenizer", None), None),
-    )  # fmt: skip
-    for modality, column, preprocessing, replaced in checks:
-        if column is not None and has_feature_column(dataset, column):
-            check_tower_features(
-                model, dataset, modality, column, preprocessing, max_length=getattr(collator, "max_length", None)
-            )
-            if replaced in columns:
-                dataset = dataset.remove_columns([replaced])
-    return dataset
-
-
 def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:
     """Fail before training when CSA/USA are active but the teacher columns are missing, malformed (NaN, ragged) or
     of another teacher than the model was trained with; record their provenance and widths in the model config."""
     if not getattr(config, "needs_teachers", False) or getattr(dataset, "column_names", None) is None:
         return
-    from .teachers import check_teacher_features  # the teachers package imports the trainer helpers lazily too
-
     image_column = getattr(collator, "teacher_image_column", "teacher_image_embeds")
     text_column = getattr(collator, "teacher_text_column", "teacher_text_embeds")
     for column in (image_column, text_column):

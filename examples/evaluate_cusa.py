@@ -26,17 +26,12 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from cusa_hf.data import build_eval_view, load_image, load_retrieval_dataset
-from cusa_hf.evaluation import (
-    RETRIEVAL_METRIC_NAMES,
-    encode_images,
-    encode_texts,
-    evaluate_image_retrieval,
-    evaluate_sts,
-    load_labelled_images,
-    load_sts,
-    retrieval_metrics,
-)
+from cusa_hf.data import load_retrieval_dataset
+from cusa_hf.eval_view import build_eval_view
+from cusa_hf.images import load_image
+from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_image_retrieval, evaluate_sts
+from cusa_hf.evaluation.loaders import load_labelled_images, load_sts
+from cusa_hf.evaluation.metrics import RETRIEVAL_METRIC_NAMES, retrieval_metrics
 
 THUMBNAIL = 160
 

@@ -31,14 +31,16 @@ from cusa_hf.arguments import parse_arguments
 from cusa_hf.backbones import rerank_factory
 from cusa_hf.data import load_splits
 from cusa_hf.streaming import load_training_stream
-from cusa_hf.evaluation import RetrievalEvaluator, format_retrieval_table
+from cusa_hf.evaluation.evaluator import RetrievalEvaluator
+from cusa_hf.evaluation.metrics import format_retrieval_table
 from cusa_hf.example_data import default_training_data
 from cusa_hf.factory import build_model, build_processor, cache_frozen_towers, check_backbone, load_sgraf_data
 from cusa_hf.model_card import comparison_hub_model_id, write_model_card
-from cusa_hf.models.sgraf import SgrafConfig
+from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
 from cusa_hf.models.sgraf.training_data import with_image_paths
-from cusa_hf.teachers import reuse_or_add_teacher_features
-from cusa_hf.trainer import CusaTrainer, claim_output_dir, last_complete_checkpoint
+from cusa_hf.teachers.features import reuse_or_add_teacher_features
+from cusa_hf.checkpoints import claim_output_dir, last_complete_checkpoint
+from cusa_hf.trainer import CusaTrainer
 
 logger = logging.getLogger("run_cusa")
 BUILTIN_CONFIG = Path(__file__).resolve().parent / "configs" / "builtin_default.yaml"

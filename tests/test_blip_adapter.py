@@ -121,7 +121,7 @@ def tiny_blip_eval_view():
     """Four random pictures with two captions each."""
     from PIL import Image
 
-    from cusa_hf.data import RetrievalEvalView
+    from cusa_hf.eval_view import RetrievalEvalView
 
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(4)]
@@ -130,7 +130,7 @@ def tiny_blip_eval_view():
 
 
 def test_rerank_scorer_is_itm_plus_cosine():
-    from cusa_hf.evaluation import rerank_with_itm
+    from cusa_hf.evaluation.reranking import rerank_with_itm
 
     torch.manual_seed(0)
     backbone = BlipForImageTextRetrieval(tiny_blip_config()).eval()

@@ -8,15 +8,9 @@ import datasets
 import pytest
 from PIL import Image
 
-from cusa_hf.data import (
-    InvalidRecordError,
-    build_eval_view,
-    flatten_captions,
-    load_imagefolder_dataset,
-    load_json_dataset,
-    load_retrieval_dataset,
-    normalize_image_ids,
-)
+from cusa_hf.data import flatten_captions, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
+from cusa_hf.eval_view import build_eval_view
+from cusa_hf.schema import InvalidRecordError, normalize_image_ids
 
 @pytest.fixture
 def image_files(tmp_path):

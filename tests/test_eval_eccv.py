@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cusa_hf.evaluation import eccv_metrics, load_eccv_positives
+from cusa_hf.evaluation.eccv import eccv_metrics, load_eccv_positives
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eccv_tiny"
 IMAGE_IDS = [101, 102, 103]

@@ -6,18 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from cusa_hf.data import RetrievalEvalView
-from cusa_hf.evaluation import (
-    RerankConfig,
+from cusa_hf.eval_view import RetrievalEvalView
+from cusa_hf.backbones import RerankConfig
+from cusa_hf.evaluation.encoding import (
     encode_images,
     encode_texts,
     evaluate_image_retrieval,
     evaluate_retrieval,
     evaluate_sts,
-    LabelledImages,
-    StsData,
-    retrieval_metrics,
 )
+from cusa_hf.evaluation.loaders import LabelledImages, StsData
+from cusa_hf.evaluation.metrics import retrieval_metrics
 
 
 class IndexTokenizer:

@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cusa_hf.evaluation import (
-    image_retrieval_r1,
-    load_labelled_images,
-    load_sts,
-    spearman_correlation,
-    sts_spearman,
-)
+from cusa_hf.evaluation.loaders import load_labelled_images, load_sts
+from cusa_hf.evaluation.unimodal import image_retrieval_r1, spearman_correlation, sts_spearman
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

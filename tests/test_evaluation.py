@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cusa_hf.evaluation import (
-    RETRIEVAL_METRIC_NAMES,
-    pairwise_similarity,
-    recalls_from_ranks,
-    rerank_with_itm,
-    retrieval_metrics,
-    retrieval_ranks,
-)
+from cusa_hf.evaluation.metrics import RETRIEVAL_METRIC_NAMES, recalls_from_ranks, retrieval_metrics, retrieval_ranks
+from cusa_hf.evaluation.reranking import pairwise_similarity, rerank_with_itm
 
 
 # ------------------------------------------------------------------------------------------------ references

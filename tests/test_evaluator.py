@@ -1,5 +1,5 @@
 """RetrievalEvaluator: standalone on a tiny model, and as CusaTrainer's evaluator (same metrics as the trainer's own
-evaluation, views built once, the deprecated rerank / pairwise_scorer arguments forwarded)."""
+evaluation, views built once)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
 
 import cusa_hf.evaluation.evaluator as evaluator_module
 from cusa_hf import RetrievalEvaluator
-from cusa_hf.data import build_eval_view
-from cusa_hf.evaluation import RerankConfig, encode_images, encode_texts, evaluate_retrieval
+from cusa_hf.eval_view import build_eval_view
+from cusa_hf.backbones import RerankConfig
+from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_retrieval
 from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
 
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -135,20 +136,6 @@ def test_trainer_with_an_evaluator_reports_what_its_own_evaluation_reports(setup
     assert len(builds) == 3  # the test split's evaluator is reused; the given one serves its own split
     logged = [entry for entry in given.state.log_history if "test_rsum" in entry]
     assert logged and logged[-1]["test_rsum"] == expected["eval_rsum"]
-
-
-def test_deprecated_rerank_is_forwarded_to_the_trainers_evaluators(setup, tmp_path):
-    model, processor, dataset = setup
-    view = build_eval_view(dataset)
-    with pytest.warns(FutureWarning, match=r"evaluator=RetrievalEvaluator\(eval_dataset, rerank=\.\.\.\)"):
-        trainer = CusaTrainer(model=model, args=training_args(tmp_path), eval_dataset=view, processing_class=processor,
-                              rerank=oracle_rerank(view))  # fmt: skip
-    metrics = trainer.evaluate()
-    expected = RetrievalEvaluator(view, rerank=oracle_rerank(view), show_progress=False)(model, processor)
-    assert without_runtime(metrics) == expected and metrics["eval_rsum"] == 600.0
-    with pytest.raises(ValueError, match="pass rerank to the RetrievalEvaluator"), pytest.warns(FutureWarning):
-        CusaTrainer(model=model, args=training_args(tmp_path), processing_class=processor,
-                    evaluator=RetrievalEvaluator(view), rerank=oracle_rerank(view))  # fmt: skip
 
 
 def test_trainer_evaluates_each_epoch_with_only_an_evaluator(setup, tmp_path):

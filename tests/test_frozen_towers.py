@@ -5,7 +5,7 @@ import torch
 from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
 
 from cusa_hf import CusaDataCollator, CusaModel, CusaTrainer, add_image_tower_features, cusa_training_arguments
-from cusa_hf.frozen_towers import IMAGE_TOWER_COLUMN
+from cusa_hf.schema import IMAGE_TOWER_COLUMN
 
 
 def freeze_tower(model: CusaModel) -> CusaModel:
@@ -122,7 +122,8 @@ def test_features_of_other_tower_weights_or_width_are_refused(tmp_path):
 
 
 def test_backbones_without_a_separable_tower_say_so():
-    from cusa_hf.models.sgraf import SgrafConfig, SgrafModel
+    from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
+    from cusa_hf.models.sgraf.modeling_sgraf import SgrafModel
 
     model = CusaModel.from_backbone(SgrafModel(SgrafConfig(vocab_size=20, img_dim=8, embed_size=8, word_dim=8, sim_dim=8)))
     with pytest.raises(ValueError, match="cannot cache image tower features for a 'sgraf' backbone"):

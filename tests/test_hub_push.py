@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData, RepoUrl
 from test_run_cusa import run_cusa, shapes, tiny_backbone, tiny_run_args  # noqa: F401  (fixtures)
 
-from cusa_hf.evaluation import RETRIEVAL_METRIC_NAMES
+from cusa_hf.evaluation.metrics import RETRIEVAL_METRIC_NAMES
 from cusa_hf.model_card import CARD_TAG, metrics_from_eval_results
 
 

@@ -12,8 +12,9 @@ from PIL import Image
 from tiny_models import tiny_clip_processor, tiny_cusa_model
 
 from cusa_hf import CusaTrainer, cusa_training_arguments
-from cusa_hf.arguments import BUILTIN_BACKBONE, DataArguments
-from cusa_hf.evaluation import RETRIEVAL_METRIC_NAMES
+from cusa_hf.arguments import DataArguments
+from cusa_hf.offline_models import BUILTIN_BACKBONE
+from cusa_hf.evaluation.metrics import RETRIEVAL_METRIC_NAMES
 from cusa_hf.model_card import (
     CARD_TAG,
     build_model_card,

@@ -54,7 +54,7 @@ def test_a_cusa_head_is_refused_for_a_model_without_cusa_heads():
 def test_resuming_needs_a_complete_checkpoint(tmp_path, caplog):
     import logging
 
-    from cusa_hf.trainer import last_complete_checkpoint
+    from cusa_hf.checkpoints import last_complete_checkpoint
 
     with pytest.raises(FileNotFoundError, match="output folder .*absent does not exist"):
         last_complete_checkpoint(tmp_path / "absent")
@@ -96,7 +96,7 @@ def test_a_saved_config_still_loads(tmp_path):
 
 
 def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
-    from cusa_hf.trainer import claim_output_dir
+    from cusa_hf.checkpoints import claim_output_dir
 
     claim_output_dir(tmp_path / "new")  # a folder that does not exist yet
     run = tmp_path / "run"
@@ -116,7 +116,8 @@ def test_clearer_errors_for_bad_files_and_settings(tmp_path):
     from pathlib import Path
 
     from cusa_hf.arguments import parse_arguments
-    from cusa_hf.data import BadImageError, load_image, load_json_dataset
+    from cusa_hf.data import load_json_dataset
+    from cusa_hf.images import BadImageError, load_image
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
     import run_cusa

@@ -20,7 +20,7 @@ from PIL import Image
 from tiny_models import WORDS, tiny_clip_config
 
 from cusa_hf import CusaConfig, CusaModel, dual_encoder_from_towers, freeze_tower, supported_model_types
-from cusa_hf.backbones import PACKAGE_ONLY_MODEL_TYPES
+from cusa_hf.configuration_cusa import PACKAGE_ONLY_MODEL_TYPES
 
 
 def job_inputs(job: dict) -> dict:

@@ -14,10 +14,13 @@ from transformers import BlipForImageTextRetrieval, CLIPModel
 import cusa_hf.models  # noqa: F401  (registers the adapters)
 from cusa_hf.backbones import rerank_factory
 from cusa_hf.configuration_cusa import CusaConfig
-from cusa_hf.evaluation import RerankConfig, RetrievalEvaluator, evaluate_retrieval
+from cusa_hf.backbones import RerankConfig
+from cusa_hf.evaluation.encoding import evaluate_retrieval
+from cusa_hf.evaluation.evaluator import RetrievalEvaluator
 from cusa_hf.modeling_cusa import CusaModel
 from cusa_hf.models.blip_adapter import BLIP_K_TEST, blip_rerank_config
-from cusa_hf.models.x2vlm import X2VlmProcessor, x2vlm_rerank_config
+from cusa_hf.models.x2vlm.adapter import x2vlm_rerank_config
+from cusa_hf.models.x2vlm.processing_x2vlm import X2VlmProcessor
 
 
 @pytest.fixture(scope="module")

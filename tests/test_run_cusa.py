@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "examples"))
 import run_cusa  # noqa: E402
 
 from cusa_hf import CusaModel  # noqa: E402
-from cusa_hf.arguments import BUILTIN_BACKBONE  # noqa: E402
+from cusa_hf.offline_models import BUILTIN_BACKBONE  # noqa: E402
 from cusa_hf.backbones import rerank_factory  # noqa: E402
 from cusa_hf.factory import build_model, check_backbone  # noqa: E402
 from cusa_hf.synthetic_data import write_shapes_dataset  # noqa: E402
@@ -190,7 +190,8 @@ def test_bad_input_stops_before_training(tiny_backbone, shapes, tmp_path):
 def tiny_x2vlm(tmp_path_factory) -> Path:
     from test_x2vlm_cusa import WORDS, tiny_config
 
-    from cusa_hf.models.x2vlm import X2VlmModel, X2VlmProcessor
+    from cusa_hf.models.x2vlm.modeling_x2vlm import X2VlmModel
+    from cusa_hf.models.x2vlm.processing_x2vlm import X2VlmProcessor
 
     folder = tmp_path_factory.mktemp("tiny_x2vlm")
     vocab = folder / "vocab.txt"

@@ -16,9 +16,12 @@ sys.path.insert(0, str(REPO / "examples"))
 import run_cusa  # noqa: E402
 
 from cusa_hf import CusaModel  # noqa: E402
-from cusa_hf.arguments import BUILTIN_BACKBONE, parse_arguments  # noqa: E402
+from cusa_hf.arguments import parse_arguments  # noqa: E402
+from cusa_hf.offline_models import BUILTIN_BACKBONE  # noqa: E402
 from cusa_hf.factory import build_model, check_backbone, load_sgraf_data  # noqa: E402
-from cusa_hf.models.sgraf import SgrafConfig, SgrafModel, SgrafTokenizer  # noqa: E402
+from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig  # noqa: E402
+from cusa_hf.models.sgraf.modeling_sgraf import SgrafModel  # noqa: E402
+from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer  # noqa: E402
 from cusa_hf.models.sgraf.evaluation import PROTOCOLS, evaluate_sgraf  # noqa: E402
 from cusa_hf.models.sgraf.features import RegionFeatureSplit  # noqa: E402
 
@@ -188,7 +191,7 @@ def test_validation_split_files_and_saved_folders(scan_data, tmp_path):
     scorer = sgraf.validation_scorer(model, dev.eval_view())
     assert scorer.num_images == 3 and scorer.num_texts == 15
     expected = evaluate_sgraf(saved, dev.features, dev.captions, dev.text_to_image, tokenizer, "f30k")
-    from cusa_hf.evaluation import retrieval_metrics
+    from cusa_hf.evaluation.metrics import retrieval_metrics
 
     assert retrieval_metrics(scorer.similarity(), dev.text_to_image)["rsum"] == pytest.approx(expected["rsum"])
 

@@ -12,7 +12,8 @@ import torch
 
 from cusa_hf.configuration_cusa import CusaConfig
 from cusa_hf.modeling_cusa import CusaModel
-from cusa_hf.models.sgraf import SgrafConfig, SgrafTokenizer
+from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
+from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer
 from cusa_hf.models.sgraf.evaluation import evaluate_sgraf
 from cusa_hf.models.sgraf.features import SgrafDataCollator, extract_grid_features
 from cusa_hf.trainer import CusaTrainer, cusa_training_arguments

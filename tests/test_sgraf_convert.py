@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cusa_hf.models.sgraf import SgrafModel
+from cusa_hf.models.sgraf.modeling_sgraf import SgrafModel
 from cusa_hf.models.sgraf.convert import convert_checkpoint, load_original_checkpoint, main
 from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer, build_vocab, read_vocab, word_tokenize, write_vocab
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from cusa_hf.configuration_cusa import CusaConfig
-from cusa_hf.evaluation import retrieval_metrics
+from cusa_hf.evaluation.metrics import retrieval_metrics
 from cusa_hf.modeling_cusa import CusaModel
-from cusa_hf.models.sgraf import SgrafConfig, SgrafModel, hinge_triplet_loss
+from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
+from cusa_hf.models.sgraf.modeling_sgraf import SgrafModel, hinge_triplet_loss
 from cusa_hf.models.sgraf.evaluation import SgrafPairwiseScorer, evaluate_sgraf, fold_metrics
 from cusa_hf.models.sgraf.features import RegionFeatureSplit, SgrafDataCollator, grid_features
 from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer, write_vocab
@@ -180,7 +181,7 @@ def test_sgr_trains_and_evaluates_through_cusa_trainer(tmp_path):
     """The same trainer and retrieval metrics as CLIP: SgrafDataCollator batches, pairwise scoring for evaluation."""
     import datasets
 
-    from cusa_hf.models.sgraf import sgraf_pairwise_scorer
+    from cusa_hf.models.sgraf.evaluation import sgraf_pairwise_scorer
     from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
 
     rng = np.random.default_rng(0)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel
 
-from cusa_hf.models.sgraf import SgrafConfig, SgrafEnsemble, SgrafModel, hinge_triplet_loss
+from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
+from cusa_hf.models.sgraf.modeling_sgraf import SgrafEnsemble, SgrafModel, hinge_triplet_loss
 from cusa_hf.models.sgraf.modeling_sgraf import l1norm, l2norm
 
 MODULES = ["SGR", "SAF"]

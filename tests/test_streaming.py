@@ -11,7 +11,8 @@ from test_run_cusa import run_cusa, tiny_backbone, tiny_run_args  # noqa: F401  
 from cusa_hf.arguments import DataArguments
 from cusa_hf.data import load_json_dataset, load_retrieval_dataset
 from cusa_hf.streaming import load_training_stream, write_webdataset_shards
-from cusa_hf.teachers import add_teacher_features, image_feature_tables
+from cusa_hf.teachers.features import add_teacher_features
+from cusa_hf.teachers.image_tables import image_feature_tables
 
 TEACHERS = dict(image_teacher="offline:efficientnet-lite0", text_teacher="offline:all-MiniLM-L6-v2")
 

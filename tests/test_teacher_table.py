@@ -13,15 +13,9 @@ from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
 
 from cusa_hf import CusaDataCollator, CusaTrainer, add_image_tower_features, cusa_training_arguments
 from cusa_hf.eval_view import build_eval_view
-from cusa_hf.teachers import (
-    FeatureCacheOptions,
-    FeatureSource,
-    add_feature_columns,
-    check_teacher_features,
-    image_feature_tables,
-    save_with_feature_tables,
-    with_image_features_in_rows,
-)
+from cusa_hf.teachers.checks import check_teacher_features
+from cusa_hf.teachers.feature_cache import FeatureCacheOptions, FeatureSource, add_feature_columns
+from cusa_hf.teachers.image_tables import image_feature_tables, save_with_feature_tables, with_image_features_in_rows
 
 
 def seeded_vectors(inputs, dim, salt):

@@ -12,18 +12,16 @@ import torch
 from PIL import Image
 
 from conftest import coco_mini_path
-from cusa_hf.data import BadImageError, load_json_dataset
-from cusa_hf.teachers import (
-    add_teacher_features,
-    check_teacher_features,
-    cli,
-    feature_cache,
-    image_feature_tables,
-    load_image_teacher,
-    load_text_teacher,
-    read_teacher_provenance,
-    shard_batches,
-)
+from cusa_hf import teachers_cli
+from cusa_hf.data import load_json_dataset
+from cusa_hf.images import BadImageError
+from cusa_hf.teachers import feature_cache
+from cusa_hf.teachers.checks import check_teacher_features
+from cusa_hf.teachers.feature_cache import shard_batches
+from cusa_hf.teachers.features import add_teacher_features
+from cusa_hf.teachers.image_tables import image_feature_tables
+from cusa_hf.teachers.provenance import read_feature_provenance
+from cusa_hf.teachers.registry import load_image_teacher, load_text_teacher
 
 TEXT_TEACHER = "offline:all-MiniLM-L6-v2"
 IMAGE_TEACHER = "offline:efficientnet-lite0"
@@ -109,7 +107,7 @@ def test_provenance_records_teachers_and_survives_map_disk_and_parquet(coco_feat
         datasets.load_dataset("parquet", data_files=str(tmp_path / "part.parquet"), split="train"),
     ]
     for dataset in reloaded:
-        assert read_teacher_provenance(dataset)["teachers"]["teacher_text_embeds"] == text_meta
+        assert read_feature_provenance(dataset)["teachers"]["teacher_text_embeds"] == text_meta
     # What push_to_hub writes to the README: the features' YAML keeps the provenance class name.
     assert json.loads(yaml_features["teacher_provenance"].names[0])["teachers"]["teacher_image_embeds"] == image_meta
 
@@ -182,7 +180,7 @@ def test_skip_bad_images_reports_and_keeps_the_rest(rows_with_truncated_image):
         )
     kept = [row for row in range(len(rows)) if row not in bad_rows]
     assert result["caption"] == [rows[row]["caption"] for row in kept]
-    assert read_teacher_provenance(result)["skipped_image_rows"] == len(bad_rows)
+    assert read_feature_provenance(result)["skipped_image_rows"] == len(bad_rows)
     check_teacher_features(result, text_column=None)
 
 
@@ -277,18 +275,18 @@ def test_two_processes_match_one_process(coco_rows, tmp_path):
 
 
 def test_cli_help_explains_every_option_and_extracts(tmp_path, capsys, coco_mini):
-    parser = cli._build_parser()
+    parser = teachers_cli._build_parser()
     for action in parser._actions:
         assert action.help, f"option {action.option_strings or action.dest} has no help"
     with pytest.raises(SystemExit):
-        cli.main(["--help"])
+        teachers_cli.main(["--help"])
     assert "--skip-bad-images" in capsys.readouterr().out
     folder = coco_mini
     records = json.loads((folder / "test.json").read_text())[:6]
     for record in records:
         record["image"] = str(folder / record["image"])
     (tmp_path / "six.json").write_text(json.dumps(records))
-    code = cli.main(
+    code = teachers_cli.main(
         [str(tmp_path / "six.json"), str(tmp_path / "out"), "--text-teacher", TEXT_TEACHER, "--dtype", "float16",
          "--cache-dir", str(tmp_path / "cache")]
     )  # fmt: skip

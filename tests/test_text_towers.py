@@ -14,7 +14,7 @@ from cusa_hf import (
     dual_encoder_from_towers,
     freeze_tower,
 )
-from cusa_hf.frozen_towers import TEXT_TOWER_COLUMN
+from cusa_hf.schema import TEXT_TOWER_COLUMN
 
 CAPTIONS = ["a red cat on the grass", "two dogs", "a large blue bus parked in the street with a man"]
 

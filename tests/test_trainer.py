@@ -2,8 +2,10 @@ import pytest
 import torch
 from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
 
-from cusa_hf.data import BadImageError
-from cusa_hf.trainer import CusaDataCollator, CusaTrainer, cusa_training_arguments, stable_image_id
+from cusa_hf.images import BadImageError
+from cusa_hf.collator import CusaDataCollator
+from cusa_hf.schema import stable_image_id
+from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
 
 
 def training_args(tmp_path, **overrides):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from cusa_hf.models.fusion_losses import itc_loss, sample_hard_negatives
-from cusa_hf.models.x2vlm import X2VlmConfig, X2VlmModel
+from cusa_hf.models.x2vlm.configuration_x2vlm import X2VlmConfig
+from cusa_hf.models.x2vlm.modeling_x2vlm import X2VlmModel
 from cusa_hf.models.x2vlm.convert import (
     ConversionError,
     convert_checkpoint,
@@ -514,12 +515,6 @@ def test_contrastive_loss_without_ids_is_clip_style_cross_entropy():
     logits = img @ txt.t() / temp
     expected = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.t(), torch.arange(5))) / 2
     torch.testing.assert_close(itc_loss(img, txt, temp), expected)
-
-
-def test_shared_losses_keep_their_x2vlm_import_names():
-    from cusa_hf.models import x2vlm
-
-    assert x2vlm.x2vlm_contrastive_loss is itc_loss and x2vlm.sample_hard_negatives is sample_hard_negatives
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ from tiny_models import train_steps
 
 import cusa_hf.models  # noqa: F401  (registers the adapters)
 from cusa_hf.configuration_cusa import CusaConfig
-from cusa_hf.data import RetrievalEvalView
+from cusa_hf.eval_view import RetrievalEvalView
 from cusa_hf.modeling_cusa import CusaModel
-from cusa_hf.models.x2vlm import X2VlmConfig, X2VlmModel, X2VlmProcessor, pre_caption, x2vlm_rerank_config
+from cusa_hf.models.x2vlm.adapter import x2vlm_rerank_config
+from cusa_hf.models.x2vlm.configuration_x2vlm import X2VlmConfig
+from cusa_hf.models.x2vlm.modeling_x2vlm import X2VlmModel
+from cusa_hf.models.x2vlm.processing_x2vlm import X2VlmProcessor, pre_caption
 
 WORDS = "a the on in with dog cat bus red blue green grass street man sitting parked two".split()
 
@@ -115,7 +118,9 @@ def brute_force_rerank(backbone, processor, view, k):
 
 
 def test_reranked_evaluation_equals_brute_force_loop(processor):
-    from cusa_hf.evaluation import evaluate_retrieval, rerank_with_itm, retrieval_metrics
+    from cusa_hf.evaluation.encoding import evaluate_retrieval
+    from cusa_hf.evaluation.metrics import retrieval_metrics
+    from cusa_hf.evaluation.reranking import rerank_with_itm
 
     torch.manual_seed(0)
     model = CusaModel(CusaConfig(backbone_config=tiny_config())).eval()

@@ -15,60 +15,7 @@ Protocols (each matches the definition the CUSA paper reports; see ``docs/evalua
 ``encoding`` runs a model over a split (:func:`encode_images`, :func:`encode_texts`, :func:`evaluate_retrieval`,
 :func:`evaluate_sts`, :func:`evaluate_image_retrieval`), and ``evaluator`` holds :class:`RetrievalEvaluator`, the
 reusable per-split object that ``CusaTrainer.evaluate`` calls.
+
+Import each name from its module (``from cusa_hf.evaluation.metrics import retrieval_metrics``); the package itself
+defines nothing. The reranking configuration the adapters return, ``RerankConfig``, lives in ``cusa_hf.backbones``.
 """
-
-from ..eval_view import RetrievalEvalView
-from .eccv import eccv_metrics, load_eccv_positives
-from .encoding import (
-    encode_images,
-    encode_texts,
-    evaluate_image_retrieval,
-    evaluate_retrieval,
-    evaluate_sts,
-)
-from .evaluator import PairwiseScorerFactory, RerankFactory, RetrievalEvaluator
-from .loaders import LabelledImages, StsData, load_labelled_images, load_sts
-from .metrics import (
-    RECALL_KS,
-    RETRIEVAL_METRIC_NAMES,
-    TIE_RULES,
-    format_retrieval_table,
-    recalls_from_ranks,
-    retrieval_metrics,
-    retrieval_ranks,
-)
-from .reranking import BlockScoreFn, ItmScoreFn, RerankConfig, pairwise_similarity, rerank_with_itm
-from .unimodal import image_retrieval_r1, spearman_correlation, sts_spearman
-
-__all__ = [
-    "BlockScoreFn",
-    "ItmScoreFn",
-    "LabelledImages",
-    "PairwiseScorerFactory",
-    "RECALL_KS",
-    "RETRIEVAL_METRIC_NAMES",
-    "RerankConfig",
-    "RerankFactory",
-    "RetrievalEvalView",
-    "RetrievalEvaluator",
-    "StsData",
-    "TIE_RULES",
-    "eccv_metrics",
-    "encode_images",
-    "encode_texts",
-    "evaluate_image_retrieval",
-    "evaluate_retrieval",
-    "evaluate_sts",
-    "image_retrieval_r1",
-    "load_eccv_positives",
-    "load_labelled_images",
-    "load_sts",
-    "pairwise_similarity",
-    "format_retrieval_table",
-    "recalls_from_ranks",
-    "rerank_with_itm",
-    "retrieval_metrics",
-    "retrieval_ranks",
-    "spearman_correlation",
-    "sts_spearman",
-]

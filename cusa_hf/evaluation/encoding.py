@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..backbones import RerankConfig
 from ..eval_view import RetrievalEvalView
 from ..images import load_image
 from .loaders import LabelledImages, StsData
 from .metrics import retrieval_metrics
-from .reranking import RerankConfig, rerank_with_itm
+from .reranking import rerank_with_itm
 from .unimodal import image_retrieval_r1, sts_spearman
 
 

@@ -16,11 +16,13 @@ from typing import Any, Callable
 import datasets
 import torch
 
+from ..backbones import RerankConfig
 from ..eval_view import RetrievalEvalView, build_eval_view
-from ..frozen_towers import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
+from ..frozen_towers import check_tower_columns
+from ..schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .encoding import evaluate_retrieval
 from .metrics import retrieval_metrics
-from .reranking import BlockScoreFn, RerankConfig, pairwise_similarity
+from .reranking import BlockScoreFn, pairwise_similarity
 
 #: ``rerank(model, processor, eval_view) -> RerankConfig``, called at every evaluation (the ITM scorer encodes the
 #: split with the current weights); e.g. ``cusa_hf.models.x2vlm.x2vlm_rerank_config``.
@@ -189,8 +191,6 @@ class RetrievalEvaluator:
         hashes the tower's weights, which a frozen tower keeps through training)."""
         if not isinstance(self.eval_data, datasets.Dataset) or model in self._checked_models:
             return
-        from ..trainer import check_tower_columns  # the trainer module imports this one
-
         # The evaluator carries the column attributes of a collator, which is what the check reads.
         check_tower_columns(model, self.eval_data, self, processor)
         self._checked_models.add(model)

@@ -4,15 +4,15 @@ dual encoder's top-k (the X2VLM/BLIP protocol)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from ..backbones import ItmScoreFn
 from .metrics import _as_score_matrix
 
-ItmScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``score_fn(image_idx, text_idx)``: the `(len(image_idx), len(text_idx))` block of a score matrix.
 BlockScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -140,12 +140,3 @@ def rerank_with_itm(
     t2i_scores.T.scatter_(1, t2i_candidates, t2i_values)
     return i2t_scores, t2i_scores
 
-
-@dataclass
-class RerankConfig:
-    """How :func:`evaluate_retrieval` reranks: an ITM scorer over the eval view's image/text indices and the k's."""
-
-    itm_score: ItmScoreFn
-    k_i2t: int = 256
-    k_t2i: int = 128
-    batch_size: int = 128

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
 
-from ..backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
+from ..backbones import BackboneAdapter, BackboneFeatures, RerankConfig, register_backbone_adapter
 from ..eval_view import RetrievalEvalView, eval_view_pixel_batches
 from .fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negatives
 
@@ -182,10 +182,8 @@ def blip_rerank_config(
     batch_size: int = 128,
     **scorer_kwargs: Any,
 ):
-    """A ``cusa_hf.evaluation.RerankConfig`` for BLIP's evaluation: ``k_test`` candidates each way (default
+    """A :class:`~cusa_hf.backbones.RerankConfig` for BLIP's evaluation: ``k_test`` candidates each way (default
     ``BLIP_K_TEST`` = 256, COCO's; Flickr30K uses 128), rescored by ``itm[:, 1] + cosine``."""
-    from ..evaluation import RerankConfig
-
     scorer = BlipItmScorer.from_eval_view(model, processor, eval_view, **scorer_kwargs)
     k = k_test or BLIP_K_TEST
     return RerankConfig(itm_score=scorer, k_i2t=k, k_t2i=k, batch_size=batch_size)

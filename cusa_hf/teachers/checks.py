@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .image_tables import _check_table_indices, image_feature_tables
-from .provenance import IMAGE_FEATURE_COLUMN, PROVENANCE_COLUMN, TEXT_FEATURE_COLUMN, read_teacher_provenance
+from ..schema import PROVENANCE_COLUMN, TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
+from .provenance import read_feature_provenance
 
 
 def check_teacher_features(
     dataset: datasets.Dataset,
-    image_column: str | None = IMAGE_FEATURE_COLUMN,
-    text_column: str | None = TEXT_FEATURE_COLUMN,
+    image_column: str | None = TEACHER_IMAGE_COLUMN,
+    text_column: str | None = TEACHER_TEXT_COLUMN,
     expected: dict[str, dict[str, Any]] | None = None,
     provenance_column: str = PROVENANCE_COLUMN,
 ) -> dict[str, Any]:
@@ -36,7 +37,7 @@ def check_teacher_features(
     Raises:
         ValueError: naming the missing column, the wrong dimension, the row with a NaN, or the mismatching field.
     """
-    provenance = read_teacher_provenance(dataset, provenance_column)
+    provenance = read_feature_provenance(dataset, provenance_column)
     recorded = provenance.get("teachers", {})
     tables = image_feature_tables(dataset, provenance_column)
     result: dict[str, Any] = {}

@@ -50,14 +50,8 @@ from tqdm.auto import tqdm
 from ..images import BadImageError, load_image
 from ..schema import first_row_per_image, is_caption
 from .image_tables import index_column
-from .provenance import (
-    IMAGE_FEATURE_COLUMN,
-    PER_IMAGE_LAYOUT,
-    PROVENANCE_COLUMN,
-    PROVENANCE_FORMAT,
-    TEXT_FEATURE_COLUMN,
-    read_teacher_provenance,
-)
+from ..schema import PROVENANCE_COLUMN, TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
+from .provenance import PER_IMAGE_LAYOUT, PROVENANCE_FORMAT, read_feature_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +108,8 @@ class FeatureColumns:
     caption_column: str = "caption"
     image_id_column: str = "image_id"
     image_root: str | os.PathLike | None = None
-    image_feature_column: str = IMAGE_FEATURE_COLUMN
-    text_feature_column: str = TEXT_FEATURE_COLUMN
+    image_feature_column: str = TEACHER_IMAGE_COLUMN
+    text_feature_column: str = TEACHER_TEXT_COLUMN
     provenance_column: str = PROVENANCE_COLUMN
 
     def input_column(self, modality: str) -> str:
@@ -225,7 +219,7 @@ def add_feature_columns(
         raise ValueError(f"give at most one source per modality, got modalities {modalities}")
     columns.check(dataset, modalities)
     state = PartialState()
-    previous = read_teacher_provenance(dataset, columns.provenance_column)
+    previous = read_feature_provenance(dataset, columns.provenance_column)
     cache_file = _cache_file(dataset, sources, columns, options, previous)
     # Without a shared cache entry every process writes its own uniquely named temporary tables.
     row_file = cache_file or Path(datasets.fingerprint.get_temporary_cache_files_directory()) / (

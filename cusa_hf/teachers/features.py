@@ -12,7 +12,8 @@ import torch
 
 from .feature_cache import FeatureCacheOptions, FeatureColumns, add_feature_columns
 from .image_tables import has_feature_column
-from .provenance import IMAGE_FEATURE_COLUMN, PROVENANCE_COLUMN, TEXT_FEATURE_COLUMN, read_teacher_provenance
+from ..schema import PROVENANCE_COLUMN, TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
+from .provenance import read_feature_provenance
 from .registry import load_image_teacher, load_text_teacher
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,8 @@ def add_teacher_features(
     caption_column: str = "caption",
     image_id_column: str = "image_id",
     image_root: str | os.PathLike | None = None,
-    image_feature_column: str = IMAGE_FEATURE_COLUMN,
-    text_feature_column: str = TEXT_FEATURE_COLUMN,
+    image_feature_column: str = TEACHER_IMAGE_COLUMN,
+    text_feature_column: str = TEACHER_TEXT_COLUMN,
     provenance_column: str = PROVENANCE_COLUMN,
     image_pooling: str = "auto",
     image_teacher_name: str | None = None,
@@ -133,8 +134,8 @@ def reuse_or_add_teacher_features(
     image_teacher: str,
     text_teacher: str,
     *,
-    image_feature_column: str = IMAGE_FEATURE_COLUMN,
-    text_feature_column: str = TEXT_FEATURE_COLUMN,
+    image_feature_column: str = TEACHER_IMAGE_COLUMN,
+    text_feature_column: str = TEACHER_TEXT_COLUMN,
     provenance_column: str = PROVENANCE_COLUMN,
     **options: Any,
 ) -> datasets.Dataset:
@@ -161,7 +162,7 @@ def reuse_or_add_teacher_features(
             f"the dataset has the teacher column {present[0]!r} but not the other one; compute both with "
             "add_teacher_features (or cusa-extract-teachers) or remove it"
         )
-    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {})
+    recorded = read_feature_provenance(dataset, provenance_column).get("teachers", {})
     for column, requested in ((image_feature_column, image_teacher), (text_feature_column, text_teacher)):
         made_with = recorded.get(column, {}).get("name_or_path")
         if made_with is None:

@@ -12,7 +12,8 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
-from .provenance import PER_IMAGE_LAYOUT, PROVENANCE_COLUMN, read_teacher_provenance
+from ..schema import PROVENANCE_COLUMN
+from .provenance import PER_IMAGE_LAYOUT, read_feature_provenance
 
 
 def index_column(column: str) -> str:
@@ -77,7 +78,7 @@ def image_feature_tables(
     Raises:
         FileNotFoundError: a table is in neither place (the message says how to make the folder complete).
     """
-    recorded = read_teacher_provenance(dataset, provenance_column).get("teachers", {})
+    recorded = read_feature_provenance(dataset, provenance_column).get("teachers", {})
     names = dataset.column_names or []
     return {
         column: ImageFeatureTable(column, meta["index_column"], _open_image_table(dataset, column, meta))
@@ -152,7 +153,7 @@ def join_feature_tables(
         ValueError: ``features`` has no feature columns, a per-image table has no image ids, or (while streaming)
             a row's image id or caption is not in the tables.
     """
-    recorded = read_teacher_provenance(features, provenance_column).get("teachers", {})
+    recorded = read_feature_provenance(features, provenance_column).get("teachers", {})
     if not recorded:
         raise ValueError("`features` records no feature columns; run add_teacher_features on it first")
     tables = image_feature_tables(features, provenance_column)
@@ -215,7 +216,7 @@ def has_feature_column(dataset: datasets.Dataset | datasets.IterableDataset, col
     names = dataset.column_names or []
     if column in names:
         return True
-    meta = read_teacher_provenance(dataset).get("teachers", {}).get(column, {})
+    meta = read_feature_provenance(dataset).get("teachers", {}).get(column, {})
     return meta.get("layout") == PER_IMAGE_LAYOUT and meta["index_column"] in names
 
 

@@ -8,9 +8,8 @@ from typing import Any
 
 import datasets
 
-IMAGE_FEATURE_COLUMN = "teacher_image_embeds"
-TEXT_FEATURE_COLUMN = "teacher_text_embeds"
-PROVENANCE_COLUMN = "teacher_provenance"
+from ..schema import PROVENANCE_COLUMN
+
 # Bumped when the stored layout or the meaning of a recorded field changes; part of the cache fingerprint.
 # /1 stored image features in every caption row; /2 stores them once per image (datasets of /1 still train).
 PROVENANCE_FORMAT = "cusa-teacher-features/2"
@@ -18,7 +17,7 @@ PROVENANCE_FORMAT = "cusa-teacher-features/2"
 PER_IMAGE_LAYOUT = "per_image"
 
 
-def read_teacher_provenance(dataset: datasets.Dataset, provenance_column: str = PROVENANCE_COLUMN) -> dict[str, Any]:
+def read_feature_provenance(dataset: datasets.Dataset, provenance_column: str = PROVENANCE_COLUMN) -> dict[str, Any]:
     """The recorded teacher metadata (``{"format", "teachers": {column: {...}}}``), or ``{}`` when absent (also for a
     stream of unknown features)."""
     feature = (dataset.features or {}).get(provenance_column)

@@ -1,25 +1,18 @@
-"""SGR / SAF / SGRAF (Diao et al., AAAI 2021) as native cusa-hf backbones."""
+"""SGR / SAF / SGRAF (Diao et al., AAAI 2021) as native cusa-hf backbones: ``configuration_sgraf``,
+``modeling_sgraf``, ``tokenization_sgraf``, the CUSA adapter (``adapter``), region features (``features``), pairwise
+evaluation (``evaluation``), a run's data (``training_data``) and the checkpoint converter (``convert``).
+
+Importing the package registers the config, model and tokenizer with the Auto classes (and, through ``adapter``, the
+backbone adapter); import each name from its module.
+"""
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from .adapter import SgrafAdapter
+from . import adapter  # noqa: F401  registers SgrafAdapter
 from .configuration_sgraf import SgrafConfig
-from .evaluation import sgraf_pairwise_scorer
-from .modeling_sgraf import SgrafEnsemble, SgrafModel, SgrafOutput, SgrafPreTrainedModel, hinge_triplet_loss
+from .modeling_sgraf import SgrafModel
 from .tokenization_sgraf import SgrafTokenizer
 
 AutoConfig.register("sgraf", SgrafConfig)
 AutoModel.register(SgrafConfig, SgrafModel)
 AutoTokenizer.register(SgrafConfig, slow_tokenizer_class=SgrafTokenizer)
-
-__all__ = [
-    "SgrafAdapter",
-    "SgrafConfig",
-    "SgrafEnsemble",
-    "SgrafModel",
-    "SgrafOutput",
-    "SgrafPreTrainedModel",
-    "SgrafTokenizer",
-    "hinge_triplet_loss",
-    "sgraf_pairwise_scorer",
-]

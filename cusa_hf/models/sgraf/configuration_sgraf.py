@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+#: ``ModelArguments.backbone`` of a fresh SGR/SAF model, trained from scratch on precomputed region features.
+SGRAF_BACKBONE = "sgraf"
 SGRAF_MODULES = ("SGR", "SAF")
 USA_POOLINGS = ("self_attention", "mean")
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ...evaluation import pairwise_similarity, retrieval_metrics
+from ...evaluation.metrics import retrieval_metrics
+from ...evaluation.reranking import pairwise_similarity
 from .modeling_sgraf import SgrafModel
 
 PROTOCOLS = {"coco5k": 1, "f30k": 1, "coco1k": 5}  # protocol -> number of folds

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...backbones import BackboneAdapter, BackboneFeatures, register_backbone_adapter
+from ...backbones import BackboneAdapter, BackboneFeatures, RerankConfig, register_backbone_adapter
 from ...eval_view import RetrievalEvalView, eval_view_pixel_batches
 from .modeling_x2vlm import X2VlmModel
 
@@ -184,10 +184,8 @@ def x2vlm_rerank_config(
     batch_size: int = 128,
     **scorer_kwargs: Any,
 ):
-    """A ``cusa_hf.evaluation.RerankConfig`` reproducing X2-VLM's evaluation: ``k_test`` candidates in both
+    """A :class:`~cusa_hf.backbones.RerankConfig` reproducing X2-VLM's evaluation: ``k_test`` candidates in both
     directions (default: the model config's, 256 COCO / 128 Flickr30K) rescored by the ITM match logit."""
-    from ...evaluation import RerankConfig
-
     scorer = X2VlmItmScorer.from_eval_view(model, processor, eval_view, **scorer_kwargs)
     k = k_test or scorer.model.config.k_test
     return RerankConfig(itm_score=scorer, k_i2t=k, k_t2i=k, batch_size=batch_size)

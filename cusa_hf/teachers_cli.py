@@ -1,5 +1,7 @@
 """The ``cusa-extract-teachers`` console script: teacher features for a dataset file or folder, saved with
-``save_to_disk`` (``python -m cusa_hf.teachers`` runs it too, e.g. under ``accelerate launch``).
+``save_to_disk`` (``python -m cusa_hf.teachers_cli`` runs it too, e.g. under ``accelerate launch -m``).
+
+It sits above the ``teachers`` package, which it drives, and beside ``cusa_hf.data``, whose loaders read the source.
 
 Example:
     cusa-extract-teachers train.json out_dir --image-teacher offline:efficientnet-lite2 \
@@ -12,11 +14,15 @@ import argparse
 import json
 from typing import Sequence
 
-from .feature_cache import STORAGE_DTYPES
-from .image_tables import save_with_feature_tables, with_image_features_in_rows
-from .provenance import IMAGE_FEATURE_COLUMN, TEXT_FEATURE_COLUMN, read_teacher_provenance
-from .features import add_teacher_features
-from .registry import IMAGE_POOLINGS, OFFLINE_TEACHERS
+from accelerate import PartialState
+
+from .data import load_retrieval_dataset
+from .schema import TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
+from .teachers.feature_cache import STORAGE_DTYPES
+from .teachers.features import add_teacher_features
+from .teachers.image_tables import save_with_feature_tables, with_image_features_in_rows
+from .teachers.provenance import read_feature_provenance
+from .teachers.registry import IMAGE_POOLINGS, OFFLINE_TEACHERS
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -84,10 +90,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--caption-column", default="caption", help="input caption column (default: caption)")
     parser.add_argument("--image-id-column", default="image_id", help="input image id column (default: image_id)")
     parser.add_argument(
-        "--image-feature-column", default=IMAGE_FEATURE_COLUMN, help=f"output column (default: {IMAGE_FEATURE_COLUMN})"
+        "--image-feature-column", default=TEACHER_IMAGE_COLUMN, help=f"output column (default: {TEACHER_IMAGE_COLUMN})"
     )
     parser.add_argument(
-        "--text-feature-column", default=TEXT_FEATURE_COLUMN, help=f"output column (default: {TEXT_FEATURE_COLUMN})"
+        "--text-feature-column", default=TEACHER_TEXT_COLUMN, help=f"output column (default: {TEACHER_TEXT_COLUMN})"
     )
     parser.add_argument("--cache-dir", help="folder of cached feature tables (default: next to the dataset's cache)")
     parser.add_argument("--no-cache", action="store_true", help="recompute even if a cached feature table exists")
@@ -97,10 +103,6 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``cusa-extract-teachers``; ``--help`` explains every option."""
-    from accelerate import PartialState
-
-    from ..data import load_retrieval_dataset
-
     args = _build_parser().parse_args(argv)
     if args.image_teacher is None and args.text_teacher is None:
         _build_parser().error("give --image-teacher, --text-teacher or both")
@@ -132,8 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_with_feature_tables(result, args.output_dir)
         if args.push_to_hub:
             with_image_features_in_rows(result).push_to_hub(args.push_to_hub)  # a Hub dataset has no side tables
-        summary = json.dumps(read_teacher_provenance(result), indent=2, sort_keys=True)
+        summary = json.dumps(read_feature_provenance(result), indent=2, sort_keys=True)
         print(f"wrote {len(result)} rows with teacher features to {args.output_dir}\n{summary}")
     state.wait_for_everyone()
     return 0
 
+
+if __name__ == "__main__":
+    raise SystemExit(main())

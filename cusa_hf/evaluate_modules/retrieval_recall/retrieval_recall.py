@@ -4,7 +4,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from cusa_hf.evaluation import retrieval_metrics
+from cusa_hf.evaluation.metrics import retrieval_metrics
 
 _DESCRIPTION = """
 Image-text retrieval R@1/5/10 in both directions and RSUM (percent), the COCO 5K / Flickr30K 1K protocol: an image
@@ -26,7 +26,7 @@ Returns:
     i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, rsum (floats, percent).
 Example:
     >>> import evaluate
-    >>> from cusa_hf.metrics import RETRIEVAL_RECALL_PATH
+    >>> from cusa_hf.evaluate_modules import RETRIEVAL_RECALL_PATH
     >>> recall = evaluate.load(RETRIEVAL_RECALL_PATH)
     >>> recall.compute(predictions=[[0.9, 0.2], [0.8, 0.3], [0.1, 0.7]], references=[0, 0, 1])["rsum"]
     600.0
