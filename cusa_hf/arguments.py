@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from .configuration_cusa import CusaConfig
+from .configuration_cusa import RUN, CusaConfig, cusa_field_names
 from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE, SgrafConfig
 from .offline_models import BUILTIN_BACKBONE
 from .optimization import check_learning_rate_mapping
@@ -153,14 +153,6 @@ class DataArguments:
     )
 
 
-#: CusaConfig fields a run may set (their defaults and types come from CusaConfig itself).
-CUSA_CONFIG_FIELDS = (
-    "csa_weight", "usa_weight", "use_csa", "use_usa", "itc_temperature", "csa_temperature", "usa_image_temperature",
-    "usa_text_temperature", "learnable_temperatures", "softlabel_temperature", "softlabel_mode", "softlabel_loss",
-    "itc_reduction", "cross_projection", "gather_features", "tower_dropout",
-)  # fmt: skip
-
-
 def _training_arguments_class() -> type:
     config_fields = {f.name: f for f in dataclasses.fields(CusaConfig)}
     specs: list[tuple[str, Any, Any]] = [
@@ -204,14 +196,15 @@ def _training_arguments_class() -> type:
             ),
         ),
     ]
-    for name in CUSA_CONFIG_FIELDS:
+    # The CusaConfig fields a run may set, with CusaConfig's defaults and types.
+    for name in cusa_field_names(RUN):
         spec = config_fields[name]
         specs.append((name, spec.type, field(default=spec.default, metadata={"help": f"CusaConfig.{name}"})))
 
     def cusa_config_fields(self, enabled: bool | None = None) -> dict[str, Any]:
         """The CusaConfig fields of this run; ``enabled=False`` (the baseline) switches CSA and USA off
         (default: ``self.cusa``)."""
-        fields = {name: getattr(self, name) for name in CUSA_CONFIG_FIELDS}
+        fields = {name: getattr(self, name) for name in cusa_field_names(RUN)}
         if not (self.cusa if enabled is None else enabled):
             fields.update(use_csa=False, use_usa=False)
         return fields
@@ -230,7 +223,8 @@ def _training_arguments_class() -> type:
             # TrainingArguments.__post_init__ reads a JSON string given for these fields into a dict.
             "_VALID_DICT_FIELDS": [*TrainingArguments._VALID_DICT_FIELDS, "learning_rate_mapping"],
             "cusa_config_fields": cusa_config_fields,
-            "needs_teachers": needs_teachers,
+            # A property, as on CusaConfig and CusaLoss.
+            "needs_teachers": property(needs_teachers),
         },
     )
 

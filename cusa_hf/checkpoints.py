@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
-from .configuration_cusa import CusaConfig
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .configuration_cusa import RESUME, CusaConfig, cusa_field_names
 
 logger = logging.getLogger(__name__)
-
-#: CusaConfig fields that decide which parameters a model has, or what its teacher columns mean: a checkpoint resumes
-#: only into a run that agrees on all of them.
-RESUME_FIELDS = (
-    "use_csa", "use_usa", "learnable_temperatures", "cross_projection", "projection_dim", "teacher_image_dim",
-    "teacher_text_dim",
-)  # fmt: skip
-
 
 def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     """Refuse to resume ``checkpoint`` into a model whose CUSA settings or teachers differ from the checkpoint's
@@ -28,7 +23,7 @@ def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     saved = CusaConfig.from_pretrained(checkpoint)
     differences = [
         f"{name}: checkpoint {getattr(saved, name)!r}, this run {getattr(config, name, None)!r}"
-        for name in RESUME_FIELDS
+        for name in cusa_field_names(RESUME)
         if getattr(saved, name) is not None and getattr(saved, name) != getattr(config, name, None)
     ]
     if saved.backbone_config.model_type != config.backbone_config.model_type:
@@ -54,8 +49,6 @@ def claim_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, res
     (``resuming``) or ``overwrite`` is set, in which case its contents are deleted first (so no checkpoint of the old
     run is left for a later ``resume_from_checkpoint`` to pick up).
     """
-    import shutil
-
     folder = os.fspath(output_dir)
     if not os.path.isdir(folder) or not os.listdir(folder) or resuming:
         return
@@ -81,8 +74,6 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
         FileNotFoundError: ``output_dir`` does not exist.
         ValueError: it holds no complete checkpoint, so there is nothing to resume.
     """
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
     folder = os.fspath(output_dir)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot resume: the output folder {folder} does not exist")

@@ -27,21 +27,19 @@ SOFTLABEL_LOSSES = ("kl", "contrastive")
 #: with a checkpoint knows the CLIP, Chinese-CLIP and dual-encoder adapters of ``backbones``, not these.
 PACKAGE_ONLY_MODEL_TYPES = ("blip", "sgraf", "x2vlm")
 
-#: (initial value field, min field, max field) of every learnable temperature.
-TEMPERATURE_FIELDS = (
-    ("itc_temperature", "itc_temperature_min", "itc_temperature_max"),
-    ("csa_temperature", "csa_temperature_min", "csa_temperature_max"),
-    ("usa_image_temperature", "usa_temperature_min", "usa_temperature_max"),
-    ("usa_text_temperature", "usa_temperature_min", "usa_temperature_max"),
-)
+#: What a CUSA field is for, stated once on the field (its ``roles`` metadata) and read back as the field lists below:
+#: a run may set it (``CusaTrainingArguments`` has it as a field and a flag); it shapes the loss (the model card lists
+#: it); a checkpoint resumes only into a run that agrees on it (it decides which parameters the model has, or what its
+#: teacher columns mean); it shapes the cross-modal projectors (a run that starts from a checkpoint keeps it).
+RUN, LOSS, RESUME, PROJECTOR = "run", "loss", "resume", "projector"
 
 
-#: Fields that must be real booleans (a string like "no" is truthy) or finite numbers (NaN / inf make the loss NaN).
-BOOLEAN_FIELDS = ("use_csa", "use_usa", "learnable_temperatures", "gather_features")
-NUMBER_FIELDS = (
-    "csa_weight", "usa_weight", "softlabel_temperature", "tower_dropout",
-    *(name for triple in TEMPERATURE_FIELDS for name in triple),
-)  # fmt: skip
+def _field(default: Any, *roles: str, bounds: tuple[str, str] | None = None) -> Any:
+    """A CUSA field with its roles and, for a learnable temperature, the fields of its clamp bounds."""
+    metadata = {"roles": roles} if bounds is None else {"roles": roles, "bounds": bounds}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 #: Keywords that ``PreTrainedConfig`` itself handles (from ``from_pretrained`` and saved config files).
 _BASE_KEYWORDS = {
     "auto_map", "model_type", "name_or_path", "transformers_version", "torch_dtype", "output_attentions",
@@ -143,31 +141,31 @@ class CusaConfig(PreTrainedConfig):
     sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="clip")}
 
     backbone_config: PreTrainedConfig | dict | None = None
-    csa_weight: float = 0.1
-    usa_weight: float = 0.5
-    use_csa: bool = True
-    use_usa: bool = True
-    itc_temperature: float = 0.05
+    csa_weight: float = _field(0.1, RUN, LOSS)
+    usa_weight: float = _field(0.5, RUN, LOSS)
+    use_csa: bool = _field(True, RUN, LOSS, RESUME)
+    use_usa: bool = _field(True, RUN, LOSS, RESUME)
+    itc_temperature: float = _field(0.05, RUN, LOSS, bounds=("itc_temperature_min", "itc_temperature_max"))
     itc_temperature_min: float = 0.01
     itc_temperature_max: float = 0.10
-    csa_temperature: float = 0.45
+    csa_temperature: float = _field(0.45, RUN, LOSS, bounds=("csa_temperature_min", "csa_temperature_max"))
     csa_temperature_min: float = 0.10
     csa_temperature_max: float = 0.99
-    usa_image_temperature: float = 0.45
-    usa_text_temperature: float = 0.45
+    usa_image_temperature: float = _field(0.45, RUN, LOSS, bounds=("usa_temperature_min", "usa_temperature_max"))
+    usa_text_temperature: float = _field(0.45, RUN, LOSS, bounds=("usa_temperature_min", "usa_temperature_max"))
     usa_temperature_min: float = 0.10
     usa_temperature_max: float = 1.00
-    learnable_temperatures: bool = True
-    softlabel_temperature: float = 1.0
-    softlabel_mode: str = "each"
-    softlabel_loss: str = "kl"
-    itc_reduction: str = "all_entries_mean"
-    cross_projection: bool | None = None
-    projection_dim: int | None = None
-    tower_dropout: float = 0.0
-    gather_features: bool = False
-    teacher_image_dim: int | None = None
-    teacher_text_dim: int | None = None
+    learnable_temperatures: bool = _field(True, RUN, RESUME)
+    softlabel_temperature: float = _field(1.0, RUN, LOSS)
+    softlabel_mode: str = _field("each", RUN, LOSS)
+    softlabel_loss: str = _field("kl", RUN, LOSS)
+    itc_reduction: str = _field("all_entries_mean", RUN, LOSS)
+    cross_projection: bool | None = _field(None, RUN, RESUME, PROJECTOR)
+    projection_dim: int | None = _field(None, RESUME, PROJECTOR)
+    tower_dropout: float = _field(0.0, RUN)
+    gather_features: bool = _field(False, RUN, LOSS)
+    teacher_image_dim: int | None = _field(None, RESUME)
+    teacher_text_dim: int | None = _field(None, RESUME)
     teacher_info: dict | None = None
 
     def __post_init__(self, **kwargs: Any):
@@ -227,3 +225,18 @@ class CusaConfig(PreTrainedConfig):
     @property
     def needs_teachers(self) -> bool:
         return self.csa_active or self.usa_active
+
+
+def cusa_field_names(role: str) -> tuple[str, ...]:
+    """The names of the CusaConfig fields that have ``role`` (:data:`RUN`, :data:`LOSS`, :data:`RESUME`,
+    :data:`PROJECTOR`), in declaration order."""
+    return tuple(spec.name for spec in dataclasses.fields(CusaConfig) if role in spec.metadata.get("roles", ()))
+
+
+_OWN_FIELDS = [spec for spec in dataclasses.fields(CusaConfig) if spec.name in vars(CusaConfig)["__annotations__"]]
+#: (initial value field, min field, max field) of every learnable temperature.
+TEMPERATURE_FIELDS = tuple((spec.name, *spec.metadata["bounds"]) for spec in _OWN_FIELDS if "bounds" in spec.metadata)
+#: Fields that must be real booleans (a string like "no" is truthy) or finite numbers (NaN / inf make the loss NaN):
+#: those whose default is a bool, or a float.
+BOOLEAN_FIELDS = tuple(spec.name for spec in _OWN_FIELDS if type(spec.default) is bool)
+NUMBER_FIELDS = tuple(spec.name for spec in _OWN_FIELDS if type(spec.default) is float)

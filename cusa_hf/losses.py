@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_cusa import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES
+from .configuration_cusa import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES, CusaConfig
 from .distributed import gather_with_grad, is_distributed
 
 
@@ -253,10 +253,10 @@ class CusaLossOutput:
 class CusaLoss(nn.Module):
     """``loss_itc + csa_weight * CSA + usa_weight * USA`` over a batch of embeddings (docs/method.md).
 
-    The module holds the loss settings and no parameters: temperatures are the model's (they are trained and saved
-    with it) and are passed in, as open_clip passes ``logit_scale`` to ``ClipLoss``. With ``gather_features`` in a
-    distributed run every input is all-gathered (with gradients) first, so the soft labels and InfoNCE are
-    distributions over the global batch.
+    The module holds the loss settings (CusaConfig's defaults) and no parameters: temperatures are the model's (they
+    are trained and saved with it) and are passed in, as open_clip passes ``logit_scale`` to ``ClipLoss``. With
+    ``gather_features`` in a distributed run every input is all-gathered (with gradients) first, so the soft labels and
+    InfoNCE are distributions over the global batch.
 
     Example:
         >>> loss_fn = CusaLoss(csa_weight=0.1, usa_weight=0.1)
@@ -268,15 +268,15 @@ class CusaLoss(nn.Module):
 
     def __init__(
         self,
-        csa_weight: float = 0.1,
-        usa_weight: float = 0.1,
-        use_csa: bool = True,
-        use_usa: bool = True,
-        softlabel_mode: str = "each",
-        softlabel_temperature: float = 1.0,
-        softlabel_loss: str = "kl",
-        reduction: str = "all_entries_mean",
-        gather_features: bool = False,
+        csa_weight: float = CusaConfig.csa_weight,
+        usa_weight: float = CusaConfig.usa_weight,
+        use_csa: bool = CusaConfig.use_csa,
+        use_usa: bool = CusaConfig.use_usa,
+        softlabel_mode: str = CusaConfig.softlabel_mode,
+        softlabel_temperature: float = CusaConfig.softlabel_temperature,
+        softlabel_loss: str = CusaConfig.softlabel_loss,
+        reduction: str = CusaConfig.itc_reduction,
+        gather_features: bool = CusaConfig.gather_features,
     ):
         super().__init__()
         _check_choice("softlabel_mode", softlabel_mode, SOFTLABEL_MODES)

@@ -25,17 +25,13 @@ from typing import Any, Iterable
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .configuration_cusa import LOSS, cusa_field_names
 from .evaluation.metrics import RETRIEVAL_METRIC_NAMES as METRIC_COLUMNS
 from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE
 from .offline_models import BUILTIN_BACKBONE
 
 #: The tag that marks a card written here (``CusaTrainer.create_model_card`` keeps such a card).
 CARD_TAG = "cusa-hf"
-CARD_FIELDS = (
-    "use_csa", "csa_weight", "use_usa", "usa_weight", "itc_temperature", "csa_temperature", "usa_image_temperature",
-    "usa_text_temperature", "softlabel_temperature", "softlabel_mode", "softlabel_loss", "itc_reduction",
-    "gather_features",
-)  # fmt: skip
 #: The run's evaluated splits, as its metric keys are prefixed: validation (model selection) and test (once).
 EVAL_SPLITS = ("validation", "test")
 #: Metric-key infixes: the main (possibly ITM-reranked) metrics, and the ITC-only ones reported beside a reranking.
@@ -335,7 +331,7 @@ def build_model_card(
             + ". The soft labels come from the frozen teachers below."
         )
         settings_note = "The loss is InfoNCE + α·CSA + β·USA (`docs/method.md` of cusa-hf); its settings:"
-    settings = "\n".join(f"| {field} | {getattr(config, field)} |" for field in CARD_FIELDS)
+    settings = "\n".join(f"| {field} | {getattr(config, field)} |" for field in cusa_field_names(LOSS))
     content = f"""---
 {card_data.to_yaml()}
 ---

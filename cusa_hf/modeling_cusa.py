@@ -15,14 +15,12 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .backbones import TOWER_NAMES, BackboneAdapter, BackboneFeatures, adapter_class_for
-from .configuration_cusa import TEMPERATURE_FIELDS, CusaConfig
+from .configuration_cusa import PROJECTOR, TEMPERATURE_FIELDS, CusaConfig, cusa_field_names
 from .losses import CusaLoss, CusaLossOutput
 
 
 logger = logging.getLogger(__name__)
 
-#: CusaConfig fields that shape the projectors: a run that starts from a checkpoint keeps the checkpoint's.
-ARCHITECTURE_FIELDS = ("cross_projection", "projection_dim")
 
 
 def _is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | None) -> bool:
@@ -271,15 +269,16 @@ class CusaModel(CusaPreTrainedModel):
         ``projection_dim``) is the checkpoint's: a different value is refused rather than silently re-initialised.
         """
         saved = checkpoint.config
-        for name in ARCHITECTURE_FIELDS:
+        projector_fields = cusa_field_names(PROJECTOR)  # the checkpoint's, kept
+        for name in projector_fields:
             wanted = cusa_fields.get(name)
             if wanted is not None and wanted != getattr(saved, name):
                 raise ValueError(
                     f"{name}={wanted!r} differs from the checkpoint's {name}={getattr(saved, name)!r}: starting from a "
                     f"CUSA checkpoint keeps its trained projectors; leave {name} unset (None)"
                 )
-        fields = {name: value for name, value in cusa_fields.items() if name not in ARCHITECTURE_FIELDS}
-        fields.update({name: getattr(saved, name) for name in ARCHITECTURE_FIELDS})
+        fields = {name: value for name, value in cusa_fields.items() if name not in projector_fields}
+        fields.update({name: getattr(saved, name) for name in projector_fields})
         trained_temperatures = checkpoint.temperatures()
         # The config's initial temperatures say where the new run starts: the checkpoint's trained values (a float32
         # value clamped to a bound may lie a rounding error outside it).

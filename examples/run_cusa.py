@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         splits = load_splits(data_args)
 
     # 3. Teacher features, computed once per image and caption (cached; reused when the data already has them).
-    if training_args.needs_teachers():
+    if training_args.needs_teachers:
         image_column = "image"
         if sgraf is not None:
             image_column, ids_file = "image_path", f"{data_args.features_dir}/{data_args.train_split}_image_ids.txt"

@@ -356,13 +356,13 @@ def test_without_coco_mini_the_default_fetches_the_example_data_and_offline_fall
 def test_a_cusa_extract_teachers_folder_trains_with_its_own_columns(tiny_backbone, shapes, tmp_path, caplog):
     import logging
 
-    from cusa_hf import teachers
+    from cusa_hf import teachers_cli
 
     records = json.loads((shapes / "train.json").read_text())
     for record in records:
         record["image"] = str(shapes / record["image"])
     (tmp_path / "train.json").write_text(json.dumps(records))
-    assert teachers.main(
+    assert teachers_cli.main(
         [str(tmp_path / "train.json"), str(tmp_path / "extracted"), "--image-teacher", "offline:efficientnet-lite0",
          "--text-teacher", "offline:all-MiniLM-L6-v2", "--cache-dir", str(tmp_path / "cache")]
     ) == 0  # fmt: skip

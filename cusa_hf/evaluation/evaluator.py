@@ -19,23 +19,23 @@ import torch
 from ..backbones import RerankConfig
 from ..eval_view import RetrievalEvalView, build_eval_view
 from ..frozen_towers import check_tower_columns
-from ..schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
+from ..schema import CAPTION_COLUMN, IMAGE_COLUMN, IMAGE_ID_COLUMN, IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .encoding import evaluate_retrieval
 from .metrics import retrieval_metrics
 from .reranking import BlockScoreFn, pairwise_similarity
 
 #: ``rerank(model, processor, eval_view) -> RerankConfig``, called at every evaluation (the ITM scorer encodes the
-#: split with the current weights); e.g. ``cusa_hf.models.x2vlm.x2vlm_rerank_config``.
+#: split with the current weights); e.g. ``cusa_hf.models.x2vlm.adapter.x2vlm_rerank_config``.
 RerankFactory = Callable[[torch.nn.Module, Any, RetrievalEvalView], RerankConfig]
 #: ``pairwise_scorer(model, eval_view) -> score_fn`` for :func:`pairwise_similarity`, called at every evaluation;
-#: e.g. ``cusa_hf.models.sgraf.sgraf_pairwise_scorer(features, tokenizer)``.
+#: e.g. ``cusa_hf.models.sgraf.evaluation.sgraf_pairwise_scorer(features, tokenizer)``.
 PairwiseScorerFactory = Callable[[torch.nn.Module, RetrievalEvalView], BlockScoreFn]
 
-#: Attributes of a data collator (``CusaDataCollator`` and the backbones' collators) that describe the rows it reads.
-COLLATOR_SETTINGS = (
-    "image_column", "caption_column", "image_id_column", "image_tower_column", "text_tower_column", "image_root",
-    "max_length",
-)  # fmt: skip
+
+def _row_setting(default: Any) -> Any:
+    """An evaluator field that says how rows are read, as the data collator attribute of the same name does
+    (``CusaDataCollator`` and the backbones' collators): :meth:`RetrievalEvaluator.from_collator` copies it."""
+    return dataclasses.field(default=default, metadata={"row_setting": True})
 
 
 @dataclasses.dataclass(eq=False)
@@ -76,13 +76,13 @@ class RetrievalEvaluator:
     rerank: RerankConfig | RerankFactory | None = None
     pairwise_scorer: PairwiseScorerFactory | None = None
     head: str | None = "cross"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    image_id_column: str = "image_id"
-    image_root: str | None = None
-    image_tower_column: str | None = IMAGE_TOWER_COLUMN
-    text_tower_column: str | None = TEXT_TOWER_COLUMN
-    max_length: int | None = None
+    image_column: str = _row_setting(IMAGE_COLUMN)
+    caption_column: str = _row_setting(CAPTION_COLUMN)
+    image_id_column: str = _row_setting(IMAGE_ID_COLUMN)
+    image_root: str | None = _row_setting(None)
+    image_tower_column: str | None = _row_setting(IMAGE_TOWER_COLUMN)
+    text_tower_column: str | None = _row_setting(TEXT_TOWER_COLUMN)
+    max_length: int | None = _row_setting(None)
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -107,7 +107,8 @@ class RetrievalEvaluator:
     def from_collator(cls, eval_data: datasets.Dataset | RetrievalEvalView, collator: Any, **settings: Any):
         """An evaluator reading ``eval_data`` as ``collator`` reads training rows: its column names, ``image_root``
         and ``max_length`` (attributes it lacks keep their defaults). ``settings``: the other constructor arguments."""
-        columns = {name: getattr(collator, name) for name in COLLATOR_SETTINGS if hasattr(collator, name)}
+        row_settings = [spec.name for spec in dataclasses.fields(cls) if spec.metadata.get("row_setting")]
+        columns = {name: getattr(collator, name) for name in row_settings if hasattr(collator, name)}
         return cls(eval_data, **columns, **settings)
 
     def for_data(self, eval_data: datasets.Dataset | RetrievalEvalView) -> RetrievalEvaluator:
@@ -164,7 +165,7 @@ class RetrievalEvaluator:
             raise ValueError(
                 f"a {unwrapped.config.backbone_config.model_type!r} backbone scores image-text pairs itself: pass "
                 "RetrievalEvaluator(..., pairwise_scorer=...) (e.g. "
-                "cusa_hf.models.sgraf.sgraf_pairwise_scorer(features, tokenizer))"
+                "cusa_hf.models.sgraf.evaluation.sgraf_pairwise_scorer(features, tokenizer))"
             )
         else:
             if processor is None:
