@@ -14,27 +14,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .arguments import CusaTrainingArguments
 from .checkpoints import check_resumable, last_complete_checkpoint
 from .collator import CusaDataCollator, with_feature_tables
-from .configuration_cusa import TEMPERATURE_FIELDS
-from .distributed import is_distributed
 from .evaluation.evaluator import RetrievalEvaluator
 from .frozen_towers import check_tower_columns
 from .fsdp import fsdp_unsharded, vectorize_scalar_parameters
-from .gradient_cache import (
-    EMBEDDING_FIELDS,
-    LOSS_INPUTS,
-    ChunkRandomState,
-    average_gradients_across_processes,
-    check_loss_chunking,
-    chunk_rows,
-)
+from .gradient_cache import cached_gradient_step, check_loss_chunking
 from .model_card import is_cusa_model_card
-from .modeling_cusa import CusaOutput
 from .optimization import parameter_groups
 from .training_checks import check_contrastive_batches, check_teacher_columns, with_numpy_feature_columns
 
@@ -203,7 +192,8 @@ class CusaTrainer(Trainer):
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         """``Trainer.training_step``, or with ``args.loss_chunk_size`` the gradient-cached step of
-        :meth:`_chunked_forward_backward` (the same update, with the activations of one chunk at a time)."""
+        :func:`~cusa_hf.gradient_cache.cached_gradient_step` (the same update, with the activations of one chunk at a
+        time)."""
         chunk_size = getattr(self.args, "loss_chunk_size", None)
         if chunk_size is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -212,87 +202,16 @@ class CusaTrainer(Trainer):
             self.optimizer.train()
         if not self._loss_chunking_checked:
             # Again at the first step, now that the model is in training mode (live BatchNorm) and wrapped.
-            check_loss_chunking(self.accelerator.unwrap_model(model), self.args)
-            if is_distributed() and not isinstance(model, DistributedDataParallel):
-                raise ValueError(
-                    f"loss_chunk_size={chunk_size} supports one process or DDP; this run wraps the model in "
-                    f"{type(model).__name__} (FSDP?). Train without loss_chunk_size or with DDP"
-                )
+            check_loss_chunking(self.accelerator.unwrap_model(model), self.args, wrapped_model=model)
             self._loss_chunking_checked = True
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
-            loss = self._chunked_forward_backward(model, inputs, chunk_size)
+            loss = cached_gradient_step(
+                model, inputs, chunk_size, self.accelerator, self.current_gradient_accumulation_steps,
+                on_loss=self._record_loss_components,
+            )  # fmt: skip
         # As the stock step: the loss of one micro-batch of a gradient-accumulation step, for the logs.
         return loss / self.current_gradient_accumulation_steps
-
-    def _chunked_forward_backward(self, model: nn.Module, inputs: dict[str, Any], chunk_size: int) -> torch.Tensor:
-        """Gradient caching (Gao et al., 2021) of the CUSA loss; returns the batch's loss, detached.
-
-        1. The embeddings of the batch, chunk by chunk without keeping activations (``no_grad``); each chunk's RNG
-           state is kept.
-        2. InfoNCE + CSA + USA of the whole batch (gathered across processes with ``gather_features``) on those
-           embeddings, and the loss's gradients w.r.t. them and the temperatures.
-        3. Each chunk again with gradients, its RNG state restored (same dropout masks), back-propagated with its rows
-           of the embedding gradients; the temperatures' gradients go in with the first chunk. Under DDP the
-           gradients are then averaged over processes.
-
-        Peak activation memory is one chunk's, plus the `(batch_size, dim)` embeddings and the loss's B x B terms.
-        """
-        unwrapped = self.accelerator.unwrap_model(model)
-        loss_inputs = {key: value for key, value in inputs.items() if key in LOSS_INPUTS}
-        pair_inputs = {key: value for key, value in inputs.items() if key not in LOSS_INPUTS}
-        batch_size = next(value.shape[0] for value in pair_inputs.values() if isinstance(value, torch.Tensor))
-        chunks = [slice(start, start + chunk_size) for start in range(0, batch_size, chunk_size)]
-
-        random_states, pieces = [], []
-        with torch.no_grad():
-            for rows in chunks:
-                chunk_inputs = chunk_rows(pair_inputs, rows)
-                random_states.append(ChunkRandomState(chunk_inputs.values()))
-                pieces.append(unwrapped(**chunk_inputs, return_loss=False))
-        # Float32 leaves: the cached gradients keep full precision under fp16/bf16 autocast.
-        embeddings = {
-            name: torch.cat([getattr(piece, name) for piece in pieces]).float().requires_grad_()
-            for name in EMBEDDING_FIELDS
-            if getattr(pieces[0], name) is not None
-        }
-        del pieces
-        losses = unwrapped.loss_from_embeddings(CusaOutput(**embeddings), **loss_inputs)
-        self._record_loss_components(losses)
-        loss = losses.loss
-        temperatures = [
-            parameter
-            for name, _, _ in TEMPERATURE_FIELDS
-            if (parameter := getattr(unwrapped, name, None)) is not None and parameter.requires_grad
-        ]
-        # allow_unused: a term switched off by a zero weight leaves its embeddings and temperature without gradient,
-        # as in the unchunked step.
-        gradients = torch.autograd.grad(loss, [*embeddings.values(), *temperatures], allow_unused=True)
-        embedding_gradients = {name: gradient for name, gradient in zip(embeddings, gradients) if gradient is not None}
-        temperature_gradients = [
-            (temperature, gradient)
-            for temperature, gradient in zip(temperatures, gradients[len(embeddings):])
-            if gradient is not None
-        ]
-        del embeddings, losses  # the B x B terms are not needed any more
-
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        for position, (rows, random_state) in enumerate(zip(chunks, random_states)):
-            with random_state.restored():
-                output = unwrapped(**chunk_rows(pair_inputs, rows), return_loss=False)
-            # d(surrogate)/d(chunk embeddings) = the cached gradients: its backward is the chunk's share of the loss's.
-            surrogate = sum(
-                (getattr(output, name).float() * gradient[rows]).sum() for name, gradient in embedding_gradients.items()
-            )
-            if position == 0:
-                surrogate += sum((temperature * gradient).sum() for temperature, gradient in temperature_gradients)
-            self.accelerator.backward(surrogate * scale)
-        # No chunk ran through the DDP wrapper (its reducer expects one forward per backward, and with
-        # find_unused_parameters it would count the temperatures, used only in the loss, as unused): average the
-        # gradients as its backward would, at the last micro-batch of an optimiser step (not inside no_sync).
-        if isinstance(model, DistributedDataParallel) and model.require_backward_grad_sync:
-            average_gradients_across_processes(unwrapped)
-        return loss.detach()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._component_steps:
