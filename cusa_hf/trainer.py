@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SaveStrategy
 
 from .arguments import CusaTrainingArguments
 from .checkpoints import check_resumable, last_complete_checkpoint
@@ -67,16 +68,20 @@ class CusaTrainer(Trainer):
     When ``data_collator`` is not given, a [`CusaDataCollator`] is built from ``processing_class`` and
     ``collator_kwargs`` (column names, ``image_root``, ``max_length``).
 
-    ``evaluate()`` calls a [`~cusa_hf.evaluation.RetrievalEvaluator`] and reports ``eval_i2t_r1`` ...
-    ``eval_t2i_r10`` and ``eval_rsum``, so ``metric_for_best_model="rsum"`` keeps the best checkpoint:
+    ``evaluate()`` calls a [`~cusa_hf.evaluation.evaluator.RetrievalEvaluator`] and reports ``eval_i2t_r1`` ...
+    ``eval_t2i_r10`` and ``eval_rsum``:
 
     * ``evaluator``: the one given, built for the evaluation split with its settings (reranking, pairwise scorer,
       batch sizes), e.g. ``evaluator=RetrievalEvaluator(splits["validation"], rerank=x2vlm_rerank_config)``;
     * otherwise one built for ``eval_dataset`` (a one-row-per-caption ``datasets.Dataset`` or a ``RetrievalEvalView``;
       a dict of them is evaluated split by split as ``eval_{name}_*``) with the collator's column names and
-      ``image_root`` and ``args.per_device_eval_batch_size``;
-    * ``evaluate(dataset, metric_key_prefix="test")`` evaluates another split with the same settings. Evaluators (and
-      so their views of the splits) are kept between evaluations.
+      ``image_root`` and ``args.per_device_eval_batch_size``. Either is kept (with its view of the split) for every
+      evaluation of training;
+    * ``evaluate(dataset, metric_key_prefix="test")`` evaluates another split once, with the same settings.
+
+    The checkpoint a run keeps is chosen on the evaluator's ``primary_metric`` (RSUM) with its ``greater_is_better``,
+    unless ``metric_for_best_model`` names another metric: ``TrainingArguments`` falls back to ``"loss"``, which a
+    retrieval evaluation does not compute.
     """
 
     def __init__(
@@ -91,9 +96,11 @@ class CusaTrainer(Trainer):
         evaluator: RetrievalEvaluator | None = None,
         **kwargs: Any,
     ):
+        if args is None:
+            args = CusaTrainingArguments(output_dir="tmp_trainer")  # the Trainer's default folder, CUSA's columns kept
         if evaluator is not None and eval_dataset is None:
             eval_dataset = evaluator.eval_data  # the stock Trainer refuses an eval_strategy without an eval_dataset
-        if args is not None and args.remove_unused_columns:
+        if args.remove_unused_columns:
             # The Trainer would otherwise drop the image and teacher columns before the collator sees them.
             logger.warning("CusaTrainer sets remove_unused_columns=False: the collator needs the raw columns")
             args.remove_unused_columns = False
@@ -109,6 +116,9 @@ class CusaTrainer(Trainer):
             train_dataset = check_tower_columns(model, train_dataset, data_collator, processing_class)
             train_dataset = with_numpy_feature_columns(train_dataset, data_collator)
             data_collator = with_feature_tables(data_collator, train_dataset)
+        if evaluator is None and eval_dataset is not None:
+            evaluator = _evaluator_for(eval_dataset, None, data_collator, args)
+        _select_on_primary_metric(args, evaluator)
         callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
         super().__init__(
             model=model,
@@ -125,7 +135,6 @@ class CusaTrainer(Trainer):
         self._component_steps = 0
         self._loss_chunking_checked = False
         self.evaluator = evaluator
-        self._evaluators: dict[str, RetrievalEvaluator] = {}
         if self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type):
             raise ValueError(
                 f"CusaTrainer under FSDP needs fsdp_state_dict_type FULL_STATE_DICT (this run has "
@@ -232,21 +241,23 @@ class CusaTrainer(Trainer):
         """Retrieval metrics ``{metric_key_prefix}_i2t_r1`` ... ``_rsum`` and ``_runtime`` of the model, logged and
         passed to the callbacks' ``on_evaluate``. ``eval_dataset``: a split to evaluate instead of the trainer's
         (a dict of splits gives ``{metric_key_prefix}_{name}_*``); ``ignore_keys`` is unused (no model outputs)."""
-        if eval_dataset is None and self.evaluator is not None:
+        if eval_dataset is not None:
+            evaluator = _evaluator_for(eval_dataset, self.evaluator, self.data_collator, self.args)
+        elif self.evaluator is not None:
             evaluator = self.evaluator
         else:
-            dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-            if dataset is None:
-                raise ValueError(
-                    "CusaTrainer.evaluate needs an evaluator, or an eval_dataset (one row per caption) or a "
-                    "RetrievalEvalView"
-                )
-            if isinstance(dataset, dict):
-                metrics: dict[str, float] = {}
-                for name, split in dataset.items():
-                    metrics.update(self.evaluate(split, ignore_keys, f"{metric_key_prefix}_{name}"))
-                return metrics
-            evaluator = self._evaluator_for(dataset)
+            raise ValueError(
+                "CusaTrainer.evaluate needs an evaluator, or an eval_dataset (one row per caption) or a "
+                "RetrievalEvalView"
+            )
+        if isinstance(evaluator, dict):
+            metrics: dict[str, float] = {}
+            for name, split_evaluator in evaluator.items():
+                metrics.update(self._evaluate_with(split_evaluator, f"{metric_key_prefix}_{name}"))
+            return metrics
+        return self._evaluate_with(evaluator, metric_key_prefix)
+
+    def _evaluate_with(self, evaluator: RetrievalEvaluator, metric_key_prefix: str) -> dict[str, float]:
         start = time.time()
         with fsdp_unsharded(self.model if self.is_fsdp_enabled else None):  # the evaluator calls get_*_features
             metrics = evaluator(
@@ -256,25 +267,6 @@ class CusaTrainer(Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
-
-    def _evaluator_for(self, dataset: Any) -> RetrievalEvaluator:
-        """The evaluator of a split, built once: the given evaluator's settings, or the trainer's (collator columns,
-        eval batch size, progress bars)."""
-        if self.evaluator is not None and dataset is self.evaluator.eval_data:
-            return self.evaluator
-        key = getattr(dataset, "_fingerprint", None) or str(id(dataset))
-        if key not in self._evaluators:
-            if self.evaluator is not None:
-                self._evaluators[key] = self.evaluator.for_data(dataset)
-            else:
-                self._evaluators[key] = RetrievalEvaluator.from_collator(
-                    dataset,
-                    self.data_collator,
-                    batch_size=self.args.per_device_eval_batch_size,
-                    text_batch_size=max(self.args.per_device_eval_batch_size, 64),
-                    show_progress=not self.args.disable_tqdm,
-                )
-        return self._evaluators[key]
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Keep a card written by ``cusa_hf.model_card`` (recognised by its metadata tag): ``push_to_hub`` calls this
@@ -286,3 +278,32 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def _evaluator_for(data: Any, given: Any, collator: Any, args: TrainingArguments) -> Any:
+    """The evaluator of a split (a dict of splits: one per split): the given evaluator if it holds that split, else
+    one with its settings, else one reading the split as ``collator`` reads training rows, with ``args``'s evaluation
+    batch size and progress bars."""
+    if isinstance(data, dict):
+        return {name: _evaluator_for(split, given, collator, args) for name, split in data.items()}
+    if isinstance(given, RetrievalEvaluator):
+        return given if data is given.eval_data else given.for_data(data)
+    return RetrievalEvaluator.from_collator(
+        data,
+        collator,
+        batch_size=args.per_device_eval_batch_size,
+        text_batch_size=max(args.per_device_eval_batch_size, 64),
+        show_progress=not args.disable_tqdm,
+    )
+
+
+def _select_on_primary_metric(args: TrainingArguments, evaluator: Any) -> None:
+    """Choose the kept checkpoint on the evaluator's ``primary_metric`` when the run needs a metric and names none:
+    ``TrainingArguments`` then holds ``"loss"`` (its fallback for ``load_best_model_at_end``), or nothing with
+    ``save_strategy="best"``. A dict of evaluators has no single metric: name it (``"validation_rsum"``)."""
+    if not isinstance(evaluator, RetrievalEvaluator):
+        return
+    unnamed = args.metric_for_best_model is None and args.save_strategy == SaveStrategy.BEST
+    if args.metric_for_best_model == "loss" or unnamed:
+        args.metric_for_best_model = evaluator.primary_metric
+        args.greater_is_better = evaluator.greater_is_better

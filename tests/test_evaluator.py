@@ -133,7 +133,8 @@ def test_trainer_with_an_evaluator_reports_what_its_own_evaluation_reports(setup
     assert without_runtime(by_split) == {
         key.replace("eval_", f"eval_{split}_"): value for split in "ab" for key, value in expected.items()
     }
-    assert len(builds) == 3  # the test split's evaluator is reused; the given one serves its own split
+    assert len(builds) == 4  # a split passed to evaluate() is evaluated once, by its own evaluator; the given one serves
+    # its own split with the view it built
     logged = [entry for entry in given.state.log_history if "test_rsum" in entry]
     assert logged and logged[-1]["test_rsum"] == expected["eval_rsum"]
 
@@ -150,6 +151,32 @@ def test_trainer_evaluates_each_epoch_with_only_an_evaluator(setup, tmp_path):
     evaluations = [entry for entry in trainer.state.log_history if "eval_rsum" in entry]
     assert len(evaluations) == 2
     assert evaluations[-1]["eval_rsum"] == evaluator(model, processor)["eval_rsum"]
+
+
+def test_the_kept_checkpoint_is_chosen_on_the_evaluators_primary_metric(setup, tmp_path):
+    _, processor, dataset = setup
+    torch.manual_seed(0)
+    model = tiny_cusa_model()
+    args = training_args(tmp_path / "given", num_train_epochs=2, per_device_train_batch_size=6, eval_strategy="epoch",
+                         save_strategy="epoch", load_best_model_at_end=True, learning_rate=1e-3)  # fmt: skip
+    assert args.metric_for_best_model == "loss"  # TrainingArguments' fallback: a retrieval evaluation reports no loss
+    evaluator = RetrievalEvaluator(dataset, primary_metric="t2i_r1", show_progress=False)
+    trainer = CusaTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor, evaluator=evaluator)
+    assert (args.metric_for_best_model, args.greater_is_better) == ("t2i_r1", True)
+    trainer.train()
+    evaluations = [entry["eval_t2i_r1"] for entry in trainer.state.log_history if "eval_t2i_r1" in entry]
+    assert len(evaluations) == 2 and trainer.state.best_metric == max(evaluations)
+    # The evaluator the trainer builds for eval_dataset ranks on RSUM, also for save_strategy="best" (which the stock
+    # Trainer refuses without a metric); a metric the arguments name is kept.
+    best = training_args(tmp_path / "best", eval_strategy="epoch", save_strategy="best")
+    CusaTrainer(model=model, args=best, eval_dataset=dataset, processing_class=processor)
+    assert (best.metric_for_best_model, best.greater_is_better) == ("rsum", True)
+    named = training_args(tmp_path / "named", eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
+                          metric_for_best_model="i2t_r5")  # fmt: skip
+    CusaTrainer(model=model, args=named, eval_dataset=dataset, processing_class=processor)
+    assert named.metric_for_best_model == "i2t_r5"
+    with pytest.raises(ValueError, match="primary_metric='r1' is not a retrieval metric"):
+        RetrievalEvaluator(dataset, primary_metric="r1")
 
 
 def test_cached_tower_columns_are_checked_against_each_model(tmp_path):

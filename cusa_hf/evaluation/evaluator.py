@@ -1,7 +1,7 @@
 """``RetrievalEvaluator``: image-text retrieval metrics of one evaluation split, as a reusable callable object.
 
 Built once with the split, called with a model at every evaluation (by ``CusaTrainer.evaluate`` or directly), in the
-spirit of sentence-transformers' evaluators. It builds the split's :class:`~cusa_hf.data.RetrievalEvalView` on first
+spirit of sentence-transformers' evaluators. It builds the split's :class:`~cusa_hf.eval_view.RetrievalEvalView` on first
 use and keeps it, checks cached frozen-tower columns against each model it is called with, and picks the scoring:
 a pairwise scorer (backbones that score pairs themselves, e.g. SGRAF), dual-encoder similarity, or dual-encoder
 top-k reranked by a fusion encoder's ITM head (X2VLM, BLIP).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import datasets
 import torch
@@ -21,7 +21,7 @@ from ..eval_view import RetrievalEvalView, build_eval_view
 from ..frozen_towers import check_tower_columns
 from ..schema import CAPTION_COLUMN, IMAGE_COLUMN, IMAGE_ID_COLUMN, IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .encoding import evaluate_retrieval
-from .metrics import retrieval_metrics
+from .metrics import RETRIEVAL_METRIC_NAMES, retrieval_metrics
 from .reranking import BlockScoreFn, pairwise_similarity
 
 #: ``rerank(model, processor, eval_view) -> RerankConfig``, called at every evaluation (the ITM scorer encodes the
@@ -44,7 +44,7 @@ class RetrievalEvaluator:
 
     Args:
         eval_data: a ``datasets.Dataset`` (one row per caption, or one row per image with a caption list) or a
-            ready :class:`~cusa_hf.data.RetrievalEvalView`.
+            ready :class:`~cusa_hf.eval_view.RetrievalEvalView`.
         metric_key_prefix: prefix of the returned metric names (``"eval"`` gives ``eval_i2t_r1`` ... ``eval_rsum``).
         batch_size: images per encoding batch; text_batch_size: captions per batch.
         rerank: fusion-encoder ITM reranking: a :class:`RerankConfig` (its ``itm_score`` takes indices into the
@@ -60,6 +60,10 @@ class RetrievalEvaluator:
         max_length: the caption token limit of training (the collator's), which a cached text-tower column must
             have been computed with; ``None``: the tokenizer's own limit.
         show_progress: progress bars (on the main process only under ``accelerate``).
+        primary_metric: the metric that ranks models (without prefix: ``"rsum"``, ``"t2i_r1"``, ``"itc_rsum"``, ...);
+            ``CusaTrainer`` keeps the checkpoint that is best on it unless ``metric_for_best_model`` says otherwise,
+            as sentence-transformers' evaluators' ``primary_metric``. Every retrieval metric is better when higher
+            (``greater_is_better``).
 
     Example::
 
@@ -84,6 +88,8 @@ class RetrievalEvaluator:
     text_tower_column: str | None = _row_setting(TEXT_TOWER_COLUMN)
     max_length: int | None = _row_setting(None)
     show_progress: bool = True
+    primary_metric: str = "rsum"
+    greater_is_better: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.eval_data, (datasets.Dataset, RetrievalEvalView)):
@@ -94,6 +100,9 @@ class RetrievalEvaluator:
         for name in ("batch_size", "text_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        metric_names = (*RETRIEVAL_METRIC_NAMES, *(f"itc_{name}" for name in RETRIEVAL_METRIC_NAMES))
+        if self.primary_metric not in metric_names:
+            raise ValueError(f"primary_metric={self.primary_metric!r} is not a retrieval metric; one of {list(metric_names)}")
         if self.rerank is not None and self.pairwise_scorer is not None:
             raise ValueError("pass rerank or pairwise_scorer, not both: a pairwise scorer already scores every pair")
         if self.rerank is not None and not (isinstance(self.rerank, RerankConfig) or callable(self.rerank)):
