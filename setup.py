@@ -29,7 +29,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["cusa_hf", "cusa_hf.*"]),
     include_package_data=True,
-    package_data={"cusa_hf": ["example_data.sha256"]},
+    package_data={"cusa_hf": ["example_data.sha256", "model_card_template.md"]},
     install_requires=[
         # Loose on purpose: users keep the torch build (CUDA or CPU) they already have.
         "torch>=2.1",
@@ -39,6 +39,7 @@ setup(
         "safetensors>=0.4",
         "sentence-transformers>=3.0",
         "huggingface_hub>=0.30",
+        "jinja2",  # ModelCard.from_template renders the model card (cusa_hf/model_card_template.md)
         "evaluate>=0.4",
         "pillow",
         "numpy",

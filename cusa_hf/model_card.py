@@ -1,4 +1,5 @@
-"""Model cards for fine-tuned CUSA checkpoints, built with ``huggingface_hub.ModelCard``.
+"""Model cards for CUSA checkpoints: ``huggingface_hub.ModelCard`` rendered from ``model_card_template.md``, filled
+by a callback of ``CusaTrainer`` (as sentence-transformers fills its cards), so every trainer writes one.
 
 The metadata is what the Hub indexes: ``base_model`` (the backbone, when it is a Hub model), ``datasets`` (the Hub
 datasets trained and evaluated on), ``license``, ``library_name``, ``tags`` and a ``model-index`` holding every
@@ -6,31 +7,42 @@ retrieval metric (i2t / t2i R@1/5/10 and RSUM) of the validation and test splits
 says what was trained (CUSA, or the InfoNCE baseline with no CSA, USA or teachers), on what, with which loss settings
 and teachers, how well, how to use it, and the command that reproduces it.
 
+* :class:`CusaModelCardData`: what a run knows that the model does not (its backbone's name, its data, its command);
+  ``CusaTrainer(model_card_data=...)`` takes it.
+* :class:`CusaModelCardCallback`: the trainer's callback; it keeps the retrieval metrics logged for the
+  ``validation`` and ``test`` splits (``trainer.evaluate(split, metric_key_prefix="test")``), and the trainer writes the
+  card as ``README.md`` wherever it saves the model and before ``push_to_hub`` uploads.
+* :func:`render_model_card`: the card itself, from a config, metrics and the run's facts.
+
 Example::
 
     >>> from huggingface_hub import ModelCard
-    >>> path = write_model_card("out/cusa", model.config, {"test_rsum": 331.6, ...},
-    ...                         backbone="openai/clip-vit-base-patch32", data="COCO Karpathy splits",
-    ...                         command="accelerate launch examples/run_cusa.py ...", repo_id="me/clip-cusa")
-    >>> metrics_from_eval_results(ModelCard.load(path).data.eval_results)["test_rsum"]
+    >>> card = render_model_card(model.config, {"test_rsum": 331.6, ...}, "me/clip-cusa",
+    ...                          CusaModelCardData(backbone="openai/clip-vit-base-patch32", training_data="COCO"))
+    >>> metrics_from_eval_results(card.data.eval_results)["test_rsum"]
     331.6
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import TrainerCallback
 
 from .configuration_cusa import LOSS, cusa_field_names
 from .evaluation.metrics import RETRIEVAL_METRIC_NAMES as METRIC_COLUMNS
+from .modeling_cusa import is_cusa_checkpoint
 from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE
 from .offline_models import BUILTIN_BACKBONE
 
-#: The tag that marks a card written here (``CusaTrainer.create_model_card`` keeps such a card).
+#: The card's text, a Jinja template (``huggingface_hub.ModelCard.from_template``); installed with the package.
+TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"
+#: The tag that marks a card written here.
 CARD_TAG = "cusa-hf"
 #: The run's evaluated splits, as its metric keys are prefixed: validation (model selection) and test (once).
 EVAL_SPLITS = ("validation", "test")
@@ -42,11 +54,32 @@ TASKS = {
     "t2i": ("text-to-image-retrieval", "Text-to-Image Retrieval"),
     "rsum": ("cross-modal-retrieval", "Image-Text Retrieval"),
 }
-LICENSE_NOTE = "Not stated by the trainer: the terms of the backbone and of the training data apply."
-PAPER = (
-    "Hailang Huang, Zhijie Nie, Ziqiao Wang, Ziyu Shang. Cross-modal and Uni-modal Soft-label Alignment for "
-    "Image-Text Retrieval. AAAI 2024."
+#: Every metric key a card reports (``test_i2t_r1``, ``validation_itc_rsum``, ...).
+CARD_METRIC_KEYS = frozenset(
+    f"{split}_{variant}{metric}" for split in EVAL_SPLITS for variant in METRIC_VARIANTS for metric in METRIC_COLUMNS
 )
+
+
+@dataclass
+class CusaModelCardData:
+    """What a model card says about a run beyond its model's config and metrics.
+
+    Args:
+        backbone: what the model was built from: a Hub name (becomes ``base_model``), a local folder (a saved CUSA
+            checkpoint is named as the model it was fine-tuned further from) or the built-in / ``sgraf`` backbone.
+            ``None``: the name the backbone's config was loaded from, if any.
+        training_data: a sentence on the training data.
+        command: the command that trained it (the card then shows it).
+        data_args: the run's ``DataArguments``: names the evaluated datasets in the model-index and the Hub datasets
+            in ``datasets``; without it the results are filed under a ``custom`` dataset.
+        license: a Hub license id; ``"other"`` by default, as the weights carry the terms of the backbone and data.
+    """
+
+    backbone: str | None = None
+    training_data: str | None = None
+    command: str | None = None
+    data_args: Any = None
+    license: str = "other"
 
 
 def hub_repo_name(name: str | None) -> str | None:
@@ -81,14 +114,6 @@ def comparison_hub_model_id(hub_model_id: str | None, output_dir: str, run: str)
         raise ValueError(f"run must be 'cusa' or 'baseline', got {run!r}")
     repo = hub_model_id or Path(output_dir).absolute().name
     return f"{repo}-baseline" if run == "baseline" else repo
-
-
-def is_cusa_model_card(path: str | os.PathLike) -> bool:
-    """``path`` is a ``README.md`` written by :func:`write_model_card` (its metadata carries :data:`CARD_TAG`)."""
-    if not os.path.isfile(path):
-        return False
-    tags = ModelCard.load(path, ignore_metadata_errors=True).data.tags or []
-    return CARD_TAG in tags
 
 
 def _dataset(source: str, detail: str) -> tuple[str, str]:
@@ -177,7 +202,9 @@ def _objective(config: Any) -> str:
     return "CUSA" if len(terms) == 2 else terms[0] if terms else "baseline"
 
 
-def _backbone_text(backbone: str, model_type: str) -> str:
+def _backbone_text(backbone: str | None, model_type: str) -> str:
+    if not backbone:
+        return f"a `{model_type}` backbone"
     if backbone == BUILTIN_BACKBONE:
         return (
             f"the built-in dual encoder (`{backbone}`: pretrained EfficientNet-Lite0 image tower and all-MiniLM-L6-v2 "
@@ -187,120 +214,54 @@ def _backbone_text(backbone: str, model_type: str) -> str:
         return "a new SGR/SAF model (`sgraf`, trained from scratch on region features)"
     if base_model_id(backbone):
         return f"[`{backbone}`](https://huggingface.co/{backbone}) (`{model_type}`)"
+    if os.path.isdir(backbone) and is_cusa_checkpoint(backbone):
+        return f"the CUSA checkpoint `{backbone}` (a `{model_type}` backbone with CUSA's heads), fine-tuned further"
     return f"a local `{model_type}` checkpoint (`{backbone}`)"
 
 
-def _results_table(metrics: dict[str, float]) -> str:
-    header = "| split | " + " | ".join(METRIC_COLUMNS) + " |\n|---|" + "---|" * len(METRIC_COLUMNS)
+def _results(metrics: dict[str, float]) -> list[tuple[str, list[str]]]:
+    """The results table's rows: ``(split label, formatted values)`` of each split and variant that has metrics."""
     rows = []
     for split in EVAL_SPLITS:
         for variant, label in METRIC_VARIANTS.items():
             keys = [f"{split}_{variant}{metric}" for metric in METRIC_COLUMNS]
             if any(key in metrics for key in keys):
-                values = " | ".join(f"{metrics[key]:.2f}" if key in metrics else "" for key in keys)
-                rows.append(f"| {split}{label} | {values} |")
-    return "\n".join([header, *rows]) if rows else "No retrieval evaluation was run."
+                rows.append((f"{split}{label}", [f"{metrics[key]:.2f}" if key in metrics else "" for key in keys]))
+    return rows
 
 
-def _teachers_text(config: Any) -> str:
-    if not config.needs_teachers:
-        return "None: the InfoNCE baseline learns from the image-caption pairs alone."
-    teachers = config.teacher_info or {}
-    if not teachers:
-        return "Not recorded."
-    lines = ["| column | modality | teacher | revision | pooling | dim |", "|---|---|---|---|---|---|"]
-    for column, info in teachers.items():
-        lines.append(
-            f"| `{column}` | {info.get('modality', '')} | `{info.get('name_or_path', '')}` | "
-            f"{info.get('revision') or 'not pinned'} | {info.get('pooling', '')} | {info.get('dim', '')} |"
-        )
-    return "\n".join(lines) + "\n\nThe full provenance of each teacher feature is in `config.json` (`teacher_info`)."
-
-
-def _usage(repo: str, model_type: str, has_usa_heads: bool) -> str:
-    """The card's usage snippets: load, embed, score and search (SGR/SAF: load, then its own docs)."""
-    if model_type == "sgraf":
-        return f"""```python
-from cusa_hf import CusaModel
-
-model = CusaModel.from_pretrained("{repo}").eval()
-```
-
-SGR/SAF models score region features of an image against a caption pair by pair; `docs/sgraf.md` of cusa-hf shows
-how to extract the features and evaluate."""
-    uni = ""
-    if has_usa_heads:
-        uni = '`head="uni"` in both calls gives the USA heads\' uni-modal embeddings (image-image, text-text). '
-    return f"""```python
-import torch
-from PIL import Image
-from transformers import AutoProcessor
-
-from cusa_hf import CusaModel
-
-model = CusaModel.from_pretrained("{repo}").eval()
-processor = AutoProcessor.from_pretrained("{repo}")
-images = [Image.open(path).convert("RGB") for path in ["cat.jpg", "dog.jpg"]]
-captions = ["a dog catching a frisbee"]
-pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-text = processor.tokenizer(captions, padding=True, return_tensors="pt")
-with torch.no_grad():
-    image_embeds = model.get_image_features(pixel_values)                             # (2, dim), L2-normalised
-    text_embeds = model.get_text_features(text["input_ids"], text["attention_mask"])  # (1, dim)
-scores = text_embeds @ image_embeds.T   # (1, 2) cosine similarities: rank images for each caption
-```
-
-{uni}To search a collection, index it once with FAISS (`pip install "cusa-hf[search]"`):
-
-```python
-from cusa_hf import RetrievalIndex
-
-index = RetrievalIndex.build(model, processor, images="photos/")   # every image file under photos/
-hits = index.search(texts=["a dog catching a frisbee"], k=5)[0]    # [{{"index", "score", "image_id", "path"}}, ...]
-```
-
-Without cusa-hf, `transformers.AutoModel.from_pretrained("{repo}", trust_remote_code=True)` loads the same model."""
-
-
-def build_model_card(
+def render_model_card(
     config: Any,
     metrics: dict[str, float],
-    *,
-    backbone: str,
-    data: str,
-    command: str,
     repo_id: str,
-    data_args: Any = None,
+    card_data: CusaModelCardData | None = None,
     model_name: str | None = None,
-    license: str = "other",
 ) -> ModelCard:
     """The model card of a CUSA checkpoint (or of the InfoNCE baseline, when ``config`` has no active CSA / USA).
 
     Args:
-        config: the model's ``CusaConfig`` (loss settings, ``teacher_info``).
+        config: the model's ``CusaConfig`` (loss settings, ``teacher_info``, the backbone's config).
         metrics: ``{f"{split}_{metric}": value}`` in percent for ``split`` in validation / test (e.g. what
             ``CusaTrainer.evaluate`` returns); other keys are ignored.
-        backbone: what the model was built from: a Hub name (becomes ``base_model``), a local folder or the built-in
-            backbone (described in the text only).
-        data: a sentence on the training data.
-        command: the command that trained it.
         repo_id: where the model loads from: the Hub repository the card is for, or a local folder (the usage
-            snippet loads it; its last part names the model).
-        data_args: the run's ``DataArguments``: names the evaluated datasets in the model-index and the Hub datasets
-            in ``datasets``; without it the results are filed under a ``custom`` dataset.
+            snippet loads it).
+        card_data: the run's facts (:class:`CusaModelCardData`).
         model_name: the card's title and model-index name (default: the last part of ``repo_id``).
-        license: a Hub license id; ``"other"`` by default, as the weights carry the terms of the backbone and data.
 
     Returns:
         ``huggingface_hub.ModelCard`` (``str(card)`` is the README text, ``card.data`` its metadata).
     """
+    card_data = card_data or CusaModelCardData()
+    backbone_config = config.backbone_config
+    backbone = card_data.backbone or getattr(backbone_config, "_name_or_path", None) or None
     objective = _objective(config)
-    model_type = config.backbone_config.model_type
+    model_type = backbone_config.model_type
+    data_args = card_data.data_args
     name = model_name or Path(repo_id).name
-    card_data = ModelCardData(
-        base_model=base_model_id(backbone),
+    hub_metadata = ModelCardData(
+        base_model=base_model_id(backbone) if backbone else None,
         datasets=(hub_datasets(data_args) or None) if data_args is not None else None,
-        license=license,
+        license=card_data.license,
         library_name="transformers",
         tags=[CARD_TAG, "cusa" if objective != "baseline" else "infonce-baseline", "image-text-retrieval",
               "cross-modal-retrieval", model_type],  # fmt: skip
@@ -308,99 +269,45 @@ def build_model_card(
         model_name=name,
         eval_results=retrieval_eval_results(metrics, None if data_args is None else eval_datasets(data_args)) or None,
     )
-    backbone_text = _backbone_text(backbone, model_type)
-    if objective == "baseline":
-        summary = (
-            f"The **InfoNCE baseline** for CUSA: a fine-tune of {backbone_text} for image-text retrieval with the "
-            "contrastive (InfoNCE) loss alone. **No CSA, no USA, no teachers**: it is the reference that a CUSA model "
-            "trained with identical settings is compared against."
-        )
-        settings_note = "`use_csa` and `use_usa` are off: the CSA and USA settings below took no part in training."
-    else:
-        summary = (
-            f"A fine-tune of {backbone_text} for image-text retrieval with **{objective}** (Cross-modal and Uni-modal "
-            "Soft-label Alignment, Huang et al., AAAI 2024): InfoNCE plus "
-            + ", plus ".join(
-                text for text, active in (
-                    (f"CSA (weight α = {config.csa_weight}), which aligns the image-to-text and text-to-image "
-                     "distributions with the teachers' similarities", config.csa_active),
-                    (f"USA (weight β = {config.usa_weight}), whose image and text heads follow the teachers' "
-                     "uni-modal similarities", config.usa_active),
-                ) if active
-            )  # fmt: skip
-            + ". The soft labels come from the frozen teachers below."
-        )
-        settings_note = "The loss is InfoNCE + α·CSA + β·USA (`docs/method.md` of cusa-hf); its settings:"
-    settings = "\n".join(f"| {field} | {getattr(config, field)} |" for field in cusa_field_names(LOSS))
-    content = f"""---
-{card_data.to_yaml()}
----
-
-# {name}
-
-{summary} Trained with cusa-hf (`examples/run_cusa.py`).
-
-## Usage
-
-{_usage(repo_id, model_type, config.use_usa)}
-
-## Training data
-
-{data}
-
-## Retrieval results
-
-R@K in percent. Image-to-text counts a hit when any of the image's captions is within the top K; text-to-image when
-the caption's image is; a positive tied with a negative is ranked after it. RSUM is the sum of the six recalls. The
-checkpoint was selected on the validation split only; the test split was evaluated once.
-
-{_results_table(metrics)}
-
-## Loss settings
-
-{settings_note}
-
-| field | value |
-|---|---|
-{settings}
-
-## Teachers
-
-{_teachers_text(config)}
-
-## Training command
-
-```
-{command}
-```
-
-## License
-
-{LICENSE_NOTE if license == "other" else f"`{license}`."}
-
-## Citation
-
-CUSA: {PAPER}
-"""
-    return ModelCard(content)
+    return ModelCard.from_template(
+        hub_metadata,
+        template_path=TEMPLATE_PATH,
+        model_name=name,  # the card data keeps it only inside the model-index
+        objective=objective,
+        backbone_text=_backbone_text(backbone, model_type),
+        csa_active=config.csa_active,
+        usa_active=config.usa_active,
+        csa_weight=config.csa_weight,
+        usa_weight=config.usa_weight,
+        model_type=model_type,
+        repo_id=repo_id,
+        has_usa_heads=config.use_usa,
+        training_data=card_data.training_data or "Not recorded.",
+        metric_columns=METRIC_COLUMNS,
+        results=_results(metrics),
+        loss_settings=[(name, getattr(config, name)) for name in cusa_field_names(LOSS)],
+        teachers=list((config.teacher_info or {}).items()),
+        command=card_data.command,
+    )
 
 
-def render_model_card(
-    config: Any, metrics: dict[str, float], backbone: str, data: str, command: str, **kwargs: Any
-) -> str:
-    """The README text (Hub metadata and Markdown) of :func:`build_model_card`; ``repo_id`` defaults to a
-    placeholder path."""
-    kwargs.setdefault("repo_id", "path/to/checkpoint")
-    return str(build_model_card(config, metrics, backbone=backbone, data=data, command=command, **kwargs))
+class CusaModelCardCallback(TrainerCallback):
+    """Fills the model card of a ``CusaTrainer`` run: keeps the retrieval metrics logged for the validation and test
+    splits (the latest of each), which :meth:`write` renders with the model's config and the run's
+    :class:`CusaModelCardData`."""
 
+    def __init__(self, card_data: CusaModelCardData | None = None):
+        self.card_data = card_data or CusaModelCardData()
+        self.metrics: dict[str, float] = {}
 
-def write_model_card(output_dir: str, config: Any, metrics: dict[str, float], **kwargs: Any) -> str:
-    """Write the :func:`build_model_card` card as ``README.md`` into ``output_dir`` and return its path.
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        self.metrics.update({key: value for key, value in (logs or {}).items() if key in CARD_METRIC_KEYS})
 
-    Without ``repo_id`` (a model not pushed) the card describes the folder: its usage snippet loads ``output_dir``.
-    """
-    if kwargs.get("repo_id") is None:
-        kwargs.update(repo_id=output_dir, model_name=kwargs.get("model_name") or Path(output_dir).absolute().name)
-    path = os.path.join(output_dir, "README.md")
-    build_model_card(config, metrics, **kwargs).save(path)
-    return path
+    def write(self, output_dir: str, config: Any, repo_id: str | None = None) -> str:
+        """Write the card as ``README.md`` into ``output_dir`` and return its path. Without ``repo_id`` (a model not
+        pushed) the card describes the folder: its usage snippet loads ``output_dir``."""
+        model_name = None if repo_id else Path(output_dir).absolute().name
+        card = render_model_card(config, self.metrics, repo_id or output_dir, self.card_data, model_name)
+        path = os.path.join(output_dir, "README.md")
+        card.save(path)
+        return path

@@ -21,20 +21,24 @@ from .losses import CusaLoss, CusaLossOutput
 
 logger = logging.getLogger(__name__)
 
+#: Keywords of ``from_pretrained`` that say where a saved config.json is found.
+_HUB_OPTIONS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
 
 
-def _is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | None) -> bool:
-    """``name_or_path`` holds a saved ``CusaModel`` (its config.json says ``model_type: cusa``)."""
-    hub_options = {
-        key: value
-        for key, value in (backbone_kwargs or {}).items()
-        if key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
-    }
+def _saved_config_dict(name_or_path: str | os.PathLike, options: dict | None) -> dict | None:
+    """The config.json of a folder or Hub repo (``options``: ``from_pretrained`` keywords, the Hub ones are used), or
+    ``None`` when there is none to read (the model's own loader then raises its error)."""
+    hub_options = {key: value for key, value in (options or {}).items() if key in _HUB_OPTIONS}
     try:
         config_dict, _ = CusaConfig.get_config_dict(name_or_path, **hub_options)
     except OSError:
-        return False  # not loadable as a config: the backbone's own loader raises its error
-    return config_dict.get("model_type") == CusaConfig.model_type
+        return None
+    return config_dict
+
+
+def is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | None = None) -> bool:
+    """``name_or_path`` holds a saved ``CusaModel`` (its config.json says ``model_type: cusa``)."""
+    return (_saved_config_dict(name_or_path, backbone_kwargs) or {}).get("model_type") == CusaConfig.model_type
 
 
 @dataclass
@@ -108,17 +112,9 @@ class CusaPreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.from_pretrained``, refusing a folder or Hub repo that holds another kind of model (a
         plain CLIP or BERT would otherwise load as a randomly initialised CUSA model with a warning)."""
         if kwargs.get("config") is None and pretrained_model_name_or_path is not None:
-            hub_options = {
-                key: kwargs[key]
-                for key in ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download")
-                if key in kwargs
-            }
-            try:
-                config_dict, _ = CusaConfig.get_config_dict(pretrained_model_name_or_path, **hub_options)
-            except OSError:
-                config_dict = None  # no config to read: the stock loader raises its own error
+            config_dict = _saved_config_dict(pretrained_model_name_or_path, kwargs)
             model_type = (config_dict or {}).get("model_type", CusaConfig.model_type)
-            if config_dict is not None and model_type != CusaConfig.model_type:
+            if model_type != CusaConfig.model_type:
                 raise ValueError(
                     f"{pretrained_model_name_or_path} holds a {model_type!r} model (config.json model_type), not a "
                     f"CUSA checkpoint. To fine-tune it with CUSA, wrap it: "
@@ -237,7 +233,7 @@ class CusaModel(CusaPreTrainedModel):
             >>> model = CusaModel.from_backbone("openai/clip-vit-base-patch32")       # fresh CUSA heads
             >>> model = CusaModel.from_backbone("outputs/cusa-default/baseline")       # a trained CUSA checkpoint
         """
-        if isinstance(backbone, (str, os.PathLike)) and _is_cusa_checkpoint(backbone, backbone_kwargs):
+        if isinstance(backbone, (str, os.PathLike)) and is_cusa_checkpoint(backbone, backbone_kwargs):
             backbone = cls.from_pretrained(backbone, **(backbone_kwargs or {}))
         if isinstance(backbone, CusaModel):
             return cls._continue_from(backbone, **cusa_fields)

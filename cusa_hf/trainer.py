@@ -24,7 +24,7 @@ from .evaluation.evaluator import RetrievalEvaluator
 from .frozen_towers import check_tower_columns
 from .fsdp import fsdp_unsharded, vectorize_scalar_parameters
 from .gradient_cache import cached_gradient_step, check_loss_chunking
-from .model_card import is_cusa_model_card
+from .model_card import CusaModelCardCallback, CusaModelCardData
 from .optimization import parameter_groups
 from .training_checks import check_contrastive_batches, check_teacher_columns, with_numpy_feature_columns
 
@@ -79,6 +79,11 @@ class CusaTrainer(Trainer):
       evaluation of training;
     * ``evaluate(dataset, metric_key_prefix="test")`` evaluates another split once, with the same settings.
 
+    Wherever the model is saved (``save_model``, checkpoints, ``push_to_hub``) a model card is written beside it as
+    ``README.md`` (``cusa_hf.model_card``): the run's facts from ``model_card_data`` (backbone, data, command), the
+    loss settings and teachers from the model's config, and the retrieval metrics logged for the ``validation`` and
+    ``test`` splits (``evaluate(split, metric_key_prefix="test")``).
+
     The checkpoint a run keeps is chosen on the evaluator's ``primary_metric`` (RSUM) with its ``greater_is_better``,
     unless ``metric_for_best_model`` names another metric: ``TrainingArguments`` falls back to ``"loss"``, which a
     retrieval evaluation does not compute.
@@ -94,6 +99,7 @@ class CusaTrainer(Trainer):
         processing_class: Any = None,
         collator_kwargs: dict[str, Any] | None = None,
         evaluator: RetrievalEvaluator | None = None,
+        model_card_data: CusaModelCardData | None = None,
         **kwargs: Any,
     ):
         if args is None:
@@ -119,7 +125,8 @@ class CusaTrainer(Trainer):
         if evaluator is None and eval_dataset is not None:
             evaluator = _evaluator_for(eval_dataset, None, data_collator, args)
         _select_on_primary_metric(args, evaluator)
-        callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback()]
+        self.model_card_callback = CusaModelCardCallback(model_card_data)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback(), self.model_card_callback]
         super().__init__(
             model=model,
             args=args,
@@ -151,6 +158,13 @@ class CusaTrainer(Trainer):
             state_dict = {name: tensor.reshape(()) if name in self._fsdp_scalar_names else tensor
                           for name, tensor in state_dict.items()}  # fmt: skip
         super()._save(output_dir, state_dict=state_dict)
+        self._write_model_card(output_dir or self.args.output_dir)
+
+    def _write_model_card(self, output_dir: str) -> None:
+        """The run's card as ``README.md`` (``cusa_hf.model_card``); its usage snippet loads the Hub repo when the run
+        pushes, else the folder."""
+        config = self.accelerator.unwrap_model(self.model).config
+        self.model_card_callback.write(output_dir, config, repo_id=self.hub_model_id if self.args.push_to_hub else None)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """``Trainer.train``, after checking that a checkpoint to resume from was trained with the same CUSA settings
@@ -269,11 +283,11 @@ class CusaTrainer(Trainer):
         return metrics
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """Keep a card written by ``cusa_hf.model_card`` (recognised by its metadata tag): ``push_to_hub`` calls this
-        before uploading, and the stock card would replace ours; any other README is replaced as the Trainer does."""
-        if is_cusa_model_card(os.path.join(self.args.output_dir, "README.md")):
-            return
-        super().create_model_card(*args, **kwargs)
+        """Write this run's CUSA card into ``output_dir`` (``push_to_hub`` calls this before uploading), in place of
+        the stock card; the CUSA card takes its facts from ``model_card_data`` and the logged metrics instead of these
+        arguments."""
+        if self.is_world_process_zero():
+            self._write_model_card(self.args.output_dir)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""

@@ -35,7 +35,7 @@ from cusa_hf.evaluation.evaluator import RetrievalEvaluator
 from cusa_hf.evaluation.metrics import format_retrieval_table
 from cusa_hf.example_data import default_training_data
 from cusa_hf.factory import build_model, build_processor, cache_frozen_towers, check_backbone, load_sgraf_data
-from cusa_hf.model_card import comparison_hub_model_id, write_model_card
+from cusa_hf.model_card import CusaModelCardData, comparison_hub_model_id
 from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
 from cusa_hf.models.sgraf.training_data import with_image_paths
 from cusa_hf.teachers.features import reuse_or_add_teacher_features
@@ -80,6 +80,9 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
         data_collator=sgraf.collator if sgraf else None,
         collator_kwargs={"image_root": data_args.image_root, "max_length": data_args.max_text_length},
         evaluator=evaluator,
+        model_card_data=CusaModelCardData(
+            backbone=model_args.backbone, training_data=description, command=command, data_args=data_args
+        ),
     )
     resume = training_args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_args.output_dir) if resume in ("last", "true", "True") else resume)
@@ -93,12 +96,8 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
     elif "test" in splits:
         metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
 
-    # 7. Save the processor and card, then the model; push_to_hub saves the model and uploads the folder, our card
-    #    included (the Trainer keeps it rather than writing its own).
-    if trainer.is_world_process_zero():
-        processor.save_pretrained(run_args.output_dir)
-        write_model_card(run_args.output_dir, model.config, metrics, backbone=model_args.backbone, data=description,
-                         command=command, data_args=data_args, repo_id=trainer.hub_model_id)  # fmt: skip
+    # 7. Save the model with its processor and model card (the validation and test metrics logged above); push_to_hub
+    #    saves them and uploads the folder.
     if run_args.push_to_hub:
         trainer.push_to_hub(commit_message=f"CUSA run {name}")
     else:
