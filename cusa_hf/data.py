@@ -243,45 +243,17 @@ def flatten_captions(
         columns ``image`` (the source's image values: ``datasets.Image`` or resolved path strings), ``caption``,
         ``image_id``, in source row order. Image bytes are copied once per caption row (Arrow has no shared rows).
     """
-    image_column = _find_column(dataset, image_column, IMAGE_COLUMN_CANDIDATES, "image")
-    caption_column = _find_column(dataset, caption_column, CAPTION_COLUMN_CANDIDATES, "caption")
-    if image_column is None or caption_column is None:
-        raise ValueError(
-            f"{source}: cannot tell which columns hold the {'image' if image_column is None else 'caption'}s; "
-            f"columns are {dataset.column_names}; pass image_column= and caption_column="
-        )
-    image_id_column = _find_column(dataset, image_id_column, IMAGE_ID_COLUMN_CANDIDATES, "image id")
-    image_feature = dataset.features[image_column]
-    is_image_feature = isinstance(image_feature, datasets.Image)
-    if is_image_feature:
-        # Only paths and presence are needed here: read the Arrow struct, never decode or copy image bytes.
-        struct = dataset.with_format("arrow").select_columns([image_column])[image_column]
-        paths = [path for chunk in struct.chunks for path in chunk.field("path").to_pylist()]
-        present = [
-            valid and (has_bytes or bool(path))
-            for chunk in struct.chunks
-            for valid, has_bytes, path in zip(
-                chunk.is_valid().to_pylist(), chunk.field("bytes").is_valid().to_pylist(), chunk.field("path").to_pylist()
-            )
-        ]
-        # A present image without a path (bytes only) still counts as present; its row number identifies it.
-        image_values = [(path or f"row {row}") if ok else None for row, (path, ok) in enumerate(zip(paths, present))]
-        resolved_paths = [None] * len(paths)
-    else:
-        raw_paths = dataset[image_column]
-        if paths_within_root:
-            _refuse_paths_outside_root(raw_paths, image_root, source, image_column)
-        image_values = [
-            resolve_image_path(value, image_root) if isinstance(value, str) and value.strip() else None for value in raw_paths
-        ]
-        resolved_paths = image_values
-    captions = dataset[caption_column]
+    image_column, caption_column, image_id_column = _caption_source_columns(
+        dataset, image_column, caption_column, image_id_column, source
+    )
+    image_values, resolved_paths = _image_values(dataset, image_column, image_root, source, paths_within_root)
     if image_id_column is not None:
         ids = dataset[image_id_column]
     else:
         ids = [value if value is not None else row for row, value in enumerate(image_values)]
     builder = _RowBuilder(skip_invalid, check_files)
-    for row, (image, image_id, caption_value, path) in enumerate(zip(image_values, ids, captions, resolved_paths)):
+    rows = zip(image_values, ids, dataset[caption_column], resolved_paths)
+    for row, (image, image_id, caption_value, path) in enumerate(rows):
         builder.add(
             row,
             f"{source} row {row}",
@@ -293,18 +265,78 @@ def flatten_captions(
             image_path=path,
         )
     builder.finish(source)
-    flat_captions, flat_ids = builder.captions, builder.image_ids
+    fingerprint = datasets.fingerprint.Hasher.hash(
+        [dataset._fingerprint, image_column, caption_column, image_id_column, str(image_root), skip_invalid, check_files]
+    )
+    return _one_row_per_caption(dataset, image_column, builder, fingerprint)
 
+
+def _caption_source_columns(
+    dataset: datasets.Dataset,
+    image_column: str | None,
+    caption_column: str | None,
+    image_id_column: str | None,
+    source: str,
+) -> tuple[str, str, str | None]:
+    """The image, caption and (optional) image id columns of a one-row-per-image dataset: the ones given, else found
+    among the usual names (:func:`flatten_captions`)."""
+    image_column = _find_column(dataset, image_column, IMAGE_COLUMN_CANDIDATES, "image")
+    caption_column = _find_column(dataset, caption_column, CAPTION_COLUMN_CANDIDATES, "caption")
+    if image_column is None or caption_column is None:
+        raise ValueError(
+            f"{source}: cannot tell which columns hold the {'image' if image_column is None else 'caption'}s; "
+            f"columns are {dataset.column_names}; pass image_column= and caption_column="
+        )
+    return image_column, caption_column, _find_column(dataset, image_id_column, IMAGE_ID_COLUMN_CANDIDATES, "image id")
+
+
+def _image_values(
+    dataset: datasets.Dataset,
+    image_column: str,
+    image_root: str | os.PathLike | None,
+    source: str,
+    paths_within_root: bool,
+) -> tuple[list[Any], list[str | None]]:
+    """``(values, paths)`` of the image column, one per row, ``None`` for a missing image: a ``datasets.Image``
+    column's paths (``row N`` for bytes without a path; no file to check), or path strings resolved against
+    ``image_root`` (the files to check)."""
+    if isinstance(dataset.features[image_column], datasets.Image):
+        # Only paths and presence are needed here: read the Arrow struct, never decode or copy image bytes.
+        struct = dataset.with_format("arrow").select_columns([image_column])[image_column]
+        paths = [path for chunk in struct.chunks for path in chunk.field("path").to_pylist()]
+        present = [
+            valid and (has_bytes or bool(path))
+            for chunk in struct.chunks
+            for valid, has_bytes, path in zip(
+                chunk.is_valid().to_pylist(), chunk.field("bytes").is_valid().to_pylist(), chunk.field("path").to_pylist()
+            )
+        ]
+        # A present image without a path (bytes only) still counts as present; its row number identifies it.
+        values = [(path or f"row {row}") if ok else None for row, (path, ok) in enumerate(zip(paths, present))]
+        return values, [None] * len(paths)
+    raw_paths = dataset[image_column]
+    if paths_within_root:
+        _refuse_paths_outside_root(raw_paths, image_root, source, image_column)
+    values = [
+        resolve_image_path(value, image_root) if isinstance(value, str) and value.strip() else None for value in raw_paths
+    ]
+    return values, values
+
+
+def _one_row_per_caption(
+    dataset: datasets.Dataset, image_column: str, builder: _RowBuilder, fingerprint: str
+) -> datasets.Dataset:
+    """The ``image``, ``caption``, ``image_id`` columns of the rows ``builder`` collected, the images taken from
+    ``dataset``'s rows (a ``datasets.Image`` column keeps its bytes, without decoding them)."""
+    image_feature = dataset.features[image_column]
+    is_image_feature = isinstance(image_feature, datasets.Image)
     base = dataset.select_columns([image_column])
     if is_image_feature:
         base = base.cast_column(image_column, datasets.Image(decode=False))
     base = base.select(builder.source_rows)
-    fingerprint = datasets.fingerprint.Hasher.hash(
-        [dataset._fingerprint, image_column, caption_column, image_id_column, str(image_root), skip_invalid, check_files]
-    )
 
     def add_caption_rows(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
-        rows = {"caption": [flat_captions[i] for i in indices], "image_id": [flat_ids[i] for i in indices]}
+        rows = {"caption": [builder.captions[i] for i in indices], "image_id": [builder.image_ids[i] for i in indices]}
         if not is_image_feature:
             rows[image_column] = [builder.images[i] for i in indices]
         return rows

@@ -15,9 +15,10 @@ when the tower computes the same in training mode (BatchNorm frozen, no dropout 
 :func:`freeze_tower` makes of a tower; the ``add_*`` functions warn otherwise), up to float rounding; under
 ``--bf16``/``--fp16`` the uncached tower would run in half precision instead.
 
-Each column records which tower weights made it (SHA-256 in the ``teacher_provenance`` column), with the
-preprocessing (image processor, or tokenizer, length limit and pooling), and ``CusaTrainer`` refuses a column made
-by other weights or preprocessing, or a model whose tower is not frozen.
+Each column records which tower weights made it (SHA-256 in the provenance column, ``cusa_hf.schema.PROVENANCE_COLUMN``),
+with the preprocessing (image processor, or tokenizer, length limit and pooling). :func:`check_tower_columns` (which
+``CusaTrainer`` and ``RetrievalEvaluator`` run) refuses a column made by other weights or preprocessing, or a model
+whose tower is not frozen.
 """
 
 from __future__ import annotations
@@ -52,9 +53,9 @@ def _separable_adapter(model: Any, modality: str = "image"):
     return adapter
 
 
-def frozen_tower(model: Any, modality: str) -> torch.nn.Module:
-    """The ``"image"`` or ``"text"`` tower of a ``CusaModel``, after checking that none of its parameters is
-    trainable."""
+def cacheable_tower(model: Any, modality: str) -> torch.nn.Module:
+    """The ``"image"`` or ``"text"`` tower of a ``CusaModel`` whose output can be cached: a separable tower (split from
+    its projection) with no trainable parameter (:func:`freeze_tower` makes one)."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     tower = getattr(_separable_adapter(model, modality), f"{modality}_tower")()
@@ -146,7 +147,7 @@ def _add_tower_features(
     (preprocessing) is part of the fingerprint and of the recorded provenance."""
     from accelerate import PartialState
 
-    tower = frozen_tower(model, modality)
+    tower = cacheable_tower(model, modality)
     _warn_train_mode_differences(tower, modality)
     sha = tower_sha256(tower)
     # The model usually still sits on the CPU here (the Trainer moves it later): encode on this process's accelerator.
@@ -329,7 +330,7 @@ def check_tower_features(
     ``modality`` tower: the backbone has no separable tower, the tower is trainable, the width differs, or other
     weights made them, or (when ``preprocessing`` is given: the image processor, or the tokenizer) other
     preprocessing than the trainer's."""
-    tower = frozen_tower(model, modality)
+    tower = cacheable_tower(model, modality)
     width = feature_width(dataset, column)
     expected = getattr(model.adapter, f"{modality}_tower_dim")
     if width != expected:

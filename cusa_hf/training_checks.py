@@ -1,6 +1,6 @@
 """Checks that ``CusaTrainer`` runs once, when it is built, over the whole training set (instead of at every step):
-contrastive batches of at least two pairs, teacher columns present and finite, cached tower columns computed by this
-model's towers."""
+contrastive batches of at least two pairs, teacher columns present and finite, and the feature columns read as numpy.
+(Cached tower columns are checked against the model's towers by ``cusa_hf.frozen_towers.check_tower_columns``.)"""
 
 from __future__ import annotations
 
