@@ -86,6 +86,8 @@ class BackboneAdapter:
     has_separable_image_tower: bool = False
     #: The same for text: text features are ``project_text_tower(encode_text_tower(input_ids, attention_mask))``.
     has_separable_text_tower: bool = False
+    #: The backbone config attribute that holds the width of the features it hands to CUSA (``image_feature_dim``).
+    feature_dim_attribute: str | None = None
 
     def __init__(self, backbone: PreTrainedModel):
         self.backbone = backbone
@@ -102,7 +104,10 @@ class BackboneAdapter:
 
     @property
     def image_feature_dim(self) -> int:
-        raise NotImplementedError
+        """Width of the image features: the backbone config's :attr:`feature_dim_attribute`."""
+        if self.feature_dim_attribute is None:
+            raise NotImplementedError(f"{type(self).__name__} names no feature_dim_attribute")
+        return getattr(self.backbone.config, self.feature_dim_attribute)
 
     @property
     def text_feature_dim(self) -> int:
@@ -224,6 +229,15 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def backbone_of(model: torch.nn.Module, backbone_class: type) -> Any:
+    """The ``backbone_class`` model inside ``model``: ``model`` itself or a ``CusaModel``'s ``backbone`` (what the
+    fusion backbones' ITM scorers take); ``TypeError`` otherwise."""
+    backbone = getattr(model, "backbone", model)
+    if not isinstance(backbone, backbone_class):
+        raise TypeError(f"expected {backbone_class.__name__} or a CusaModel wrapping one, got {type(backbone).__name__}")
+    return backbone
+
+
 def _no_itm_head_error(model_type: str) -> ValueError:
     """The error for asking a backbone without ITM head (its adapter lacks ``supports_reranking``) to rerank."""
     fusion_types = sorted(name for name, adapter_class in _ADAPTERS.items() if adapter_class.supports_reranking)
@@ -320,6 +334,7 @@ class ClipAdapter(BackboneAdapter):
     """
 
     model_types = ("clip",)
+    feature_dim_attribute = "projection_dim"
     has_separable_image_tower = True
     has_separable_text_tower = True
     #: The pooling of ``get_text_features`` for this backbone family.
@@ -335,10 +350,6 @@ class ClipAdapter(BackboneAdapter):
         if self.text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"backbone config text_pooling={self.text_pooling!r} is not one of {list(TEXT_POOLINGS)}")
         self.text_pooling_normalize = bool(getattr(backbone.config, "text_pooling_normalize", False))
-
-    @property
-    def image_feature_dim(self) -> int:
-        return self.backbone.config.projection_dim
 
     # get_image_features is exactly visual_projection(vision_model(pixel_values).pooler_output) in CLIP, Chinese-CLIP
     # and VisionTextDualEncoderModel, and get_text_features is text_projection of the text tower's pooled output;

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import datasets
 import numpy as np
@@ -156,18 +156,25 @@ def build_eval_view(
     return view
 
 
-def eval_view_pixel_batches(
+def encode_eval_view_images(
     eval_view: RetrievalEvalView,
     image_processor: Any,
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype,
     batch_size: int = 64,
     show_progress: bool = True,
     desc: str = "Images",
-) -> Iterator[torch.Tensor]:
-    """The evaluation view's unique images, loaded and processed in order, as `(batch, channels, height, width)`
-    ``pixel_values`` batches on the CPU (for scorers that keep per-image sequences, such as ITM rerankers)."""
+) -> torch.Tensor:
+    """``encode(pixel_values)`` of the view's unique images, in order, concatenated: each batch loaded and processed on
+    the CPU, then moved to ``device`` in ``dtype`` (for scorers that keep per-image sequences, such as the ITM scorers
+    of fusion backbones)."""
+    encoded = []
     for start in tqdm(range(0, eval_view.num_images, batch_size), desc=desc, disable=not show_progress):
         images = [
             load_image(value, eval_view.image_root, where=f"image {start + offset}")
             for offset, value in enumerate(eval_view.images[start : start + batch_size])
         ]
-        yield image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        encoded.append(encode(pixel_values.to(device, dtype)))
+    return torch.cat(encoded)

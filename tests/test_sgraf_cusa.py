@@ -181,6 +181,7 @@ def test_sgr_trains_and_evaluates_through_cusa_trainer(tmp_path):
     """The same trainer and retrieval metrics as CLIP: SgrafDataCollator batches, pairwise scoring for evaluation."""
     import datasets
 
+    from cusa_hf.evaluation.evaluator import RetrievalEvaluator
     from cusa_hf.models.sgraf.evaluation import sgraf_pairwise_scorer
     from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
 
@@ -203,9 +204,10 @@ def test_sgr_trains_and_evaluates_through_cusa_trainer(tmp_path):
     model = CusaModel(CusaConfig(backbone_config=tiny_config("SGR", vocab_size=len(tokenizer)), csa_weight=0.6, usa_weight=0.75))
     args = cusa_training_arguments(str(tmp_path / "out"), learning_rate=2e-3, num_train_epochs=3, per_device_train_batch_size=8,
                                    logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
-    trainer = CusaTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                          data_collator=SgrafDataCollator(tokenizer, split.features),
-                          pairwise_scorer=sgraf_pairwise_scorer(split.features, tokenizer))
+    collator = SgrafDataCollator(tokenizer, split.features)
+    evaluator = RetrievalEvaluator.from_collator(dataset, collator, pairwise_scorer=sgraf_pairwise_scorer(split.features, tokenizer),
+                                                 show_progress=False)  # fmt: skip
+    trainer = CusaTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, evaluator=evaluator)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert "loss_csa" in logs[-1] and logs[-1]["loss"] < logs[0]["loss"]

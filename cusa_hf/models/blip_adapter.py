@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
 
-from ..backbones import BackboneAdapter, BackboneFeatures, RerankConfig, register_backbone_adapter
-from ..eval_view import RetrievalEvalView, eval_view_pixel_batches
+from ..backbones import BackboneFeatures, backbone_of, register_backbone_adapter
+from ..eval_view import RetrievalEvalView, encode_eval_view_images
+from .fusion_adapter import FusionAdapter, ItmScorer
 from .fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negatives
 
 #: BLIP's ITC temperature at initialisation (``temp: 0.07`` in its retrieval configs). BLIP learns it, but the
@@ -27,13 +28,54 @@ BLIP_ITC_TEMPERATURE = 0.07
 BLIP_K_TEST = 256
 
 
+class BlipItmScorer(ItmScorer):
+    """ITM scores of (image index, text index) pairs of an evaluation split: BLIP's ``itm[:, 1] + cosine`` (its
+    retrieval evaluation adds the ITC similarity of the candidate to the ITM logit)."""
+
+    backbone_class = BlipForImageTextRetrieval
+
+    def __init__(self, adapter: BlipAdapter, image_sequences, image_features, input_ids, attention_mask, text_features):
+        self.adapter = adapter
+        self.image_sequences, self.image_features = image_sequences, image_features
+        self.input_ids, self.attention_mask, self.text_features = input_ids, attention_mask, text_features
+
+    @classmethod
+    def encode(
+        cls, backbone: BlipForImageTextRetrieval, processor: Any, eval_view: RetrievalEvalView, device: torch.device,
+        batch_size: int = 64, text_batch_size: int = 256, max_length: int = 35, show_progress: bool = True,
+    ) -> BlipItmScorer:  # fmt: skip
+        """Encode every image sequence and tokenise every caption (BLIP's ``max_length`` 35) once."""
+        adapter = BlipAdapter(backbone)
+        sequences = encode_eval_view_images(eval_view, processor.image_processor, adapter.image_sequence, device,
+                                            backbone.dtype, batch_size, show_progress, desc="ITM image sequences")
+        tokens = processor.tokenizer(list(eval_view.captions), padding="longest", truncation=True,
+                                     max_length=max_length, return_tensors="pt").to(device)
+        text_features = torch.cat([
+            adapter.encode_text(tokens["input_ids"][s : s + text_batch_size], tokens["attention_mask"][s : s + text_batch_size])
+            for s in range(0, len(eval_view.captions), text_batch_size)
+        ])
+        image_features = backbone.vision_proj(sequences[:, 0])
+        return cls(adapter, sequences, F.normalize(image_features.float(), dim=-1), tokens["input_ids"],
+                   tokens["attention_mask"], F.normalize(text_features.float(), dim=-1))
+
+    @torch.inference_mode()
+    def __call__(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        device = self.image_sequences.device
+        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
+        itm = self.adapter.itm_logits(self.image_sequences[image_idx], self.input_ids[text_idx],
+                                      self.attention_mask[text_idx])[:, 1].float()
+        return itm + (self.image_features[image_idx] * self.text_features[text_idx]).sum(-1)
+
+
 @register_backbone_adapter
-class BlipAdapter(BackboneAdapter):
-    """Wraps ``BlipForImageTextRetrieval``: ITC features for CUSA, ITC + ITM as the original loss, ITM reranking."""
+class BlipAdapter(FusionAdapter):
+    """Wraps ``BlipForImageTextRetrieval``: ITC features for CUSA, ITC + ITM as the original loss, ITM reranking
+    (:class:`BlipItmScorer`, ``k_test`` = ``BLIP_K_TEST``)."""
 
     model_types = ("blip",)
-    supports_reranking = True
-    has_original_loss = True
+    feature_dim_attribute = "image_text_hidden_size"
+    k_test = BLIP_K_TEST
+    scorer_class = BlipItmScorer
     backbone: BlipForImageTextRetrieval
 
     @classmethod
@@ -48,10 +90,6 @@ class BlipAdapter(BackboneAdapter):
     @property
     def temperature(self) -> float:
         return float(getattr(self.backbone.config, "itc_temperature", BLIP_ITC_TEMPERATURE))
-
-    @property
-    def image_feature_dim(self) -> int:
-        return self.backbone.config.image_text_hidden_size
 
     def image_sequence(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(B, 1 + N, D_vision)` vision-encoder output (CLS first), what the ITM text encoder attends to."""
@@ -117,76 +155,12 @@ class BlipAdapter(BackboneAdapter):
             attention_mask = torch.ones_like(input_ids)
         return self.itm_logits(image_sequence, input_ids, attention_mask)[:, 1]
 
-    def rerank_config(self, processor: Any, eval_view: RetrievalEvalView, k_test: int | None = None, **rerank_kwargs):
-        """:func:`blip_rerank_config` of this backbone (``k_test=None``: ``BLIP_K_TEST``)."""
-        return blip_rerank_config(self.backbone, processor, eval_view, k_test=k_test, **rerank_kwargs)
 
-
-class BlipItmScorer:
-    """ITM scores of (image index, text index) pairs of an evaluation split: BLIP's ``itm[:, 1] + cosine`` (its
-    retrieval evaluation adds the ITC similarity of the candidate to the ITM logit)."""
-
-    def __init__(self, adapter: BlipAdapter, image_sequences, image_features, input_ids, attention_mask, text_features):
-        self.adapter = adapter
-        self.image_sequences, self.image_features = image_sequences, image_features
-        self.input_ids, self.attention_mask, self.text_features = input_ids, attention_mask, text_features
-
-    @classmethod
-    @torch.inference_mode()
-    def from_eval_view(
-        cls,
-        model: torch.nn.Module,
-        processor: Any,
-        eval_view: RetrievalEvalView,
-        batch_size: int = 64,
-        text_batch_size: int = 256,
-        max_length: int = 35,
-        device: torch.device | str | None = None,
-        show_progress: bool = True,
-    ) -> "BlipItmScorer":
-        """Encode every image sequence and tokenise every caption (BLIP's ``max_length`` 35) once."""
-        backbone = getattr(model, "backbone", model)
-        if not isinstance(backbone, BlipForImageTextRetrieval):
-            raise TypeError(f"expected BlipForImageTextRetrieval or a CusaModel wrapping one, got {type(backbone).__name__}")
-        adapter = BlipAdapter(backbone.eval())
-        device = torch.device(device) if device is not None else next(backbone.parameters()).device
-        sequences = torch.cat([
-            adapter.image_sequence(pixels.to(device, backbone.dtype))
-            for pixels in eval_view_pixel_batches(eval_view, processor.image_processor, batch_size, show_progress,
-                                                  desc="ITM image sequences")
-        ])  # fmt: skip
-        tokens = processor.tokenizer(list(eval_view.captions), padding="longest", truncation=True,
-                                     max_length=max_length, return_tensors="pt").to(device)
-        text_features = torch.cat([
-            adapter.encode_text(tokens["input_ids"][s : s + text_batch_size], tokens["attention_mask"][s : s + text_batch_size])
-            for s in range(0, len(eval_view.captions), text_batch_size)
-        ])
-        image_features = backbone.vision_proj(sequences[:, 0])
-        return cls(adapter, sequences, F.normalize(image_features.float(), dim=-1), tokens["input_ids"],
-                   tokens["attention_mask"], F.normalize(text_features.float(), dim=-1))
-
-    @torch.inference_mode()
-    def __call__(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-        device = self.image_sequences.device
-        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
-        itm = self.adapter.itm_logits(self.image_sequences[image_idx], self.input_ids[text_idx],
-                                      self.attention_mask[text_idx])[:, 1].float()
-        return itm + (self.image_features[image_idx] * self.text_features[text_idx]).sum(-1)
-
-
-def blip_rerank_config(
-    model: torch.nn.Module,
-    processor: Any,
-    eval_view: RetrievalEvalView,
-    k_test: int | None = None,
-    batch_size: int = 128,
-    **scorer_kwargs: Any,
-):
-    """A :class:`~cusa_hf.backbones.RerankConfig` for BLIP's evaluation: ``k_test`` candidates each way (default
-    ``BLIP_K_TEST`` = 256, COCO's; Flickr30K uses 128), rescored by ``itm[:, 1] + cosine``."""
-    scorer = BlipItmScorer.from_eval_view(model, processor, eval_view, **scorer_kwargs)
-    k = k_test or BLIP_K_TEST
-    return RerankConfig(itm_score=scorer, k_i2t=k, k_t2i=k, batch_size=batch_size)
+def blip_rerank_config(model: torch.nn.Module, processor: Any, eval_view: RetrievalEvalView, **rerank_kwargs: Any):
+    """A :class:`~cusa_hf.backbones.RerankConfig` for BLIP's evaluation of ``model`` (a ``BlipForImageTextRetrieval`` or
+    a ``CusaModel`` wrapping one): ``k_test`` candidates each way (default ``BLIP_K_TEST`` = 256, COCO's; Flickr30K uses
+    128), rescored by ``itm[:, 1] + cosine`` (:meth:`FusionAdapter.rerank_config`)."""
+    return BlipAdapter(backbone_of(model, BlipForImageTextRetrieval)).rerank_config(processor, eval_view, **rerank_kwargs)
 
 
 __all__ = ["BLIP_ITC_TEMPERATURE", "BLIP_K_TEST", "BlipAdapter", "BlipItmScorer", "blip_rerank_config"]

@@ -28,14 +28,11 @@ from .modeling_sgraf import SgrafModel, hinge_triplet_loss
 @register_backbone_adapter
 class SgrafAdapter(BackboneAdapter):
     model_types = ("sgraf",)
+    feature_dim_attribute = "embed_size"
     scores_pairs_itself = True
     has_original_loss = True
 
     backbone: SgrafModel
-
-    @property
-    def image_feature_dim(self) -> int:
-        return self.backbone.config.embed_size
 
     def _pool_image(self, image_embeds: torch.Tensor, image_global: torch.Tensor | None = None) -> torch.Tensor:
         if self.backbone.config.usa_pooling == "mean":
@@ -60,13 +57,7 @@ class SgrafAdapter(BackboneAdapter):
         text_mask = self.backbone.text_mask(input_ids, attention_mask)
         return self._pool_text(self.backbone.encode_text(input_ids, text_mask), text_mask)
 
-    def forward_features(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BackboneFeatures:
+    def forward_features(self, pixel_values, input_ids, attention_mask=None, **kwargs) -> BackboneFeatures:
         output = self.backbone(pixel_values, input_ids, attention_mask)
         text_mask = self.backbone.text_mask(input_ids, attention_mask)
         return BackboneFeatures(
@@ -77,10 +68,7 @@ class SgrafAdapter(BackboneAdapter):
         )
 
     def original_loss(
-        self,
-        features: BackboneFeatures,
-        image_ids: torch.Tensor | None,
-        gather: Callable[[torch.Tensor], torch.Tensor],
+        self, features: BackboneFeatures, image_ids: torch.Tensor | None, gather: Callable[[torch.Tensor], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         config = self.backbone.config
         loss = hinge_triplet_loss(

@@ -266,14 +266,8 @@ class SgrafSimilarity(nn.Module):
         attention = (attention * self.attn_smooth).softmax(dim=2)  # over regions
         return l2norm(torch.einsum("icrl,ire->icle", attention, regions))
 
-    def _score_chunk(
-        self,
-        regions: torch.Tensor,
-        image_global: torch.Tensor,
-        words: torch.Tensor,
-        word_mask: torch.Tensor,
-        text_global: torch.Tensor,
-    ) -> torch.Tensor:
+    def _score_chunk(self, regions, image_global, words, word_mask, text_global) -> torch.Tensor:
+        """:meth:`forward` for one chunk of captions."""
         context = self._attended_regions(regions, words, word_mask)
         local = l2norm(self.sim_tranloc_w((context - words[None]).pow(2)))  # (I, C, L, S)
         glob = l2norm(self.sim_tranglo_w((image_global[:, None] - text_global[None]).pow(2)))  # (I, C, S)

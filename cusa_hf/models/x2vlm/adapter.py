@@ -13,23 +13,77 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ...backbones import BackboneAdapter, BackboneFeatures, RerankConfig, register_backbone_adapter
-from ...eval_view import RetrievalEvalView, eval_view_pixel_batches
+from ...backbones import BackboneFeatures, backbone_of, register_backbone_adapter
+from ...eval_view import RetrievalEvalView, encode_eval_view_images
+from ..fusion_adapter import FusionAdapter, ItmScorer
 from .modeling_x2vlm import X2VlmModel
 
 
+class X2VlmItmScorer(ItmScorer):
+    """ITM scores of (image index, text index) pairs of an evaluation split, for ``cusa_hf.evaluation.reranking.rerank_with_itm``.
+
+    Encodes every image to its `(1 + N, D)` sequence and every caption (padded to ``max_length`` as the original's
+    evaluation) to its text-encoder sequence once, keeps them on ``device`` in ``dtype``, and scores pairs with the
+    fusion encoder + ITM head: the raw match logit, as ``Retrieval.py``. Memory: `n_images * (1 + N) * D` values
+    (COCO 5K, base, fp32: 8.9 GB; pass ``dtype=torch.bfloat16`` to halve it).
+    """
+
+    backbone_class = X2VlmModel
+
+    def __init__(self, model: X2VlmModel, image_sequences: torch.Tensor, text_sequences: torch.Tensor,
+                 attention_mask: torch.Tensor):
+        self.model = model
+        self.image_sequences = image_sequences
+        self.text_sequences = text_sequences
+        self.attention_mask = attention_mask
+
+    @classmethod
+    def encode(
+        cls, backbone: X2VlmModel, processor: Any, eval_view: RetrievalEvalView, device: torch.device,
+        batch_size: int = 64, text_batch_size: int = 256, max_length: int | None = None,
+        dtype: torch.dtype | None = None, show_progress: bool = True,
+    ) -> X2VlmItmScorer:  # fmt: skip
+        max_length = max_length or backbone.config.max_text_length
+
+        def image_sequence(pixel_values: torch.Tensor) -> torch.Tensor:
+            return backbone.get_image_sequence(pixel_values).to(dtype or backbone.dtype)
+
+        images = encode_eval_view_images(eval_view, processor.image_processor, image_sequence, device, backbone.dtype,
+                                         batch_size, show_progress, desc="ITM image sequences")  # fmt: skip
+        texts, masks = [], []
+        for start in tqdm(range(0, len(eval_view.captions), text_batch_size), desc="ITM text sequences",
+                          disable=not show_progress):
+            tokens = processor.tokenizer(list(eval_view.captions[start : start + text_batch_size]),
+                                         padding="max_length", truncation=True, max_length=max_length,
+                                         return_tensors="pt").to(device)
+            texts.append(backbone.get_text_sequence(tokens["input_ids"], tokens["attention_mask"]).to(dtype or backbone.dtype))
+            masks.append(tokens["attention_mask"])
+        return cls(backbone, images, torch.cat(texts), torch.cat(masks))
+
+    @torch.inference_mode()
+    def __call__(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        """`(n,)` float32 match logits of pairs ``(image_idx[i], text_idx[i])``."""
+        device = self.image_sequences.device
+        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
+        # Rerank batches repeat one image (i2t) many times: project each distinct image's keys/values once.
+        distinct, image_index = torch.unique(image_idx, return_inverse=True)
+        dtype = self.model.dtype
+        scores = self.model.itm_score(
+            self.image_sequences[distinct].to(dtype), self.text_sequences[text_idx].to(dtype),
+            self.attention_mask[text_idx], image_index,
+        )
+        return scores.float()
+
+
 @register_backbone_adapter
-class X2VlmAdapter(BackboneAdapter):
-    """Wraps `X2VlmModel`: ITC features for CUSA, ITC + ITM (hard negatives) as the original loss, ITM reranking."""
+class X2VlmAdapter(FusionAdapter):
+    """Wraps `X2VlmModel`: ITC features for CUSA, ITC + ITM (hard negatives) as the original loss, ITM reranking
+    (:class:`X2VlmItmScorer`)."""
 
     model_types = ("x2vlm",)
-    supports_reranking = True
-    has_original_loss = True
+    feature_dim_attribute = "embed_dim"
+    scorer_class = X2VlmItmScorer
     backbone: X2VlmModel
-
-    @property
-    def image_feature_dim(self) -> int:
-        return self.backbone.config.embed_dim
 
     def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """`(B, embed_dim)` unnormalised ITC image features."""
@@ -39,13 +93,7 @@ class X2VlmAdapter(BackboneAdapter):
         """`(B, embed_dim)` unnormalised ITC text features."""
         return self.backbone.get_text_features(input_ids, attention_mask, normalize=False)
 
-    def forward_features(
-        self,
-        pixel_values: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        **kwargs,
-    ) -> BackboneFeatures:
+    def forward_features(self, pixel_values, input_ids, attention_mask=None, **kwargs) -> BackboneFeatures:
         """ITC features plus, in ``extras``, the image/text sequences and the text mask that ITM needs."""
         model = self.backbone
         if attention_mask is None:
@@ -61,10 +109,7 @@ class X2VlmAdapter(BackboneAdapter):
         )
 
     def original_loss(
-        self,
-        features: BackboneFeatures,
-        image_ids: torch.Tensor | None,
-        gather: Callable[[torch.Tensor], torch.Tensor],
+        self, features: BackboneFeatures, image_ids: torch.Tensor | None, gather: Callable[[torch.Tensor], torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """``{"loss_itc", "loss_itm"}``: ITC with X2-VLM's own ``temp`` and image-id soft targets over the (gathered)
         batch, and ITM on one hard negative image and text per pair from the local batch, as ``Retrieval.py``."""
@@ -100,95 +145,17 @@ class X2VlmAdapter(BackboneAdapter):
             raise ValueError("pair_scores: text_inputs with 'text_sequence' also need 'attention_mask'")
         return model.itm_score(image_sequence, text_sequence, attention_mask, image_inputs.get("image_index"))
 
-    def rerank_config(self, processor: Any, eval_view: RetrievalEvalView, k_test: int | None = None, **rerank_kwargs):
-        """:func:`x2vlm_rerank_config` of this backbone (``k_test=None``: the backbone config's)."""
-        return x2vlm_rerank_config(self.backbone, processor, eval_view, k_test=k_test, **rerank_kwargs)
+    @property
+    def k_test(self) -> int:
+        """The backbone config's ``k_test`` (256 COCO, 128 Flickr30K)."""
+        return self.backbone.config.k_test
 
 
-def x2vlm_backbone(model: torch.nn.Module) -> X2VlmModel:
-    """The `X2VlmModel` inside ``model`` (itself, or a ``CusaModel``'s backbone)."""
-    backbone = getattr(model, "backbone", model)
-    if not isinstance(backbone, X2VlmModel):
-        raise TypeError(f"expected an X2VlmModel or a CusaModel wrapping one, got {type(backbone).__name__}")
-    return backbone
+def x2vlm_rerank_config(model: torch.nn.Module, processor: Any, eval_view: RetrievalEvalView, **rerank_kwargs: Any):
+    """A :class:`~cusa_hf.backbones.RerankConfig` reproducing X2-VLM's evaluation of ``model`` (an ``X2VlmModel`` or a
+    ``CusaModel`` wrapping one): ``k_test`` candidates in both directions (default: the model config's, 256 COCO / 128
+    Flickr30K) rescored by the ITM match logit (:meth:`FusionAdapter.rerank_config`)."""
+    return X2VlmAdapter(backbone_of(model, X2VlmModel)).rerank_config(processor, eval_view, **rerank_kwargs)
 
 
-class X2VlmItmScorer:
-    """ITM scores of (image index, text index) pairs of an evaluation split, for ``cusa_hf.evaluation.rerank_with_itm``.
-
-    Encodes every image to its `(1 + N, D)` sequence and every caption (padded to ``max_length`` as the original's
-    evaluation) to its text-encoder sequence once, keeps them on ``device`` in ``dtype``, and scores pairs with the
-    fusion encoder + ITM head: the raw match logit, as ``Retrieval.py``. Memory: `n_images * (1 + N) * D` values
-    (COCO 5K, base, fp32: 8.9 GB; pass ``dtype=torch.bfloat16`` to halve it).
-    """
-
-    def __init__(self, model: X2VlmModel, image_sequences: torch.Tensor, text_sequences: torch.Tensor,
-                 attention_mask: torch.Tensor):
-        self.model = model
-        self.image_sequences = image_sequences
-        self.text_sequences = text_sequences
-        self.attention_mask = attention_mask
-
-    @classmethod
-    @torch.inference_mode()
-    def from_eval_view(
-        cls,
-        model: torch.nn.Module,
-        processor: Any,
-        eval_view: RetrievalEvalView,
-        batch_size: int = 64,
-        text_batch_size: int = 256,
-        max_length: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        show_progress: bool = True,
-    ) -> "X2VlmItmScorer":
-        backbone = x2vlm_backbone(model).eval()
-        device = torch.device(device) if device is not None else next(backbone.parameters()).device
-        max_length = max_length or backbone.config.max_text_length
-        images = [
-            backbone.get_image_sequence(pixels.to(device, backbone.dtype)).to(dtype or backbone.dtype)
-            for pixels in eval_view_pixel_batches(eval_view, processor.image_processor, batch_size, show_progress,
-                                                  desc="ITM image sequences")
-        ]
-        texts, masks = [], []
-        for start in tqdm(range(0, len(eval_view.captions), text_batch_size), desc="ITM text sequences",
-                          disable=not show_progress):
-            tokens = processor.tokenizer(list(eval_view.captions[start : start + text_batch_size]),
-                                         padding="max_length", truncation=True, max_length=max_length,
-                                         return_tensors="pt").to(device)
-            texts.append(backbone.get_text_sequence(tokens["input_ids"], tokens["attention_mask"]).to(dtype or backbone.dtype))
-            masks.append(tokens["attention_mask"])
-        return cls(backbone, torch.cat(images), torch.cat(texts), torch.cat(masks))
-
-    @torch.inference_mode()
-    def __call__(self, image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-        """`(n,)` float32 match logits of pairs ``(image_idx[i], text_idx[i])``."""
-        device = self.image_sequences.device
-        image_idx, text_idx = image_idx.to(device), text_idx.to(device)
-        # Rerank batches repeat one image (i2t) many times: project each distinct image's keys/values once.
-        distinct, image_index = torch.unique(image_idx, return_inverse=True)
-        dtype = self.model.dtype
-        scores = self.model.itm_score(
-            self.image_sequences[distinct].to(dtype), self.text_sequences[text_idx].to(dtype),
-            self.attention_mask[text_idx], image_index,
-        )
-        return scores.float()
-
-
-def x2vlm_rerank_config(
-    model: torch.nn.Module,
-    processor: Any,
-    eval_view: RetrievalEvalView,
-    k_test: int | None = None,
-    batch_size: int = 128,
-    **scorer_kwargs: Any,
-):
-    """A :class:`~cusa_hf.backbones.RerankConfig` reproducing X2-VLM's evaluation: ``k_test`` candidates in both
-    directions (default: the model config's, 256 COCO / 128 Flickr30K) rescored by the ITM match logit."""
-    scorer = X2VlmItmScorer.from_eval_view(model, processor, eval_view, **scorer_kwargs)
-    k = k_test or scorer.model.config.k_test
-    return RerankConfig(itm_score=scorer, k_i2t=k, k_t2i=k, batch_size=batch_size)
-
-
-__all__ = ["X2VlmAdapter", "X2VlmItmScorer", "x2vlm_backbone", "x2vlm_rerank_config"]
+__all__ = ["X2VlmAdapter", "X2VlmItmScorer", "x2vlm_rerank_config"]
