@@ -30,8 +30,8 @@ class CusaDataCollator:
             is batched as ``text_tower_features`` and no caption is tokenised.
         max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
         feature_tables: ``{column: ImageFeatureTable}``, the per-image tables that rows point into through an index
-            column (``cusa_hf.teachers.image_feature_tables(dataset)``); each row is joined to its image's features
-            when the batch is built. ``CusaTrainer`` adds the training set's tables itself.
+            column (``cusa_hf.teachers.image_tables.image_feature_tables(dataset)``); each row is joined to its image's
+            features when the batch is built. ``CusaTrainer`` adds the training set's tables itself.
 
     Example:
         >>> collator = CusaDataCollator(processor, feature_tables=image_feature_tables(train))
@@ -135,7 +135,7 @@ def join_image_features(
             raise ValueError(
                 f"dataset rows carry {index_column(column)!r}, an index into the per-image table of {column!r}, but the "
                 "collator was not given that table: CusaTrainer gives it the training set's tables; otherwise pass "
-                "feature_tables=cusa_hf.teachers.image_feature_tables(dataset)"
+                "feature_tables=cusa_hf.teachers.image_tables.image_feature_tables(dataset)"
             )
     return rows
 

@@ -15,8 +15,8 @@ when the tower computes the same in training mode (BatchNorm frozen, no dropout 
 :func:`freeze_tower` makes of a tower; the ``add_*`` functions warn otherwise), up to float rounding; under
 ``--bf16``/``--fp16`` the uncached tower would run in half precision instead.
 
-Each column records which tower weights made it (SHA-256 in the provenance column, ``cusa_hf.schema.PROVENANCE_COLUMN``),
-with the preprocessing (image processor, or tokenizer, length limit and pooling). :func:`check_tower_columns` (which
+Each column records which tower weights made it (SHA-256 in the provenance column,
+``cusa_hf.schema.PROVENANCE_COLUMN``), with the preprocessing (image processor, or tokenizer, length limit and pooling). :func:`check_tower_columns` (which
 ``CusaTrainer`` and ``RetrievalEvaluator`` run) refuses a column made by other weights or preprocessing, or a model
 whose tower is not frozen.
 """
@@ -246,13 +246,14 @@ def add_image_tower_features(
             features are; by default every row holds its image's features, which ``dataset[i]`` shows.
 
     The other arguments, the caching (by dataset fingerprint and tower weights), the sharding across processes and
-    the errors on unreadable images are those of :func:`cusa_hf.teachers.add_teacher_features`
-    (:class:`~cusa_hf.teachers.FeatureColumns`, :class:`~cusa_hf.teachers.FeatureCacheOptions`).
+    the errors on unreadable images are those of :func:`cusa_hf.teachers.features.add_teacher_features`
+    (:class:`~cusa_hf.teachers.feature_cache.FeatureColumns`,
+    :class:`~cusa_hf.teachers.feature_cache.FeatureCacheOptions`).
 
     Returns:
         the dataset plus ``column``: `(image_tower_dim,)` float32 features per row, not normalised (with
         ``image_table``: ``index_column(column)``, each row's row in the per-image table of ``column``,
-        ``cusa_hf.teachers.image_feature_tables``).
+        ``cusa_hf.teachers.image_tables.image_feature_tables``).
     """
 
     def preprocess(images: list) -> dict[str, torch.Tensor]:
@@ -296,7 +297,7 @@ def add_text_tower_features(
         max_length: truncation length; defaults to the tokenizer's limit (what ``CusaDataCollator`` uses).
         column: the output column; ``CusaDataCollator`` batches it as ``text_tower_features``.
 
-    Caching, sharding and the other arguments as in :func:`cusa_hf.teachers.add_teacher_features`.
+    Caching, sharding and the other arguments as in :func:`cusa_hf.teachers.features.add_teacher_features`.
 
     Returns:
         the dataset plus ``column``: `(text_tower_dim,)` float32 features per row (after the tower's pooling and,

@@ -24,7 +24,7 @@ IMAGE_COLUMN = "image"
 CAPTION_COLUMN = "caption"
 IMAGE_ID_COLUMN = "image_id"
 
-#: The frozen teachers' features (``cusa_hf.teachers.add_teacher_features``).
+#: The frozen teachers' features (``cusa_hf.teachers.features.add_teacher_features``).
 TEACHER_IMAGE_COLUMN = "teacher_image_embeds"
 TEACHER_TEXT_COLUMN = "teacher_text_embeds"
 #: The cached pooled output of a frozen vision / text tower (``cusa_hf.frozen_towers``).

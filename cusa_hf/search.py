@@ -1,8 +1,8 @@
 """Search image and caption collections with a trained CUSA model.
 
-:class:`RetrievalIndex` embeds a collection once with :func:`cusa_hf.evaluation.encode_images` /
-:func:`~cusa_hf.evaluation.encode_texts`, keeps the embeddings in a ``datasets.Dataset`` (one per modality, with the
-image ids, paths or captions alongside) and searches them through the dataset's FAISS inner-product index
+:class:`RetrievalIndex` embeds a collection once with :func:`cusa_hf.evaluation.encoding.encode_images` /
+:func:`~cusa_hf.evaluation.encoding.encode_texts`, keeps the embeddings in a ``datasets.Dataset`` (one per modality,
+with the image ids, paths or captions alongside) and searches them through the dataset's FAISS inner-product index
 (``Dataset.add_faiss_index``). Embeddings are L2-normalised, so a score is a cosine similarity, and an exact (``Flat``)
 index ranks items exactly as the evaluation code's similarity matrix does.
 

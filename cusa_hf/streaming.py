@@ -127,7 +127,7 @@ def load_training_stream(
     folder of WebDataset shards, the shards are read as a stream (:func:`load_webdataset_shards`): rows of images
     that ``train`` does not hold (validation images held out with ``validation_images``) are skipped,
     ``max_train_samples`` is applied, and ``train``'s feature columns are joined by image id and caption
-    (:func:`cusa_hf.teachers.join_feature_tables`). Other sources stream ``train`` itself
+    (:func:`cusa_hf.teachers.image_tables.join_feature_tables`). Other sources stream ``train`` itself
     (``to_iterable_dataset``; per-image tables are joined by the collator). Rows are shuffled with a buffer of
     ``buffer_size`` (and the shard order), reseeded every epoch. Training from it needs ``max_steps``.
 

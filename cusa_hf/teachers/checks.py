@@ -47,7 +47,7 @@ def check_teacher_features(
         if column not in tables and column not in (dataset.column_names or []):
             raise ValueError(
                 f"the dataset has no teacher feature column {column!r} (columns: {dataset.column_names}); run "
-                "cusa_hf.teachers.add_teacher_features or the cusa-extract-teachers CLI first"
+                "cusa_hf.teachers.features.add_teacher_features or the cusa-extract-teachers CLI first"
             )
         if column in tables:
             dim = _check_feature_values(tables[column].table, column)

@@ -1,7 +1,7 @@
 """The deduplicating feature cache: encode each unique image or caption once, give every row its feature, and store
 the columns as a provenance-stamped Arrow table that a later call with the same data and encoders reads back.
 
-Teacher features (:func:`cusa_hf.teachers.add_teacher_features`) and frozen student towers
+Teacher features (:func:`cusa_hf.teachers.features.add_teacher_features`) and frozen student towers
 (:mod:`cusa_hf.frozen_towers`) both go through :func:`add_feature_columns`, each describing its encoder as a
 :class:`FeatureSource`.
 
@@ -125,7 +125,7 @@ class FeatureColumns:
             raise ValueError(
                 f"the feature cache needs a map-style datasets.Dataset, got {type(dataset).__name__}: compute the "
                 "features on the map-style data and join them to the stream with "
-                "cusa_hf.teachers.join_feature_tables(stream, features) (frozen towers of a streamed run: "
+                "cusa_hf.teachers.image_tables.join_feature_tables(stream, features) (frozen towers of a streamed run: "
                 "cache_frozen_towers=False)"
             )
         for column in (self.input_column(modality) for modality in modalities):

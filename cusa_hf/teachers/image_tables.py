@@ -102,7 +102,7 @@ def _open_image_table(dataset: Any, column: str, meta: dict[str, Any]) -> datase
     raise FileNotFoundError(
         f"the per-image table of column {column!r} ({recorded.name}, {meta['num_images']} images) is neither at "
         f"{recorded} nor next to the dataset's files. Dataset.save_to_disk keeps only the caption rows: save with "
-        "cusa_hf.teachers.save_with_feature_tables(dataset, folder), or recompute the features"
+        "cusa_hf.teachers.image_tables.save_with_feature_tables(dataset, folder), or recompute the features"
     )
 
 

@@ -1,9 +1,9 @@
 """Retrieval evaluation of SGR / SAF / SGRAF through the shared metrics, with a pairwise ``score_fn``.
 
 SGRAF scores each (image, caption) pair with cross-attention, so there is no ``image @ text.T`` fast path: every
-image and caption is encoded once (:class:`SgrafPairwiseScorer`), then ``cusa_hf.evaluation.pairwise_similarity``
-fills the score matrix block by block and ``retrieval_metrics`` ranks it. SGRAF (the ensemble) averages the score
-matrices of its members, as the authors do.
+image and caption is encoded once (:class:`SgrafPairwiseScorer`), then
+``cusa_hf.evaluation.reranking.pairwise_similarity`` fills the score matrix block by block and ``retrieval_metrics``
+ranks it. SGRAF (the ensemble) averages the score matrices of its members, as the authors do.
 
 Protocols (:data:`PROTOCOLS`, the SGRAF/VSE++ conventions): ``"coco5k"`` and ``"f30k"``: one matrix over the whole
 split (COCO ``testall`` 5,000 images, Flickr30K ``test`` 1,000 images); ``"coco1k"``: the 5,000 images in 5 folds of
