@@ -27,6 +27,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .offline_models import default_cache_dir
+from .synthetic_data import write_shapes_dataset
+
 logger = logging.getLogger(__name__)
 
 SOURCE_REPOSITORY = "lerogo/aaai24_itr_cusa"
@@ -71,8 +74,6 @@ def read_manifest(path: str | os.PathLike = MANIFEST_FILE) -> list[ManifestEntry
 
 
 def default_example_data_dir() -> Path:
-    from .offline_models import default_cache_dir
-
     return default_cache_dir() / "coco_example"
 
 
@@ -230,8 +231,6 @@ def default_training_data(fallback_dir: str | os.PathLike) -> tuple[Path, str]:
         folder = fetch_example_data()
         return folder, f"the CUSA authors' example MS-COCO data ({folder}; {LICENCE})"
     except ExampleDataUnavailable as error:
-        from .synthetic_data import write_shapes_dataset
-
         folder = write_shapes_dataset(Path(fallback_dir) / "generated_shapes")
         logger.warning(
             "coco_mini was not found and the CUSA example data could not be fetched (%s): training on GENERATED "

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from PIL import Image, ImageDraw
 
+from .data import load_retrieval_dataset
 from .search import HEADS, TARGETS, RetrievalIndex
 
 #: Files that make a folder a dataset (imagefolder metadata or ``save_to_disk``) rather than a plain image folder.
@@ -84,8 +85,6 @@ def _is_image_folder(path: Path) -> bool:
 
 def build(args: argparse.Namespace) -> RetrievalIndex:
     from transformers import AutoModel, AutoProcessor
-
-    from .data import load_retrieval_dataset
 
     model = AutoModel.from_pretrained(args.model, revision=args.revision)
     if args.device is not None:

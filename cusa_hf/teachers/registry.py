@@ -24,6 +24,7 @@ import datasets
 import torch
 from PIL import Image
 
+from .. import offline_models
 from .feature_cache import FeatureSource
 
 IMAGE_POOLINGS = ("auto", "projected", "pooler", "cls", "mean")
@@ -35,8 +36,6 @@ OFFLINE_TEACHERS = _OFFLINE_TEXT_TEACHERS + _OFFLINE_IMAGE_TEACHERS
 
 def _offline_teacher(alias: str) -> Any:
     """The local folder (sentence-transformers) or timm model an ``offline:`` alias names."""
-    from .. import offline_models
-
     if alias == "offline:all-MiniLM-L6-v2":
         return str(offline_models.minilm_path())
     if alias == "offline:all-mpnet-base-v2":

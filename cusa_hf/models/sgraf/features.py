@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ...data import load_json_dataset
 from ...eval_view import RetrievalEvalView
 from ...images import load_image
+from ...offline_models import efficientnet_lite_timm
 from ...schema import stable_image_id
 
 SCAN_CAPTIONS_PER_IMAGE = 5
@@ -175,8 +176,6 @@ def extract_grid_features(
         the written split, loaded back memory-mapped. Images are in order of first appearance in the file.
     """
     import timm
-
-    from ...offline_models import efficientnet_lite_timm
 
     dataset = load_json_dataset(json_path, image_root=image_root)
     view = RetrievalEvalView.from_rows(dataset["image"], dataset["caption"], dataset["image_id"])
