@@ -13,7 +13,7 @@ costs only the small trainable layers.
 The cached features are the tower's eval-mode output in float32. Training on them is training through the tower
 when the tower computes the same in training mode (BatchNorm frozen, no dropout or drop-path: what
 :func:`freeze_tower` makes of a tower; the ``add_*`` functions warn otherwise), up to float rounding; under
-``--bf16``/``--fp16`` the uncached tower would run in half precision instead.
+``bf16`` / ``fp16`` training the uncached tower would run in half precision instead.
 
 Each column records which tower weights made it (SHA-256 in the provenance column,
 ``cusa_hf.schema.PROVENANCE_COLUMN``), with the preprocessing (image processor, or tokenizer, length limit and pooling). :func:`check_tower_columns` (which
