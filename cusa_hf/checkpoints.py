@@ -1,18 +1,52 @@
-"""Output folders and checkpoints of a run: never replacing another run, finding the last complete checkpoint, and
-refusing to resume a checkpoint with other CUSA settings or teachers."""
+"""Output folders and checkpoints of a run: claiming a folder (never replacing another run, one run at a time, writable),
+finding the last complete checkpoint, and refusing to resume a checkpoint with other CUSA settings or teachers."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fnmatch
+import json
 import logging
 import os
 import shutil
+import socket
+import tempfile
+import time
+import uuid
 from typing import Any
 
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from . import modeling_cusa
 from .configuration_cusa import RESUME, CusaConfig, cusa_field_names
 
 logger = logging.getLogger(__name__)
+
+#: The lock a run holds on its output folder while it runs (:func:`claim_output_dir`). Its name starts with ``_``,
+#: which the Trainer's ``push_to_hub`` leaves out of the upload.
+LOCK_FILE = "_cusa_run.lock"
+#: Seconds after which a lock file without a readable record counts as left by a run that died while creating it.
+UNREADABLE_LOCK_AGE = 60
+#: ``resume_from_checkpoint`` values that mean the last complete checkpoint of the run's own output folder.
+RESUME_LATEST = ("last", "true", "True")
+#: What runs write into an output folder besides the model's remote code (:func:`run_outputs`).
+RUN_FILES = (
+    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "config.json", "generation_config.json", "README.md",
+    "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
+    "training_args.bin", "trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt",
+    "rng_state*.pth", "results.json", "all_results.json", "train_results.json", "eval_results.json",
+    "test_results.json", LOCK_FILE,
+)  # fmt: skip
+RUN_FOLDERS = (f"{PREFIX_CHECKPOINT_DIR}-*", "runs", "generated_shapes", "optimizer*", "pytorch_model_fsdp*")
+#: The folders of the two runs of a baseline comparison (``compare_with_baseline``) inside its output folder.
+COMPARISON_RUN_FOLDERS = ("baseline", "cusa")
+#: The locks this process holds, by lock file.
+_HELD_LOCKS: dict[str, "OutputDirLock"] = {}
 
 def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     """Refuse to resume ``checkpoint`` into a model whose CUSA settings or teachers differ from the checkpoint's
@@ -42,26 +76,266 @@ def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
         )
 
 
-def claim_output_dir(output_dir: str | os.PathLike, overwrite: bool = False, resuming: bool = False) -> None:
-    """Make sure a new run does not write over another run's results.
+def claim_output_dir(
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    resume_from_checkpoint: str | os.PathLike | bool | None = None,
+) -> "OutputDirLock":
+    """Claim ``output_dir`` for a new run, making sure the run replaces no other run's results, and return the lock
+    that keeps other runs out of the folder until it is released (at the latest when the process exits).
 
-    A missing or empty folder is fine. A folder that holds anything is refused unless the run resumes from it
-    (``resuming``) or ``overwrite`` is set, in which case its contents are deleted first (so no checkpoint of the old
-    run is left for a later ``resume_from_checkpoint`` to pick up).
+    * The folder is created if needed and must be writable (a run that could not save would lose its training).
+    * The lock file :data:`LOCK_FILE` is created atomically and records this process (id, host, start time). A folder
+      locked by a live run is refused, naming that run's process; a lock whose process is gone (a killed run, on this
+      host) is taken over with a warning.
+    * A missing or empty folder is fine. A folder that holds anything is refused unless the run resumes from a
+      checkpoint inside it (``resume_from_checkpoint`` a path in the folder, ``True`` or one of
+      :data:`RESUME_LATEST`), or ``overwrite`` is set. A resume from a checkpoint elsewhere does not make a full folder
+      acceptable: the resumed run would replace the folder's model and results.
+    * ``overwrite`` deletes what runs write (:func:`run_outputs`: checkpoints, models with their processors and cards,
+      results, logs, comparison run folders), so no checkpoint of the old run is left for a later resume to pick up;
+      a folder that also holds files no run wrote is refused, naming them, and nothing is deleted.
+
+    Raises:
+        ValueError: the folder holds another run (or files of the user's), or another live run holds its lock.
+        OSError: the folder cannot be created or written to.
     """
     folder = os.fspath(output_dir)
-    if not os.path.isdir(folder) or not os.listdir(folder) or resuming:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(folder, error) from None
+    lock = _take_lock(folder)
+    try:
+        _check_claim(folder, overwrite, resume_from_checkpoint)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _check_claim(folder: str, overwrite: bool, resume: str | os.PathLike | bool | None) -> None:
+    """Refuse a claim of ``folder`` that would replace another run (:func:`claim_output_dir`); delete the earlier
+    run's outputs when ``overwrite`` asks for it."""
+    held = sorted(name for name in os.listdir(folder) if name != LOCK_FILE)
+    resuming = resume not in (None, False)
+    if resuming and (resume is True or resume in RESUME_LATEST or _inside(os.fspath(resume), folder)):
+        if overwrite:
+            raise ValueError(
+                f"overwrite_output_dir=True would delete the checkpoint that resume_from_checkpoint={resume!r} "
+                f"continues from (in {folder}); set only one of them"
+            )
         return
+    if not held:
+        return
+    shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+    if resuming and not overwrite:
+        raise ValueError(
+            f"resume_from_checkpoint={os.fspath(resume)!r} lies outside output_dir={folder!r}, which already holds a "
+            f"run ({shown}): the resumed run would replace its model and results. Resume into the checkpoint's own run "
+            f"folder (output_dir={os.path.dirname(os.path.abspath(os.fspath(resume)))!r}) or into an empty output_dir"
+        )
     if not overwrite:
-        shown = ", ".join(sorted(os.listdir(folder))[:6])
         raise ValueError(
             f"the output folder {folder} already holds a run ({shown}); pass overwrite_output_dir=True to replace it, "
             "resume_from_checkpoint to continue it, or another output_dir"
         )
-    logger.warning("overwrite_output_dir: deleting the earlier run in %s", folder)
-    for name in os.listdir(folder):
+    foreign = _not_run_outputs(folder)
+    if foreign:
+        raise ValueError(
+            f"overwrite_output_dir=True deletes only what runs write, but the output folder {folder} holds files that "
+            f"no run wrote ({', '.join(foreign)}); nothing was deleted. Move them elsewhere or choose another output_dir"
+        )
+    logger.warning("overwrite_output_dir: deleting the earlier run in %s (%s)", folder, shown)
+    for name in held:
         path = os.path.join(folder, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def run_outputs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(file patterns, folder patterns)``: the names (``fnmatch`` patterns) of what runs write into an output folder,
+    which ``overwrite_output_dir`` may delete. Files: the model (weights, config, the remote code that
+    ``save_pretrained`` copies beside it), its processor's files, the model card, the Trainer's state, arguments and
+    results, accelerate's FSDP weights and optimiser state, the lock. Folders: ``checkpoint-N``, TensorBoard's
+    ``runs``, the generated fallback data of the built-in run, and the run folders of a baseline comparison
+    (:data:`COMPARISON_RUN_FOLDERS`, which must themselves hold only run outputs)."""
+    remote_code = [modeling_cusa.__file__, *get_relative_import_files(modeling_cusa.__file__)]
+    return (*RUN_FILES, *(os.path.basename(path) for path in remote_code)), RUN_FOLDERS
+
+
+def _not_run_outputs(folder: str, prefix: str = "") -> list[str]:
+    """The entries of ``folder`` (relative names; folders end in ``/``) that match no :func:`run_outputs` name."""
+    file_patterns, folder_patterns = run_outputs()
+    foreign = []
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        name = entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in folder_patterns):
+                continue
+            if not prefix and name in COMPARISON_RUN_FOLDERS:
+                foreign += _not_run_outputs(entry.path, f"{name}/")
+                continue
+            foreign.append(f"{prefix}{name}/")
+        elif not any(fnmatch.fnmatchcase(name, pattern) for pattern in file_patterns):
+            foreign.append(f"{prefix}{name}")
+    return foreign
+
+
+def _inside(path: str, folder: str) -> bool:
+    resolved, root = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([resolved, root]) == root
+
+
+def check_writable(output_dir: str | os.PathLike) -> None:
+    """Create ``output_dir`` if needed and write (and delete) a small file in it, so that a run that could not save
+    stops before it trains rather than after.
+
+    Raises:
+        OSError: naming the folder and the reason (no permission, a full disk, a file in the way).
+    """
+    folder = os.fspath(output_dir)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(prefix="_cusa_write_check", dir=folder)
+        try:
+            os.write(descriptor, b"0")
+        finally:
+            os.close(descriptor)
+            os.remove(probe)
+    except OSError as error:
+        raise _unwritable(folder, error) from None
+
+
+def _unwritable(folder: str, error: OSError) -> OSError:
+    return type(error)(
+        f"cannot write to the output folder {folder} ({error.strerror or error}): the run could not save its model, "
+        "checkpoints or results there. Make it writable (and check that its disk has room) or choose another output_dir"
+    )
+
+
+class OutputDirLock:
+    """A run's claim on its output folder (:func:`claim_output_dir`): the lock file, removed by :meth:`release`, by
+    leaving a ``with`` block, or when the process exits."""
+
+    def __init__(self, path: str, token: str):
+        self.path = path
+        self.token = token
+        _HELD_LOCKS[os.path.realpath(path)] = self
+        atexit.register(self.release)
+
+    def release(self) -> None:
+        """Remove the lock file, if this lock still holds it (a second call does nothing)."""
+        if _HELD_LOCKS.pop(os.path.realpath(self.path), None) is None:
+            return
+        atexit.unregister(self.release)
+        if (_read_lock(self.path) or {}).get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def __enter__(self) -> "OutputDirLock":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+def _take_lock(folder: str) -> OutputDirLock:
+    """Create ``folder``'s lock file atomically, recording this process; take over a stale lock once."""
+    path = os.path.join(folder, LOCK_FILE)
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "process_start": _process_start(os.getpid()),
+        "created": time.time(),
+        "token": uuid.uuid4().hex,
+    }
+    for _ in range(2):
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_lock(path)
+            if not _is_stale(path, holder):
+                raise ValueError(_held_message(folder, path, holder)) from None
+            logger.warning(
+                "%s: taking over the stale lock of process %s on %s, which no longer runs (a run that was killed)",
+                folder, (holder or {}).get("pid", "?"), (holder or {}).get("host", "?"),
+            )  # fmt: skip
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        except OSError as error:
+            raise _unwritable(folder, error) from None
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(record, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            raise _unwritable(folder, error) from None
+        return OutputDirLock(path, record["token"])
+    raise ValueError(f"{path}: another run took the output folder's lock while this one replaced a stale lock")
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+    """The record in a lock file; ``None`` when it is missing or unreadable (being written, or cut off)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _is_stale(path: str, holder: dict[str, Any] | None) -> bool:
+    """Whether the run that wrote a lock is certainly gone: its process no longer runs on this host (or another
+    process has taken its id since). A lock of another host is never stale here: its process cannot be seen."""
+    if holder is None:
+        # Its writer died between creating and filling it, or is filling it right now.
+        try:
+            return time.time() - os.path.getmtime(path) > UNREADABLE_LOCK_AGE
+        except FileNotFoundError:
+            return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = holder.get("pid")
+    if pid == os.getpid():
+        return os.path.realpath(path) not in _HELD_LOCKS  # this process's id, reused after the locking one died
+    if not isinstance(pid, int) or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # another user's live process
+    started = holder.get("process_start")
+    return started is not None and _process_start(pid) not in (None, started)
+
+
+def _held_message(folder: str, path: str, holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return f"the output folder {folder} is being claimed by another run right now ({path}); choose another output_dir"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("created", 0)))
+    message = (
+        f"the output folder {folder} is in use by another run: process {holder.get('pid')} on {holder.get('host')} "
+        f"has held its lock {path} since {since}. Wait for that run to end, or choose another output_dir"
+    )
+    if holder.get("host") != socket.gethostname():
+        message += f" (if that run is gone, delete {path}: a lock of another host cannot be checked from here)"
+    return message
+
+
+def _process_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, from ``/proc``), to tell it from a later process that
+    got the same id; ``None`` where ``/proc`` is not available."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:

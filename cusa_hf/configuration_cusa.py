@@ -29,8 +29,10 @@ PACKAGE_ONLY_MODEL_TYPES = ("blip", "sgraf", "x2vlm")
 
 #: What a CUSA field is for, stated once on the field (its ``roles`` metadata) and read back as the field lists below:
 #: a run may set it (``CusaTrainingArguments`` has it as a field and a flag); it shapes the loss (the model card lists
-#: it); a checkpoint resumes only into a run that agrees on it (it decides which parameters the model has, or what its
-#: teacher columns mean); it shapes the cross-modal projectors (a run that starts from a checkpoint keeps it).
+#: it); a checkpoint resumes only into a run that agrees on it (it decides which parameters the model has, what its
+#: teacher columns mean, or the loss the run was trained with so far; the temperatures are not among them, as their
+#: trained values are the checkpoint's parameters); it shapes the cross-modal projectors (a run that starts from a
+#: checkpoint keeps it).
 RUN, LOSS, RESUME, PROJECTOR = "run", "loss", "resume", "projector"
 
 
@@ -141,8 +143,8 @@ class CusaConfig(PreTrainedConfig):
     sub_configs_defaults = {"backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="clip")}
 
     backbone_config: PreTrainedConfig | dict | None = None
-    csa_weight: float = _field(0.1, RUN, LOSS)
-    usa_weight: float = _field(0.5, RUN, LOSS)
+    csa_weight: float = _field(0.1, RUN, LOSS, RESUME)
+    usa_weight: float = _field(0.5, RUN, LOSS, RESUME)
     use_csa: bool = _field(True, RUN, LOSS, RESUME)
     use_usa: bool = _field(True, RUN, LOSS, RESUME)
     itc_temperature: float = _field(0.05, RUN, LOSS, bounds=("itc_temperature_min", "itc_temperature_max"))
@@ -156,14 +158,14 @@ class CusaConfig(PreTrainedConfig):
     usa_temperature_min: float = 0.10
     usa_temperature_max: float = 1.00
     learnable_temperatures: bool = _field(True, RUN, RESUME)
-    softlabel_temperature: float = _field(1.0, RUN, LOSS)
-    softlabel_mode: str = _field("each", RUN, LOSS)
-    softlabel_loss: str = _field("kl", RUN, LOSS)
-    itc_reduction: str = _field("all_entries_mean", RUN, LOSS)
+    softlabel_temperature: float = _field(1.0, RUN, LOSS, RESUME)
+    softlabel_mode: str = _field("each", RUN, LOSS, RESUME)
+    softlabel_loss: str = _field("kl", RUN, LOSS, RESUME)
+    itc_reduction: str = _field("all_entries_mean", RUN, LOSS, RESUME)
     cross_projection: bool | None = _field(None, RUN, RESUME, PROJECTOR)
     projection_dim: int | None = _field(None, RESUME, PROJECTOR)
     tower_dropout: float = _field(0.0, RUN)
-    gather_features: bool = _field(False, RUN, LOSS)
+    gather_features: bool = _field(False, RUN, LOSS, RESUME)
     teacher_image_dim: int | None = _field(None, RESUME)
     teacher_text_dim: int | None = _field(None, RESUME)
     teacher_info: dict | None = None

@@ -39,7 +39,7 @@ from cusa_hf.model_card import CusaModelCardData, comparison_hub_model_id
 from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
 from cusa_hf.models.sgraf.training_data import with_image_paths
 from cusa_hf.teachers.features import reuse_or_add_teacher_features
-from cusa_hf.checkpoints import claim_output_dir, last_complete_checkpoint
+from cusa_hf.checkpoints import RESUME_LATEST, claim_output_dir, last_complete_checkpoint
 from cusa_hf.trainer import CusaTrainer
 
 logger = logging.getLogger("run_cusa")
@@ -85,7 +85,7 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
         ),
     )
     resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_args.output_dir) if resume in ("last", "true", "True") else resume)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(run_args.output_dir) if resume in RESUME_LATEST else resume)
     trainer.save_state()  # trainer_state.json: the logged CUSA terms, soft-label statistics and temperatures
 
     # 6. Evaluate: validation (the split the run was selected on) and the test split, once.
@@ -112,10 +112,21 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 1. Settings: a config file (the built-in default without one), then flags; CUSA settings validated now.
     model_args, data_args, training_args = parse_arguments(argv, default_config=BUILTIN_CONFIG)
+    #    The output folder is claimed (writable, locked against other runs, no earlier run replaced) until the end.
+    lock = None
     if training_args.process_index == 0:
-        claim_output_dir(
-            training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint is not None
+        lock = claim_output_dir(
+            training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint
         )
+    try:
+        return run_steps(model_args, data_args, training_args, command)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_steps(model_args, data_args, training_args, command) -> dict[str, dict[str, float]]:
+    """Steps 2 to 8 of :func:`main`, in the output folder it claimed."""
 
     # 2. Data: region features for SGRAF backbones, else the image-caption splits (the built-in data by default).
     if check_backbone(model_args) == SgrafConfig.model_type:

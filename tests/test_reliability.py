@@ -98,15 +98,15 @@ def test_a_saved_config_still_loads(tmp_path):
 def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
     from cusa_hf.checkpoints import claim_output_dir
 
-    claim_output_dir(tmp_path / "new")  # a folder that does not exist yet
+    claim_output_dir(tmp_path / "new").release()  # a folder that does not exist yet
     run = tmp_path / "run"
     (run / "checkpoint-4").mkdir(parents=True)
     (run / "results.json").write_text("{}")
     with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-4, results.json\); pass overwrite_output_dir"):
         claim_output_dir(run)
-    claim_output_dir(run, resuming=True)
+    claim_output_dir(run, resume_from_checkpoint="last").release()
     assert (run / "results.json").exists()
-    claim_output_dir(run, overwrite=True)
+    claim_output_dir(run, overwrite=True).release()
     assert run.is_dir() and not any(run.iterdir())
 
 
