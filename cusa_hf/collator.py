@@ -13,6 +13,7 @@ from .schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .images import load_image
 from .schema import is_caption, stable_image_id
 from .teachers.image_tables import ImageFeatureTable, image_feature_tables, index_column
+from .training_checks import NonFiniteTrainingError
 
 
 class CusaDataCollator:
@@ -118,8 +119,24 @@ class CusaDataCollator:
             (self.teacher_text_column, "teacher_text_embeds"),
         ):
             if column in rows[0]:
-                batch[key] = _stack_column(rows, column)
+                batch[key] = self._finite_features(rows, column)
         return batch
+
+    def _finite_features(self, rows: Sequence[dict[str, Any]], column: str) -> torch.Tensor:
+        """The stacked feature column; :class:`NonFiniteTrainingError` naming the first row with a NaN or infinite
+        value. A map-style training set is checked whole before training, a stream's rows only here (a NaN teacher
+        feature would make the loss and then every weight NaN)."""
+        values = _stack_column(rows, column)
+        finite = torch.isfinite(values).all(dim=1)
+        if not finite.all():
+            position = int((~finite).nonzero()[0])
+            row = rows[position]
+            raise NonFiniteTrainingError(
+                f"{column} of the row at batch position {position} (image_id {row.get(self.image_id_column)!r}, caption "
+                f"{row.get(self.caption_column)!r}) holds NaN or infinite values; recompute the features of that row "
+                "(cusa_hf.teachers.features.add_teacher_features) or leave it out"
+            )
+        return values
 
 
 def join_image_features(

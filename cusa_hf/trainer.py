@@ -8,6 +8,7 @@ The collator lives in ``cusa_hf.collator``, the once-only checks in ``cusa_hf.tr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -15,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import SaveStrategy
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .arguments import CusaTrainingArguments
-from .checkpoints import check_resumable, last_complete_checkpoint
+from .checkpoints import check_resumable, check_writable, last_complete_checkpoint
 from .collator import CusaDataCollator, with_feature_tables
 from .evaluation.evaluator import RetrievalEvaluator
 from .frozen_towers import check_tower_columns
@@ -26,7 +27,12 @@ from .fsdp import fsdp_unsharded, vectorize_scalar_parameters
 from .gradient_cache import cached_gradient_step, check_loss_chunking
 from .model_card import CusaModelCardCallback, CusaModelCardData
 from .optimization import parameter_groups
-from .training_checks import check_contrastive_batches, check_teacher_columns, with_numpy_feature_columns
+from .training_checks import (
+    NonFiniteTrainingError,
+    check_contrastive_batches,
+    check_teacher_columns,
+    with_numpy_feature_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,13 +173,59 @@ class CusaTrainer(Trainer):
         self.model_card_callback.write(output_dir, config, repo_id=self.hub_model_id if self.args.push_to_hub else None)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """``Trainer.train``, after checking that a checkpoint to resume from was trained with the same CUSA settings
-        and teachers as this run (``True`` resumes from the last complete checkpoint of ``output_dir``)."""
+        """``Trainer.train``, after checking that ``output_dir`` is writable and that a checkpoint to resume from was
+        trained with the same CUSA settings and teachers as this run (``True`` resumes from the last complete
+        checkpoint of ``output_dir``).
+
+        A non-finite value met in training (a row's features, a step's gradients) stops it with a
+        :class:`~cusa_hf.training_checks.NonFiniteTrainingError` before the update, after saving the weights of the
+        last finite step as ``checkpoint-N`` of ``output_dir`` (the message names it)."""
+        if self.args.should_save:
+            check_writable(self.args.output_dir)
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             check_resumable(resume_from_checkpoint, self.accelerator.unwrap_model(self.model).config)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        except NonFiniteTrainingError as error:
+            kept = self._keep_last_finite_state(error.every_process)
+            raise NonFiniteTrainingError(
+                f"training stopped after step {self.state.global_step}: {error}; {kept}", error.every_process
+            ) from None
+
+    def _keep_last_finite_state(self, every_process: bool) -> str:
+        """Save the weights as they are after the last finite step, as a resumable checkpoint; say where."""
+        step = self.state.global_step
+        if step == 0:
+            return "no training step had finished, so there are no trained weights to keep"
+        if self.args.world_size > 1 and not every_process:
+            return (
+                f"the weights of step {step} were not saved: only this process met the row, and a distributed save "
+                "needs every process"
+            )
+        self._save_checkpoint(self.model_wrapped, trial=None)
+        folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        return (
+            f"the weights of step {step}, the last finite one, are saved in {folder} (CusaModel.from_pretrained loads "
+            "them; resume_from_checkpoint continues from them once the cause is fixed)"
+        )
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        """The Trainer's gradient norm of an optimiser step, computed before the optimiser uses the gradients:
+        :class:`~cusa_hf.training_checks.NonFiniteTrainingError` when it is not finite, so that the step is not taken
+        (one host synchronisation per optimiser step, where the Trainer already synchronises on the loss). fp16's
+        loss scaler skips such steps itself, so its runs are left to it."""
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and self.accelerator.scaler is None:
+            value = grad_norm.item() if isinstance(grad_norm, torch.Tensor) else float(grad_norm)
+            if not math.isfinite(value):
+                raise NonFiniteTrainingError(
+                    f"the gradients of step {self.state.global_step + 1} are not finite (gradient norm {value}), so "
+                    "its update was not taken: the loss or a gradient overflowed, or an input of the batch held a NaN",
+                    every_process=True,
+                )
+        return grad_norm
 
     def get_optimizer_cls_and_kwargs(self, args: TrainingArguments, model: nn.Module | None = None) -> tuple[Any, Any]:
         """The stock optimiser, with ``args.learning_rate_mapping``'s parameter groups (``cusa_hf.optimization``)

@@ -1,6 +1,8 @@
 """Checks that ``CusaTrainer`` runs once, when it is built, over the whole training set (instead of at every step):
 contrastive batches of at least two pairs, teacher columns present and finite, and the feature columns read as numpy.
-(Cached tower columns are checked against the model's towers by ``cusa_hf.frozen_towers.check_tower_columns``.)"""
+(Cached tower columns are checked against the model's towers by ``cusa_hf.frozen_towers.check_tower_columns``.)
+Rows that no check can see before training (a stream's) are checked as batches are built, and a step whose gradients
+are not finite is stopped: both raise :class:`NonFiniteTrainingError`."""
 
 from __future__ import annotations
 
@@ -11,6 +13,18 @@ from transformers import TrainingArguments
 
 from .teachers.checks import check_teacher_features
 from .teachers.image_tables import feature_width, has_feature_column
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """Training met a NaN or infinite value: a training row's features (named by the message) or a step's gradients.
+    ``CusaTrainer`` stops before the update and keeps the weights of the last finite step (the message says where).
+
+    ``every_process``: every process of a distributed run raises it at the same step (the gradients are all-reduced),
+    so they can save together; a row's error is raised only by the process that read the row."""
+
+    def __init__(self, message: str, every_process: bool = False):
+        super().__init__(message)
+        self.every_process = every_process
 
 
 def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
