@@ -1,12 +1,17 @@
-"""Opening one dataset image value (a ``PIL.Image``, a ``datasets.Image`` dict or a file path) as RGB, with errors
-that name the file and the row."""
+"""Opening one dataset image value (a ``PIL.Image``, a ``datasets.Image`` dict or a file path) as the 8-bit RGB
+picture it shows, with errors that name the file and the row."""
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+#: Modes with an alpha channel, composited on white (a transparent background shows as white, as in a viewer).
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
 class BadImageError(ValueError):
@@ -26,13 +31,11 @@ def load_image(value: Any, image_root: str | os.PathLike | None = None, where: s
         BadImageError: the file is missing, truncated or not an image; the message names the file and the row.
     """
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value, where or "image")
     source: Any = value
     label = where or "image"
     if isinstance(value, dict):
         if value.get("bytes") is not None:
-            import io
-
             source = io.BytesIO(value["bytes"])
             label = f"{where} ({value.get('path') or 'in-memory bytes'})".strip()
         elif value.get("path"):
@@ -50,11 +53,46 @@ def load_image(value: Any, image_root: str | os.PathLike | None = None, where: s
             raise BadImageError(f"{label}: not a regular file, so not an image")
     try:
         with Image.open(source) as image:
-            return image.convert("RGB")
+            return to_rgb(image, label)
     except FileNotFoundError:
         raise BadImageError(f"{label}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except Image.DecompressionBombError as error:
+        raise BadImageError(
+            f"{label}: too large to decode safely ({error}); if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise BadImageError(f"{label}: cannot decode image ({error})") from None
+
+
+def to_rgb(image: Image.Image, label: str = "image") -> Image.Image:
+    """``image`` as the 8-bit RGB picture it shows.
+
+    16-bit greyscale (``I;16*``, and ``I`` holding 16-bit levels, as older Pillow reads 16-bit PNGs) is scaled from
+    0-65535, 32-bit floating point (``F``) from 0-1; transparency (an alpha channel, or a palette or colour-key
+    ``transparency``) is composited on white; every other mode converts as Pillow converts it. Pillow's own
+    conversion would clip the 16- and 32-bit levels to 255 (a mid-grey 16-bit image would come out white) and drop
+    the alpha channel (a transparent background would show whatever colour its pixels hold).
+
+    Raises:
+        BadImageError: an ``I`` or ``F`` image whose levels fit no such range (its scale is unknown), naming ``label``.
+    """
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        levels = np.asarray(image)
+        scale = 1.0 if mode == "F" else 65535.0
+        low, high = (levels.min(), levels.max()) if levels.size else (0, 0)
+        if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= scale):
+            kind = "floating-point" if mode == "F" else "integer"
+            raise BadImageError(
+                f"{label}: a 32-bit {kind} image with values in [{low}, {high}], outside the range cusa-hf reads "
+                f"such images in (0 to {scale:g}), so its brightness scale is unknown; save it as an 8- or 16-bit image"
+            )
+        grey = np.rint(levels.astype(np.float64) * (255.0 / scale)).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resolve_image_path(path: str, image_root: str | os.PathLike | None) -> str:
