@@ -13,8 +13,10 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlparse
 
 import datasets
+import huggingface_hub
 from tqdm.auto import tqdm
 
 from .images import BadImageError, load_image, resolve_image_path
@@ -25,8 +27,8 @@ from .schema import (
     IMAGE_ID_COLUMN,
     IMAGE_ID_COLUMN_CANDIDATES,
     InvalidRecordError,
+    caption_problem,
     first_row_per_image,
-    is_caption,
     normalize_image_ids,
 )
 from .streaming import is_webdataset_folder, load_webdataset_shards
@@ -79,8 +81,9 @@ class _RowBuilder:
             self.problem(f"{where}: field {caption_field!r} must be a non-empty string or list of strings, got {caption_value!r}")
             return
         for caption, label in zip(captions, labels):
-            if not is_caption(caption):
-                self.problem(f"{where}: field {label!r} is empty or not text: {caption!r}")
+            problem = caption_problem(caption)
+            if problem is not None:
+                self.problem(f"{where}: field {label!r} {problem}")
                 continue
             self.source_rows.append(source_row)
             self.images.append(image)
@@ -112,12 +115,41 @@ def _refuse_paths_outside_root(
     for row, value in enumerate(paths):
         if not isinstance(value, str) or not value.strip():
             continue
-        resolved = os.path.realpath(os.path.join(root, value))
-        if os.path.isabs(value) or os.path.commonpath([root, resolved]) != root:
+        if os.path.isabs(value) or not _inside_any(os.path.join(root, value), [root]):
             raise InvalidRecordError(
                 f"{source} row {row}: {column} {value!r} points outside image_root={str(image_root)!r}; images of a "
                 "dataset loaded from the Hub must be relative paths inside image_root"
             )
+
+
+#: URL schemes of image files that ``datasets.Image`` downloads rather than reads from this machine's disk.
+REMOTE_SCHEMES = ("http", "https", "hf")
+
+
+def _refuse_image_files_outside(
+    paths: Sequence[str | None], roots: Sequence[str | os.PathLike], image_root: Any, source: str, column: str
+) -> None:
+    """Refuse the local files a ``datasets.Image`` column would read (its rows without bytes; ``None`` for the others)
+    outside ``roots``. ``datasets`` opens such a path itself (a relative one from the working folder), and a
+    ``file://`` or chained (``a::b``) URL from the disk as well; only Hub and HTTP addresses are downloaded."""
+    for row, path in enumerate(paths):
+        if not path:
+            continue
+        target = urlparse(path.split("::")[-1])
+        if target.scheme in REMOTE_SCHEMES:
+            continue
+        local = target.path if target.scheme == "file" else path
+        if target.scheme not in ("", "file") or not _inside_any(local, roots):
+            raise InvalidRecordError(
+                f"{source} row {row}: {column} reads the local file {path!r}, outside image_root={str(image_root)!r}; "
+                "a dataset loaded from the Hub may read files only inside image_root (or its own downloaded files) "
+                "and otherwise must carry its image bytes"
+            )
+
+
+def _inside_any(path: str | os.PathLike, roots: Sequence[str | os.PathLike]) -> bool:
+    resolved = os.path.realpath(path)
+    return any(os.path.commonpath([os.path.realpath(root), resolved]) == os.path.realpath(root) for root in roots)
 
 
 def _read_json_records(path: Path) -> list[Any]:
@@ -222,6 +254,7 @@ def flatten_captions(
     check_files: bool = True,
     source: str = "dataset",
     paths_within_root: bool = False,
+    readable_folders: Sequence[str | os.PathLike] = (),
 ) -> datasets.Dataset:
     """One row per caption from a dataset with one row per image and a caption list (or one caption) per row.
 
@@ -236,8 +269,11 @@ def flatten_captions(
         skip_invalid, check_files: as in :func:`load_json_dataset`.
         source: a name for the dataset in error messages.
         paths_within_root: refuse path strings that are absolute or climb out of ``image_root`` (the current folder
-            without one) with ``..``; :func:`load_hub_dataset` sets it, so a downloaded dataset cannot make the run
-            read files elsewhere on the machine. A user's own JSON may use absolute paths.
+            without one) with ``..``, and ``datasets.Image`` values without bytes whose file lies outside
+            ``image_root`` and ``readable_folders``; :func:`load_hub_dataset` sets it, so a downloaded dataset cannot
+            make the run read files elsewhere on the machine. A user's own JSON may use absolute paths.
+        readable_folders: with ``paths_within_root``, further folders whose files a ``datasets.Image`` column may
+            name (where ``datasets`` keeps the files it downloaded; the folder an ``imagefolder`` was read from).
 
     Returns:
         columns ``image`` (the source's image values: ``datasets.Image`` or resolved path strings), ``caption``,
@@ -246,7 +282,8 @@ def flatten_captions(
     image_column, caption_column, image_id_column = _caption_source_columns(
         dataset, image_column, caption_column, image_id_column, source
     )
-    image_values, resolved_paths = _image_values(dataset, image_column, image_root, source, paths_within_root)
+    within = [image_root if image_root is not None else os.curdir, *readable_folders] if paths_within_root else None
+    image_values, resolved_paths = _image_values(dataset, image_column, image_root, source, within)
     if image_id_column is not None:
         ids = dataset[image_id_column]
     else:
@@ -295,11 +332,12 @@ def _image_values(
     image_column: str,
     image_root: str | os.PathLike | None,
     source: str,
-    paths_within_root: bool,
+    within: list[Any] | None,
 ) -> tuple[list[Any], list[str | None]]:
     """``(values, paths)`` of the image column, one per row, ``None`` for a missing image: a ``datasets.Image``
     column's paths (``row N`` for bytes without a path; no file to check), or path strings resolved against
-    ``image_root`` (the files to check)."""
+    ``image_root`` (the files to check). ``within``: the folders the column's files must lie in (``image_root``
+    first), or ``None`` to accept any path."""
     if isinstance(dataset.features[image_column], datasets.Image):
         # Only paths and presence are needed here: read the Arrow struct, never decode or copy image bytes.
         struct = dataset.with_format("arrow").select_columns([image_column])[image_column]
@@ -311,11 +349,20 @@ def _image_values(
                 chunk.is_valid().to_pylist(), chunk.field("bytes").is_valid().to_pylist(), chunk.field("path").to_pylist()
             )
         ]
+        if within is not None:
+            without_bytes = [
+                path if valid and not has_bytes else None
+                for chunk in struct.chunks
+                for valid, has_bytes, path in zip(
+                    chunk.is_valid().to_pylist(), chunk.field("bytes").is_valid().to_pylist(), chunk.field("path").to_pylist()
+                )
+            ]
+            _refuse_image_files_outside(without_bytes, within, image_root, source, image_column)
         # A present image without a path (bytes only) still counts as present; its row number identifies it.
         values = [(path or f"row {row}") if ok else None for row, (path, ok) in enumerate(zip(paths, present))]
         return values, [None] * len(paths)
     raw_paths = dataset[image_column]
-    if paths_within_root:
+    if within is not None:
         _refuse_paths_outside_root(raw_paths, image_root, source, image_column)
     values = [
         resolve_image_path(value, image_root) if isinstance(value, str) and value.strip() else None for value in raw_paths
@@ -392,7 +439,17 @@ def load_hub_dataset(
         check_files=check_files,
         source=f"{name_or_path}[{split}]",
         paths_within_root=True,
+        readable_folders=_downloaded_files_folders(load_kwargs.get("data_dir")),
     )
+
+
+def _downloaded_files_folders(data_dir: Any) -> list[str]:
+    """Where ``datasets`` keeps a loaded dataset's own image files: its download caches, and the local folder it was
+    read from (``data_dir`` of an ``imagefolder``)."""
+    folders = [datasets.config.DOWNLOADED_DATASETS_PATH, huggingface_hub.constants.HF_HUB_CACHE]
+    if isinstance(data_dir, (str, os.PathLike)) and os.path.isdir(data_dir):
+        folders.append(data_dir)
+    return [os.fspath(folder) for folder in folders]
 
 
 def load_imagefolder_dataset(folder: str | os.PathLike, split: str = "train", **kwargs: Any) -> datasets.Dataset:

@@ -3,7 +3,7 @@
 A retrieval dataset has one row per caption and three columns:
 
 * ``image`` (:data:`IMAGE_COLUMN`): an absolute file path (JSON and path-based datasets) or a ``datasets.Image``;
-* ``caption`` (:data:`CAPTION_COLUMN`): a non-empty string (:func:`is_caption`);
+* ``caption`` (:data:`CAPTION_COLUMN`): a non-empty string of valid Unicode (:func:`is_caption`);
 * ``image_id`` (:data:`IMAGE_ID_COLUMN`): the same value on every caption row of one image. Ids are kept as integers
   when every id is an integer and turned into strings otherwise (:func:`normalize_image_ids`; Arrow columns hold one
   type), and become tensor entries through :func:`stable_image_id`, which gives the same integer in every process.
@@ -45,8 +45,23 @@ class InvalidRecordError(ValueError):
 
 
 def is_caption(value: Any) -> bool:
-    """A usable caption: a string with at least one non-blank character."""
-    return isinstance(value, str) and bool(value.strip())
+    """A usable caption: valid Unicode text with at least one non-blank character (:func:`caption_problem`)."""
+    return caption_problem(value) is None
+
+
+def caption_problem(value: Any) -> str | None:
+    """What makes ``value`` no caption (``"is empty: ''"``, ...), or ``None`` for a caption. A string holding a lone
+    surrogate (``"\\udcff"``, which JSON escapes can produce) is no Unicode text: Arrow, tokenizers and files refuse
+    it."""
+    if not isinstance(value, str):
+        return f"is not text: {value!r}"
+    if not value.strip():
+        return f"is empty: {value!r}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"is not valid Unicode text (a lone surrogate {value[error.start]!r} at character {error.start}): {value!r}"
+    return None
 
 
 def normalize_image_ids(values: Iterable[Any]) -> list[Any]:

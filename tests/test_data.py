@@ -239,3 +239,40 @@ def test_load_hub_dataset_confines_image_paths(tmp_path, image_files):
     data.write_text(json.dumps({"image": "../../etc/passwd", "caption": "escape", "image_id": 1}) + "\n")
     with pytest.raises(InvalidRecordError, match=r"'../../etc/passwd' points outside image_root"):
         load_hub_dataset("json", data_files=str(data), image_root=tmp_path / "images")
+
+
+def test_a_hub_image_column_cannot_read_local_files_outside_image_root(tmp_path, image_files):
+    from cusa_hf.data import load_hub_dataset
+
+    root = tmp_path / "images"
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(image_files[1].read_bytes())
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "image_id": datasets.Value("int64")})  # fmt: skip
+
+    def hub_parquet(images):
+        rows = {"image": images, "caption": [f"caption {row}" for row in range(len(images))],
+                "image_id": list(range(len(images)))}  # fmt: skip
+        path = tmp_path / f"hub{len(images)}.parquet"
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+        return str(path)
+
+    inside = {"path": str(image_files[0]), "bytes": None}
+    for outside in (str(secret), f"file://{secret}", f"{root}/../secret.png"):
+        data = hub_parquet([inside, {"path": outside, "bytes": None}])
+        with pytest.raises(InvalidRecordError, match=r"row 1: image reads the local file .*secret.png.* outside image_root"):
+            load_hub_dataset("parquet", data_files=data, image_root=root)
+    # A file inside image_root, and image bytes carried by the dataset whatever path they name, load.
+    embedded = {"path": "/nowhere/secret.png", "bytes": secret.read_bytes()}
+    loaded = load_hub_dataset("parquet", data_files=hub_parquet([inside, embedded, inside]), image_root=root)
+    assert len(loaded) == 3  # (an imagefolder reads the files of its own folder: test_imagefolder_with_metadata)
+
+
+def test_a_caption_that_is_not_valid_unicode_names_file_record_and_field(tmp_path, image_files):
+    path = tmp_path / "train.json"
+    path.write_text('[{"image": "images/img0.png", "caption": "ok"}, {"image": "images/img1.png", "caption": "caf\\udcff"}]')
+    with pytest.raises(InvalidRecordError, match=r"train.json record 1: field 'caption' is not valid Unicode text "
+                                                  r"\(a lone surrogate '\\udcff' at character 3\)"):  # fmt: skip
+        load_json_dataset(path)
+    with pytest.warns(UserWarning, match="skipped 1 invalid record"):
+        assert load_json_dataset(path, skip_invalid=True)["caption"] == ["ok"]
