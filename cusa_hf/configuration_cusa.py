@@ -228,6 +228,21 @@ class CusaConfig(PreTrainedConfig):
     def needs_teachers(self) -> bool:
         return self.csa_active or self.usa_active
 
+    def to_dict(self) -> dict[str, Any]:
+        """``PreTrainedConfig.to_dict``; saved beside the model's code (``auto_map`` naming ``modeling_cusa``), the
+        config's ``auto_map`` entry names ``modeling_cusa.CusaConfig`` (this class, as that module imports it).
+
+        transformers caches remote code per content of the file a class is loaded from, and picks the model class
+        registered for the config class. Loaded from ``configuration_cusa.py``, the config class of two checkpoints
+        whose ``configuration_cusa.py`` is the same would be one class even when their modeling code differs, and the
+        second checkpoint would run the first one's ``modeling_cusa.py``. Loaded through ``modeling_cusa``, whose
+        cache entry covers every module it imports, each checkpoint's config class comes with its own code."""
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and str(auto_map.get("AutoModel", "")).startswith("modeling_cusa."):
+            output["auto_map"] = {**auto_map, "AutoConfig": "modeling_cusa.CusaConfig"}
+        return output
+
 
 def cusa_field_names(role: str) -> tuple[str, ...]:
     """The names of the CusaConfig fields that have ``role`` (:data:`RUN`, :data:`LOSS`, :data:`RESUME`,

@@ -228,3 +228,40 @@ def test_a_backbone_config_of_an_unknown_model_type_is_named():
         CusaConfig(backbone_config={"model_type": "clipp"})
     with pytest.raises(ValueError, match=r"backbone_config has no 'model_type'"):
         CusaConfig(backbone_config={"hidden_size": 32})
+
+
+LOAD_EACH_FOLDER = r"""
+results = {}
+for folder in sys.argv[1:]:
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    module = sys.modules[type(model).__module__]
+    results[folder] = {"saved_by": getattr(module, "SAVED_BY", None), "module": type(model).__module__,
+                       "config_module": type(model.config).__module__}
+assert not [name for name in sys.modules if name.split(".")[0] == "cusa_hf"], "cusa_hf was imported"
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_two_checkpoints_with_different_code_each_load_their_own_in_one_process(tmp_path):
+    """Two runs' checkpoints in folders of one name (``cusa`` of two comparisons), saved by two versions of the code:
+    the second must run its own modeling_cusa.py, not the one the first registered for its config class."""
+    torch.manual_seed(0)
+    model = CusaModel(CusaConfig(backbone_config=tiny_clip_config()))
+    folders = [tmp_path / run / "cusa" for run in ("older", "newer")]
+    for folder in folders:
+        model.save_pretrained(folder)
+    modeling = folders[1] / "modeling_cusa.py"
+    modeling.write_text(modeling.read_text() + '\nSAVED_BY = "a later cusa-hf"\n')
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), TOKENIZERS_PARALLELISM="false")
+    (tmp_path / "elsewhere").mkdir()
+    for order in (folders, folders[::-1]):
+        process = subprocess.run(
+            [sys.executable, "-c", HIDE_PACKAGE + LOAD_EACH_FOLDER, *map(str, order)], cwd=tmp_path / "elsewhere",
+            env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert process.returncode == 0, process.stderr[-3000:]
+        results = json.loads(process.stdout.split("RESULTS ", 1)[1])
+        older, newer = results[str(folders[0])], results[str(folders[1])]
+        assert (older["saved_by"], newer["saved_by"]) == (None, "a later cusa-hf"), order
+        assert older["module"] != newer["module"] and older["config_module"] != newer["config_module"]
