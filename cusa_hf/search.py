@@ -12,7 +12,9 @@ One index holds the embeddings of one head:
 * ``head="uni"`` (the USA heads): image queries search the images, text queries search the captions.
 
 ``target=`` overrides the default direction. A saved index records the model (name or path, revision, and a digest
-of its weights) and the head in ``manifest.json``; querying it with another model or head is refused.
+of its weights) and the head in ``manifest.json``; querying it with another model or head is refused. Loading reads
+only the index folder's own files (a manifest that names files elsewhere is refused), and a file that does not read
+whole (cut off while it was saved or copied) is named with the advice to rebuild the index.
 
 Example::
 
@@ -28,12 +30,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
@@ -164,9 +169,29 @@ def _image_values(
         return [str(p.resolve()) for p in files], [p.relative_to(folder).as_posix() for p in files], [
             str(p.resolve()) for p in files
         ]
-    values = _as_image_list(images, "images")
+    values = _without_repeated_paths(_as_image_list(images, "images"))
     paths = [_path_of(value) for value in values]
     return values, [path if path is not None else str(row) for row, path in enumerate(paths)], paths
+
+
+def _without_repeated_paths(values: list[Any]) -> list[Any]:
+    """``values`` without the later ones that name a file named before (one image, one row), with a warning; images
+    without a path (PIL images, bytes) are kept."""
+    first: dict[str, int] = {}
+    kept, repeated = [], []
+    for position, value in enumerate(values):
+        path = _path_of(value)
+        key = os.path.abspath(path) if path is not None else None
+        if key is not None and key in first:
+            repeated.append(f"images[{position}] {path!r} is images[{first[key]}] again")
+            continue
+        if key is not None:
+            first[key] = position
+        kept.append(value)
+    if repeated:
+        shown = "; ".join(repeated[:5]) + ("; ..." if len(repeated) > 5 else "")
+        warnings.warn(f"{shown}: it is indexed once (one row per image, as for a dataset's repeated image ids)", stacklevel=3)
+    return kept
 
 
 def _path_of(value: Any) -> str | None:
@@ -227,6 +252,61 @@ def _check_captions(captions: Sequence[Any], name: str) -> None:
 
 def _embedding_dataset(columns: dict[str, list[Any]], embeddings: torch.Tensor) -> datasets.Dataset:
     return datasets.Dataset.from_dict({**columns, EMBEDDING_COLUMN: embeddings.float().cpu().numpy()})
+
+
+# --------------------------------------------------------------------------------------------------------- saved files
+def _damaged(path: Path, reason: Any) -> ValueError:
+    return ValueError(
+        f"{path}: the saved index is damaged ({reason}); it may have been cut off while it was written or copied. "
+        "Rebuild it (RetrievalIndex.build, then save(folder, overwrite=True))"
+    )
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a saved index, checked to be one (format, version, head, model and collections)."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _damaged(path, f"not JSON: {error}") from None
+    if not isinstance(manifest, dict):
+        raise _damaged(path, f"a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") != INDEX_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r} is not "
+            f"{INDEX_FORMAT!r} version {INDEX_FORMAT_VERSION}"
+        )
+    collections = manifest.get("collections")
+    entries_ok = isinstance(collections, dict) and collections and all(
+        name in TARGETS and isinstance(entry, dict) and all(isinstance(entry.get(key), str) for key in ("dataset", "faiss_index"))
+        for name, entry in collections.items()
+    )
+    if manifest.get("head") not in HEADS or not isinstance(manifest.get("model"), dict) or not entries_ok:
+        raise _damaged(path, "its head, model or collections entries are missing or malformed")
+    return manifest
+
+
+def _unreadable_arrow_file(folder: Path) -> Path | None:
+    """The first Arrow file of a ``save_to_disk`` folder that does not read whole, to name in an error."""
+    for path in sorted(folder.glob("*.arrow")):
+        try:
+            with pa.memory_map(os.fspath(path)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowException):
+            return path
+    return None
+
+
+def _file_in_index(folder: Path, manifest_path: Path, collection: str, name: str) -> Path:
+    """``folder / name``, refused unless it lies inside the index folder: a manifest must not make a load read files
+    elsewhere on the machine."""
+    path = folder / name
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise ValueError(
+            f"{manifest_path}: collection {collection!r} names {name!r}, outside the index folder {folder}; an index "
+            "reads only its own files. Rebuild it, or restore the manifest it was saved with"
+        )
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------------ index
@@ -305,7 +385,8 @@ class RetrievalIndex:
                 ``VisionTextDualEncoderProcessor``).
             images: a ``datasets.Dataset`` with an ``image_column`` (paths or ``datasets.Image``; rows repeating an
                 ``image_id_column`` value are one image, so a one-row-per-caption retrieval dataset works as is), a
-                folder (every image file under it, ids = paths relative to it), or a list of paths / PIL images.
+                folder (every image file under it, ids = paths relative to it), or a list of paths / PIL images (a
+                file named twice is indexed once, with a warning).
             texts: a ``datasets.Dataset`` with a ``caption_column`` (strings or caption lists; its
                 ``image_id_column``, if any, is kept per caption) or a list of captions.
             head: ``"cross"`` (retrieval embeddings) or ``"uni"`` (USA heads, uni-modal search).
@@ -363,7 +444,7 @@ class RetrievalIndex:
             images: one image or a list (paths, PIL images or ``datasets.Image`` values).
             target: ``"images"`` or ``"texts"``; default :meth:`default_target` (cross head: text -> image and
                 image -> text; uni head: image -> image and text -> text).
-            k: results per query (fewer when the collection is smaller).
+            k: results per query, a positive whole number (fewer when the collection is smaller).
             batch_size: query encoding batch size.
 
         Returns:
@@ -388,8 +469,9 @@ class RetrievalIndex:
         """:meth:`search` with query embeddings computed elsewhere: `(n_queries, dim)` rows, L2-normalised, from the
         same model and head as the index (not checked here)."""
         collection = self._collection(target)
-        if k < 1:
-            raise ValueError(f"k must be a positive number of results, got {k}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be a positive whole number of results, got {k!r}")
+        k = int(k)
         queries = np.ascontiguousarray(torch.as_tensor(query_embeddings).detach().float().cpu().numpy())
         dim = collection.get_index(EMBEDDING_COLUMN).faiss_index.d
         if queries.ndim != 2 or queries.shape[1] != dim:
@@ -515,12 +597,7 @@ class RetrievalIndex:
         manifest_path = folder / MANIFEST_FILE
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{folder} is not a saved RetrievalIndex: it has no {MANIFEST_FILE}")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("format") != INDEX_FORMAT or manifest.get("format_version") != INDEX_FORMAT_VERSION:
-            raise ValueError(
-                f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r} is not "
-                f"{INDEX_FORMAT!r} version {INDEX_FORMAT_VERSION}"
-            )
+        manifest = _read_manifest(manifest_path)
         if head is not None and head != manifest["head"]:
             raise ValueError(
                 f"{folder} was built with head {manifest['head']!r} of {_model_label(manifest['model'])}; "
@@ -528,8 +605,25 @@ class RetrievalIndex:
             )
         loaded = {}
         for name, entry in manifest["collections"].items():
-            collection = datasets.load_from_disk(os.fspath(folder / entry["dataset"]))
-            collection.load_faiss_index(EMBEDDING_COLUMN, folder / entry["faiss_index"])
+            dataset_folder = _file_in_index(folder, manifest_path, name, entry["dataset"])
+            index_file = _file_in_index(folder, manifest_path, name, entry["faiss_index"])
+            try:
+                collection = datasets.load_from_disk(os.fspath(dataset_folder))
+            except (OSError, ValueError, pa.ArrowException) as error:
+                raise _damaged(_unreadable_arrow_file(dataset_folder) or dataset_folder, error) from None
+            try:
+                collection.load_faiss_index(EMBEDDING_COLUMN, index_file)
+            except (OSError, RuntimeError) as error:
+                raise _damaged(index_file, error) from None
+            faiss_index = collection.get_index(EMBEDDING_COLUMN).faiss_index
+            if (faiss_index.ntotal, faiss_index.d) != (len(collection), entry.get("dim", faiss_index.d)) or len(
+                collection
+            ) != entry.get("count", len(collection)):
+                raise _damaged(
+                    index_file,
+                    f"it holds {faiss_index.ntotal} vectors of width {faiss_index.d}, the manifest records "
+                    f"{entry.get('count')} of width {entry.get('dim')} and {dataset_folder.name}/ has {len(collection)} rows",
+                )
             _set_search_parameters(collection, manifest.get("search_parameters"))
             loaded[name] = collection
         index = cls(loaded.get("images"), loaded.get("texts"), manifest["head"], manifest["model"],

@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from .data import load_retrieval_dataset
+from .images import BadImageError, load_image
 from .search import HEADS, TARGETS, RetrievalIndex
 
 #: Files that make a folder a dataset (imagefolder metadata or ``save_to_disk``) rather than a plain image folder.
@@ -138,9 +139,8 @@ def _thumbnail(path: str | None) -> Image.Image:
         ImageDraw.Draw(canvas).text((6, 6), "(in-memory image)", fill="black")
         return canvas
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError:
+        image = load_image(path)  # as the index saw it (16-bit levels scaled, transparency on white)
+    except BadImageError:
         ImageDraw.Draw(canvas).text((6, 6), "\n".join(textwrap.wrap(f"cannot open {path}", 24)), fill="black")
         return canvas
     image.thumbnail((THUMBNAIL, THUMBNAIL))

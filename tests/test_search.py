@@ -8,6 +8,7 @@ the index's top-k is compared with the evaluation code's, which needs scores wit
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -258,3 +259,78 @@ def test_cli_indexes_a_plain_image_folder(saved_model, coco_test, tmp_path, caps
     assert f"1  1.0000  {(folder / 'p2.jpg').resolve()}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         search_cli(["query", str(tmp_path / "idx")])
+
+
+# ------------------------------------------------------------------------------------------------- damaged or odd input
+@pytest.fixture(scope="module")
+def small_saved_index(tiny, tmp_path_factory):
+    """An index of three generated pictures and three captions, saved: ``(folder with the pictures, index folder)``."""
+    model, processor = tiny
+    folder = tmp_path_factory.mktemp("small_index")
+    paths = []
+    for color in ("red", "green", "blue"):
+        Image.new("RGB", (40, 40), color).save(folder / f"{color}.png")
+        paths.append(str(folder / f"{color}.png"))
+    index = RetrievalIndex.build(model, processor, images=paths, texts=[f"a {c} square" for c in ("red", "green", "blue")],
+                                 show_progress=False)  # fmt: skip
+    index.save(folder / "index")
+    return folder, folder / "index"
+
+
+def damaged_copy(index_folder, tmp_path, edit):
+    """A copy of the saved index with ``edit(copy)`` applied to it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(index_folder, copy)
+    edit(copy)
+    return copy
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage,named",
+    [
+        (lambda copy: truncate(copy / "manifest.json"), "manifest.json"),
+        (lambda copy: truncate(copy / "images.faiss"), "images.faiss"),
+        (lambda copy: truncate(next((copy / "texts").glob("*.arrow"))), r"texts/data-00000-of-00001.arrow"),
+        (lambda copy: (copy / "images.faiss").unlink(), "images.faiss"),
+    ],
+    ids=["manifest", "faiss", "arrow", "missing-faiss"],
+)
+def test_a_damaged_index_names_the_file_and_says_to_rebuild(tiny, small_saved_index, tmp_path, damage, named):
+    model, processor = tiny
+    copy = damaged_copy(small_saved_index[1], tmp_path, damage)
+    with pytest.raises(ValueError, match=rf"{named}: the saved index is damaged .*Rebuild it"):
+        RetrievalIndex.load(copy, model=model, processor=processor)
+
+
+def test_manifest_paths_outside_the_index_folder_are_refused(tiny, small_saved_index, tmp_path):
+    model, processor = tiny
+    outside = tmp_path / "elsewhere.faiss"
+    shutil.copy(small_saved_index[1] / "images.faiss", outside)
+
+    def point_outside(copy):
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["collections"]["images"]["faiss_index"] = str(outside)
+        manifest["collections"]["texts"]["dataset"] = "../texts"
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    copy = damaged_copy(small_saved_index[1], tmp_path, point_outside)
+    with pytest.raises(ValueError, match=r"manifest.json: collection 'images' names .*elsewhere.faiss.*outside the "
+                                         r"index folder"):  # fmt: skip
+        RetrievalIndex.load(copy, model=model, processor=processor)
+
+
+def test_k_must_be_a_whole_number_and_repeated_image_paths_are_indexed_once(tiny, small_saved_index):
+    model, processor = tiny
+    index = RetrievalIndex.load(small_saved_index[1], model=model, processor=processor)
+    for k in (2.5, True, 0, "3"):
+        with pytest.raises(ValueError, match=rf"k must be a positive whole number of results, got {k!r}"):
+            index.search(texts="a red square", k=k)
+    assert len(index.search(texts="a red square", k=np.int64(2))[0]) == 2
+    red, green = (str(small_saved_index[0] / f"{color}.png") for color in ("red", "green"))
+    with pytest.warns(UserWarning, match=r"images\[2\] '.*red.png' is images\[0\] again: it is indexed once"):
+        twice = RetrievalIndex.build(model, processor, images=[red, green, red], show_progress=False)
+    assert twice.images["path"] == [red, green]
