@@ -9,7 +9,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import datasets
 
@@ -18,6 +18,8 @@ from .schema import IMAGE_COLUMN, IMAGE_ID_COLUMN
 from .teachers.image_tables import join_feature_tables
 from .teachers.provenance import read_feature_provenance
 
+#: The files of one sample of a shard: ``{key}.jpg`` (image), ``{key}.txt`` (caption), ``{key}.json`` (image id).
+SAMPLE_FILES = ("jpg", "txt", "json")
 
 def write_webdataset_shards(
     dataset: datasets.Dataset,
@@ -88,20 +90,19 @@ def load_webdataset_shards(
     ``datasets.load_dataset("webdataset", ...)``: map-style (converted once into the ``datasets`` cache, images as
     ``datasets.Image``), or with ``streaming=True`` an ``IterableDataset`` that reads the shards as it goes.
 
+    Every shard is checked first (:func:`check_webdataset_shards`), streamed or not.
+
     Raises:
         FileNotFoundError: the folder holds no ``.tar`` file.
-        ValueError: the samples lack a ``jpg``, ``txt`` or ``json`` file, or a ``json`` has no ``image_id``.
+        ValueError: a shard is cut off or not a tar archive, a sample lacks its ``jpg``, ``txt`` or ``json`` file, a
+            ``json`` holds no ``image_id``, or the shards mix integer and string ids (the message names the shard and
+            the sample's key).
     """
     shards = sorted(str(path) for path in Path(folder).glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"{folder} holds no WebDataset .tar shards")
+    check_webdataset_shards(shards)
     raw = datasets.load_dataset("webdataset", data_files={"train": shards}, split="train", streaming=streaming)
-    missing = [column for column in ("jpg", "txt", "json") if column not in (raw.column_names or [])]
-    if missing:
-        raise ValueError(
-            f"{folder}: the shards' samples have no {missing[0]!r} file (files per sample: {raw.column_names}); each "
-            "sample needs {key}.jpg, {key}.txt and {key}.json with its image_id (write_webdataset_shards writes them)"
-        )
     features = None
     if raw.features is not None and IMAGE_ID_COLUMN in raw.features["json"]:
         features = datasets.Features(
@@ -112,10 +113,79 @@ def load_webdataset_shards(
     return rows.map(_image_id_of_sample, input_columns=["json"], remove_columns=other, features=features)
 
 
-def _image_id_of_sample(record: Any) -> dict[str, Any]:
-    if not isinstance(record, dict) or IMAGE_ID_COLUMN not in record:
-        raise ValueError(f"a shard sample's .json holds {record!r}, without an {IMAGE_ID_COLUMN!r}")
+def _image_id_of_sample(record: dict[str, Any]) -> dict[str, Any]:
     return {IMAGE_ID_COLUMN: record[IMAGE_ID_COLUMN]}
+
+
+def check_webdataset_shards(shards: Sequence[str | os.PathLike]) -> None:
+    """Check WebDataset shards before they are read, reading only the tar headers and each sample's small ``.json``:
+    every shard is a whole tar archive (no member runs past its end), every sample has its ``jpg``, ``txt`` and
+    ``json`` files, every ``json`` holds an ``image_id``, and the ids of all shards are of one type (integers or
+    strings: read as one column, ``7`` would become ``"7"`` and merge with a string id ``"7"``, or fail to convert).
+
+    Raises:
+        ValueError: naming the shard, the sample's key and what is wrong.
+    """
+    first_of_kind: dict[str, str] = {}
+    for shard in map(os.fspath, shards):
+        samples: dict[str, set[str]] = {}
+        size = os.path.getsize(shard)
+        key = None
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    key, _, extension = os.path.basename(member.name).partition(".")
+                    if member.offset_data + member.size > size:
+                        raise ValueError(
+                            f"{shard}: the shard is cut off: sample {key!r} ({member.name}) ends at byte "
+                            f"{member.offset_data + member.size}, the file has {size}; write it again"
+                        )
+                    if not member.isfile() or not extension:
+                        continue
+                    samples.setdefault(os.path.join(os.path.dirname(member.name), key), set()).add(extension)
+                    if extension == "json":
+                        image_id = _sample_image_id(shard, key, tar.extractfile(member).read())
+                        kind = "integers" if isinstance(image_id, int) else "strings"
+                        first_of_kind.setdefault(kind, f"{os.path.basename(shard)} sample {key!r} has {image_id!r}")
+                end = tar.offset
+        except tarfile.TarError as error:
+            raise ValueError(f"{shard}: not a whole tar archive ({error}); the shard is cut off or damaged: write it again") from None
+        # tarfile stops quietly at a header cut in two; a whole archive ends with two zero blocks after its last file.
+        with open(shard, "rb") as handle:
+            handle.seek(end)
+            marker = handle.read(2 * tarfile.BLOCKSIZE)
+        if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+            raise ValueError(
+                f"{shard}: the shard is cut off after sample {key!r} (at byte {end} of {size}, where a whole archive "
+                "has its end marker or the next file); write it again"
+            )
+        for key, extensions in samples.items():
+            for extension in SAMPLE_FILES:
+                if extension not in extensions:
+                    raise ValueError(
+                        f"{shard}: sample {key!r} has no .{extension} file (it has {', '.join(sorted(extensions))}); each "
+                        "sample needs {key}.jpg, {key}.txt and {key}.json with its image_id (write_webdataset_shards "
+                        "writes them)"
+                    )
+        if len(first_of_kind) > 1:
+            raise ValueError(
+                f"image ids mix strings and integers: {first_of_kind['strings']}, {first_of_kind['integers']}; read as "
+                "one column they would merge or fail to convert. Give every image id the same type"
+            )
+
+
+def _sample_image_id(shard: str, key: str, data: bytes) -> Any:
+    """The ``image_id`` of a sample's ``.json`` bytes: an integer or a string."""
+    try:
+        record = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{shard}: sample {key!r} has a .json that is not JSON ({error})") from None
+    image_id = record.get(IMAGE_ID_COLUMN) if isinstance(record, dict) else None
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+        raise ValueError(
+            f"{shard}: sample {key!r} has a .json holding {record!r}, without an integer or string {IMAGE_ID_COLUMN!r}"
+        )
+    return image_id
 
 
 def load_training_stream(

@@ -63,3 +63,64 @@ def test_run_cusa_trains_from_shards_and_needs_max_steps(coco_shards, tiny_backb
     metrics = results["cusa"]
     assert 0 <= metrics["test_rsum"] <= 600 and "validation_rsum" in metrics
     assert (tmp_path / "run" / "model.safetensors").is_file() and "cusa-hf" in (tmp_path / "run" / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------------- damaged shards
+def synthetic_shards(folder):
+    """Eight rows (four images, two captions each) as two shards of four samples, keys 000000000 to 000000007."""
+    from tiny_models import synthetic_dataset
+
+    rows = synthetic_dataset(num_images=4, captions_per_image=2).select_columns(["image", "caption", "image_id"])
+    write_webdataset_shards(rows, folder, shard_size=4)
+    return folder
+
+
+def rewrite_shard(shard, drop=None, image_id=None):
+    """Write ``shard`` again without the member ``drop``, and with every sample's image id replaced by ``image_id``."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        members = [(member.name, tar.extractfile(member).read()) for member in tar]
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            if name == drop:
+                continue
+            if image_id is not None and name.endswith(".json"):
+                data = json.dumps({"image_id": image_id}).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_cut_off_shard_is_named(tmp_path, streaming):
+    from cusa_hf.streaming import load_webdataset_shards
+
+    folder = synthetic_shards(tmp_path / "shards")
+    shard = folder / "shard-00001.tar"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"shard-00001.tar: the shard is cut off .*sample '00000000\d'.*write it again"):
+        load_webdataset_shards(folder, streaming=streaming)
+
+
+@pytest.mark.parametrize("extension", ["txt", "jpg", "json"])
+def test_a_sample_without_its_caption_image_or_id_is_named_with_shard_and_key(tmp_path, extension):
+    from cusa_hf.streaming import load_webdataset_shards
+
+    folder = synthetic_shards(tmp_path / "shards")
+    rewrite_shard(folder / "shard-00001.tar", drop=f"000000005.{extension}")
+    with pytest.raises(ValueError, match=rf"shard-00001.tar: sample '000000005' has no .{extension} file"):
+        load_webdataset_shards(folder)
+
+
+def test_integer_and_string_image_ids_across_shards_are_named(tmp_path):
+    from cusa_hf.streaming import load_webdataset_shards
+
+    folder = synthetic_shards(tmp_path / "shards")
+    rewrite_shard(folder / "shard-00001.tar", image_id=7)
+    with pytest.raises(ValueError, match=r"image ids mix strings and integers: shard-00000.tar sample '000000000' has "
+                                         r"'img0', shard-00001.tar sample '000000004' has 7"):  # fmt: skip
+        load_webdataset_shards(folder, streaming=True)
+    rewrite_shard(folder / "shard-00001.tar", image_id="img7")
+    assert len(load_webdataset_shards(folder)) == 8
