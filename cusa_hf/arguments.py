@@ -269,8 +269,18 @@ def read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
     """The settings of a YAML/JSON config file, each checked to be a field of ``parser``'s dataclasses."""
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
-    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save the config file as UTF-8") from None
+    try:
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML ({getattr(error, 'problem', None) or error}){where}") from None
     if not isinstance(values, dict):
         raise ValueError(
             f"{path}: expected a mapping of setting names to values, got {type(values).__name__} "

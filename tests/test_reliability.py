@@ -136,3 +136,17 @@ def test_clearer_errors_for_bad_files_and_settings(tmp_path):
         parse_arguments([str(tmp_path / "list.yaml")])
     with pytest.raises(ValueError, match="use_csa must be True or False|csa_weight must be"):
         run_cusa.main(["--csa_weight", "nan", "--output_dir", str(tmp_path / "out")])
+
+
+def test_a_config_file_that_does_not_parse_names_the_file_and_line(tmp_path):
+    from cusa_hf.arguments import parse_arguments
+
+    (tmp_path / "broken.yaml").write_text("csa_weight: 0.2\nusa_weight: [0.5\nseed: 3\n")
+    with pytest.raises(ValueError, match=r"broken.yaml: not valid YAML \(.*\) at line 3, column 5"):
+        parse_arguments([str(tmp_path / "broken.yaml")])
+    (tmp_path / "latin1.yaml").write_bytes(b"output_dir: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin1.yaml: not UTF-8 text \(byte 15: invalid continuation byte\)"):
+        parse_arguments([str(tmp_path / "latin1.yaml")])
+    (tmp_path / "broken.json").write_text('{"csa_weight": 0.2,}')
+    with pytest.raises(ValueError, match=r"broken.json: not valid JSON \(.*line 1 column 20"):
+        parse_arguments([str(tmp_path / "broken.json")])
