@@ -54,6 +54,9 @@ def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     claimed the new ones); the message names both values."""
     if not os.path.isfile(os.path.join(os.fspath(checkpoint), "config.json")):
         return  # not a CusaModel checkpoint; the stock Trainer reports what is missing
+    damaged = modeling_cusa.damaged_weights_file(checkpoint)
+    if damaged is not None:
+        raise OSError(f"cannot resume from {checkpoint}: {damaged}")
     saved = CusaConfig.from_pretrained(checkpoint)
     differences = [
         f"{name}: checkpoint {getattr(saved, name)!r}, this run {getattr(config, name, None)!r}"

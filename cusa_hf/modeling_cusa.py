@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 from transformers import initialization as init
@@ -34,6 +35,25 @@ def _saved_config_dict(name_or_path: str | os.PathLike, options: dict | None) ->
     except OSError:
         return None
     return config_dict
+
+
+def damaged_weights_file(folder: str | os.PathLike) -> OSError | None:
+    """The error naming the first ``*.safetensors`` file of a local checkpoint folder whose header does not read or
+    does not cover the file (cut off while saved or copied), or ``None``; reads only the headers."""
+    if not os.path.isdir(folder):
+        return None
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            try:
+                with safe_open(path, framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                return OSError(
+                    f"{path}: the weights file is damaged ({error}); it was cut off or corrupted while it was saved, "
+                    "copied or downloaded. Save or fetch the checkpoint again"
+                )
+    return None
 
 
 def is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | None = None) -> bool:
@@ -120,7 +140,18 @@ class CusaPreTrainedModel(PreTrainedModel):
                     f"CUSA checkpoint. To fine-tune it with CUSA, wrap it: "
                     f"CusaModel.from_backbone({str(pretrained_model_name_or_path)!r})"
                 )
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            if not os.path.isdir(pretrained_model_name_or_path):
+                raise OSError(
+                    f"{pretrained_model_name_or_path}: a weights file of this checkpoint is damaged ({error}); load it "
+                    "again with force_download=True"
+                ) from None
+            damaged = damaged_weights_file(pretrained_model_name_or_path)
+            if damaged is None:
+                raise
+            raise damaged from None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained``, also of a model that FSDP2's ``fully_shard`` has re-classed as torch's

@@ -150,3 +150,21 @@ def test_a_config_file_that_does_not_parse_names_the_file_and_line(tmp_path):
     (tmp_path / "broken.json").write_text('{"csa_weight": 0.2,}')
     with pytest.raises(ValueError, match=r"broken.json: not valid JSON \(.*line 1 column 20"):
         parse_arguments([str(tmp_path / "broken.json")])
+
+
+def test_a_cut_off_weights_file_is_named_when_loading_and_resuming(tmp_path):
+    from transformers import AutoModel
+
+    from cusa_hf.checkpoints import check_resumable
+
+    model = tiny_cusa_model(0)
+    model.save_pretrained(tmp_path / "checkpoint-2")
+    weights = tmp_path / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    named = rf"{weights}: the weights file is damaged \(.*\); it was cut off or corrupted"
+    with pytest.raises(OSError, match=named):
+        CusaModel.from_pretrained(tmp_path / "checkpoint-2")
+    with pytest.raises(OSError, match=named):
+        AutoModel.from_pretrained(tmp_path / "checkpoint-2")
+    with pytest.raises(OSError, match=rf"cannot resume from .*checkpoint-2: {named}"):
+        check_resumable(tmp_path / "checkpoint-2", model.config)
