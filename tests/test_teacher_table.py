@@ -100,3 +100,32 @@ def test_a_frozen_image_tower_table_gives_the_same_evaluation_view(tmp_path):
     assert "image_tower_features" in in_rows.column_names and "image_tower_features_index" in in_table.column_names
     assert len(image_feature_tables(in_table)["image_tower_features"].table) == 4
     np.testing.assert_array_equal(build_eval_view(in_table).image_tower_features, build_eval_view(in_rows).image_tower_features)
+
+
+@pytest.mark.parametrize("which", ["rows", "images"])
+def test_a_cut_off_cache_file_is_named_and_computed_again(tmp_path, which):
+    rows = synthetic_dataset(num_images=6, captions_per_image=3).remove_columns(
+        ["teacher_image_embeds", "teacher_text_embeds"]
+    )
+    calls = []
+
+    def counted(sources):
+        return [FeatureSource(s.modality, lambda x, s=s: calls.append(s.modality) or s.encode(x), s.fingerprint, s.label,
+                              s.description) for s in sources]  # fmt: skip
+
+    options = FeatureCacheOptions(cache_dir=tmp_path / "cache", show_progress=False)
+    first = add_feature_columns(rows, counted(toy_sources()), options=options)
+    expected_text = np.asarray(first["teacher_text_embeds"])
+    expected_images = image_feature_tables(first)["teacher_image_embeds"].take(list(range(6)))
+    row_file = next(path for path in (tmp_path / "cache").glob("cusa-teachers-*.arrow") if "-images" not in path.name)
+    damaged = row_file if which == "rows" else row_file.with_name(f"{row_file.stem}-images.arrow")
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    calls.clear()
+    with pytest.warns(UserWarning, match=rf"{damaged}: the feature cache file is damaged .*; computing the features again"):
+        again = add_feature_columns(rows, counted(toy_sources()), options=options)
+    assert set(calls) == {"image", "text"}
+    np.testing.assert_array_equal(np.asarray(again["teacher_text_embeds"]), expected_text)
+    np.testing.assert_array_equal(image_feature_tables(again)["teacher_image_embeds"].take(list(range(6))), expected_images)
+    calls.clear()
+    add_feature_columns(rows, counted(toy_sources()), options=options)  # repaired: read from the cache again
+    assert calls == []

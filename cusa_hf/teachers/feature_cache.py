@@ -227,12 +227,13 @@ def add_feature_columns(
     )
     image_file = row_file.with_name(f"{row_file.stem}-images.arrow")
     has_images = "image" in modalities and options.image_table
+    table = None
     if cache_file is not None and options.load_from_cache_file and row_file.is_file() and (
         image_file.is_file() or not has_images
     ):
         logger.info("loading teacher features from the cache %s", cache_file)
-        table = datasets.Dataset.from_file(str(row_file))
-    else:
+        table = _read_cached_table(row_file, image_file if has_images else None)
+    if table is None:
         row_columns, image_tables, dropped = _encode_feature_columns(dataset, sources, columns, options, state)
         recorded = dict(previous.get("teachers", {}))
         for source in sources:
@@ -253,6 +254,23 @@ def add_feature_columns(
         provenance = {"format": PROVENANCE_FORMAT, "teachers": recorded, "skipped_image_rows": len(dropped)}
         table = _write_feature_table(row_columns, dropped, provenance, columns.provenance_column, row_file, cache_file, state)
     return _join_feature_table(dataset, table, columns.provenance_column)
+
+
+def _read_cached_table(row_file: Path, image_file: Path | None) -> datasets.Dataset | None:
+    """The cached per-row table, once it and its per-image table read whole; ``None``, with a warning naming the
+    file, when one does not (cut off while written or copied): the features are then computed again and the entry
+    rewritten."""
+    table = None
+    for path in (row_file, image_file):
+        if path is None:
+            continue
+        try:
+            opened = datasets.Dataset.from_file(str(path))
+        except (OSError, ValueError, pa.ArrowException) as error:
+            warnings.warn(f"{path}: the feature cache file is damaged ({error}); computing the features again", stacklevel=3)
+            return None
+        table = opened if path == row_file else table
+    return table
 
 
 def shard_batches(num_batches: int, num_processes: int, process_index: int) -> range:
