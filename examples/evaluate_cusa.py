@@ -111,6 +111,19 @@ def load_model_and_processor(args: argparse.Namespace):
     return model, processor
 
 
+def uni_head_notes(model: Any, uses_uni_head: bool) -> list[str]:
+    """What the printed numbers need said: a CusaModel without USA heads answers ``head="uni"`` with its backbone's
+    own normalised features, which are not a uni-modal head's."""
+    config = getattr(model, "config", None)
+    if not uses_uni_head or getattr(config, "model_type", None) != "cusa" or config.use_usa:
+        return []
+    return [
+        f"{type(model).__name__} has no USA heads (use_usa=False), so its 'uni' embeddings are the backbone's own "
+        "normalised features: the numbers of --head uni, --sts and --labelled-images measure the backbone, not a "
+        "uni-modal head"
+    ]
+
+
 def limit_images(dataset: Any, image_id_column: str, image_column: str, max_images: int | None) -> Any:
     """The rows of the first ``max_images`` distinct images."""
     if max_images is None:
@@ -208,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     uni_head = "uni" if head is not None else None
+    notes = uni_head_notes(model, head == "uni" or (uni_head is not None and bool(args.sts or args.labelled_images)))
     if args.sts:
         metrics["sts_spearman"] = evaluate_sts(model, processor.tokenizer, load_sts(args.sts, args.sts_split),
                                                head=uni_head, device=args.device, show_progress=show_progress)
@@ -218,8 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                        show_progress=show_progress)
 
     print(f"model: {args.model}\ndata: {args.data} [{args.split}]\nprotocol: {protocol}")
+    for note in notes:
+        print(f"note: {note}")
     print(format_table(metrics))
-    result = {"model": args.model, "data": args.data, "split": args.split, "protocol": protocol, "metrics": metrics}
+    result = {"model": args.model, "data": args.data, "split": args.split, "protocol": protocol, "metrics": metrics,
+              "notes": notes}  # fmt: skip
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=2)

@@ -84,3 +84,18 @@ def test_checkpoint_without_image_processor_is_described(tmp_path):
     with pytest.raises(ValueError, match=r"holds a 'bert' checkpoint and its processor loads as a Bert\w*Tokenizer\w*, "
                                          r"not a processor with both .* expects a CUSA, CLIP or other dual-encoder"):
         example.main(["--model", str(folder), "--data", str(tmp_path / "test.json"), "--device", "cpu"])
+
+
+def test_the_uni_head_of_a_model_without_usa_heads_comes_with_a_notice(checkpoint_and_data, tmp_path, capsys):
+    from tiny_models import tiny_clip_processor, tiny_cusa_model
+
+    folder = checkpoint_and_data
+    tiny_cusa_model(use_usa=False).save_pretrained(tmp_path / "baseline")
+    tiny_clip_processor().save_pretrained(tmp_path / "baseline")
+    data = ["--data", str(folder / "test.json"), "--device", "cpu", "--quiet"]
+    result = load_example().main(["--model", str(tmp_path / "baseline"), "--head", "uni", *data])
+    notice = "has no USA heads (use_usa=False), so its 'uni' embeddings are the backbone's own normalised features"
+    assert notice in capsys.readouterr().out and notice in result["notes"][0]
+    # The cross head of the same model, and the uni head of a model with USA heads, need no notice.
+    assert load_example().main(["--model", str(tmp_path / "baseline"), *data])["notes"] == []
+    assert load_example().main(["--model", str(folder / "model"), "--head", "uni", *data])["notes"] == []
