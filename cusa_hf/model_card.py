@@ -25,7 +25,9 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -166,14 +168,23 @@ def retrieval_eval_results(
     ``dataset_split`` is the run's split (``validation`` or ``test``), ``metric_type`` the metric's key without it
     (``i2t_r1``, ``rsum``, ``itc_i2t_r1``), so :func:`metrics_from_eval_results` gives the keys back. ``datasets``
     maps a split to ``(dataset_type, dataset_name)`` (see :func:`eval_datasets`); a split without one is ``custom``.
+    A NaN or infinite metric is left out, with a warning naming it.
     """
+    non_finite = [key for key in sorted(CARD_METRIC_KEYS & set(metrics)) if not math.isfinite(metrics[key])]
+    if non_finite:
+        warnings.warn(
+            f"{', '.join(f'{key} = {metrics[key]}' for key in non_finite)}: not finite numbers (the model or its "
+            "evaluation diverged); left out of the card's model-index, which holds numbers only, and shown as they are "
+            "in its results table",
+            stacklevel=2,
+        )
     results = []
     for split in EVAL_SPLITS:
         dataset_type, dataset_name = (datasets or {}).get(split, ("custom", f"custom data ({split} split)"))
         for variant in METRIC_VARIANTS:
             for metric in METRIC_COLUMNS:
                 key = f"{split}_{variant}{metric}"
-                if key not in metrics:
+                if key not in metrics or key in non_finite:
                     continue
                 task_type, task_name = TASKS[metric.split("_")[0]]
                 results.append(

@@ -227,3 +227,14 @@ def test_each_run_of_a_comparison_has_its_own_repo(tmp_path):
     assert comparison_hub_model_id(None, str(tmp_path / "runs"), "baseline") == "runs-baseline"
     with pytest.raises(ValueError, match="run must be 'cusa' or 'baseline', got 'single'"):
         comparison_hub_model_id("me/x", str(tmp_path), "single")
+
+
+def test_non_finite_metrics_stay_out_of_the_model_index_with_a_warning():
+    metrics = {**run_metrics(), "test_rsum": float("nan"), "validation_t2i_r1": float("inf")}
+    with pytest.warns(UserWarning, match=r"test_rsum = nan, validation_t2i_r1 = inf: not finite numbers.*left out of "
+                                         r"the card's model-index"):  # fmt: skip
+        rendered = card(metrics=metrics)
+    expected = {key: value for key, value in retrieval_only(metrics).items() if key not in ("test_rsum", "validation_t2i_r1")}
+    assert metrics_from_eval_results(rendered.data.eval_results) == expected
+    metadata, text = str(rendered).split("---", 2)[1:]
+    assert ".nan" not in metadata and ".inf" not in metadata and "| nan |" in text  # the results table shows it
