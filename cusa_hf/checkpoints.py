@@ -42,11 +42,13 @@ RUN_FILES = (
     "rng_state*.pth", "results.json", "all_results.json", "train_results.json", "eval_results.json",
     "test_results.json", LOCK_FILE,
 )  # fmt: skip
+#: The folders runs write: checkpoints, TensorBoard's logs, the built-in run's generated data, accelerate's FSDP state.
 RUN_FOLDERS = (f"{PREFIX_CHECKPOINT_DIR}-*", "runs", "generated_shapes", "optimizer*", "pytorch_model_fsdp*")
 #: The folders of the two runs of a baseline comparison (``compare_with_baseline``) inside its output folder.
 COMPARISON_RUN_FOLDERS = ("baseline", "cusa")
 #: The locks this process holds, by lock file.
 _HELD_LOCKS: dict[str, "OutputDirLock"] = {}
+
 
 def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     """Refuse to resume ``checkpoint`` into a model whose CUSA settings or teachers differ from the checkpoint's
