@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune an image-text retrieval model with CUSA: train, select on validation RSUM, test once, save, push.
 
-    accelerate launch --cpu --num_processes 1 examples/run_cusa.py              # built-in offline default, all cores
+    accelerate launch examples/run_cusa.py              # built-in offline default (on CPU: every core, logged)
     accelerate launch examples/run_cusa.py examples/configs/clip_vitb32_coco_cusa.yaml --num_train_epochs 5
     python examples/run_cusa.py --backbone openai/clip-vit-base-patch32 --train_file train.json \
         --validation_file val.json --test_file test.json --output_dir out --cusa false
@@ -29,6 +29,7 @@ from transformers import set_seed
 
 from cusa_hf.arguments import parse_arguments
 from cusa_hf.backbones import rerank_factory
+from cusa_hf.cpu_threads import use_every_cpu_core
 from cusa_hf.data import load_splits
 from cusa_hf.streaming import load_training_stream
 from cusa_hf.evaluation.evaluator import RetrievalEvaluator
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     # 1. Settings: a config file (the built-in default without one), then flags; CUSA settings validated now.
     model_args, data_args, training_args = parse_arguments(argv, default_config=BUILTIN_CONFIG)
+    use_every_cpu_core(training_args.device, training_args.world_size)  # a bare accelerate launch gives one thread
     #    The output folder is claimed (writable, locked against other runs, no earlier run replaced) until the end.
     lock = None
     if training_args.process_index == 0:
