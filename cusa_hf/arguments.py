@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -209,6 +210,13 @@ def _training_arguments_class() -> type:
             fields.update(use_csa=False, use_usa=False)
         return fields
 
+    def __post_init__(self) -> None:
+        TrainingArguments.__post_init__(self)
+        if not torch.accelerator.is_available():
+            # Pinned host memory only speeds up copies to an accelerator, and without one torch warns at every data
+            # loader; TrainingArguments itself turns it off for use_cpu.
+            self.dataloader_pin_memory = False
+
     def needs_teachers(self) -> bool:
         """Some run of these settings trains with a CSA or USA term, so teacher features are needed."""
         return CusaConfig(**self.cusa_config_fields(True)).needs_teachers and (self.cusa or self.compare_with_baseline)
@@ -222,6 +230,7 @@ def _training_arguments_class() -> type:
             "__module__": __name__,
             # TrainingArguments.__post_init__ reads a JSON string given for these fields into a dict.
             "_VALID_DICT_FIELDS": [*TrainingArguments._VALID_DICT_FIELDS, "learning_rate_mapping"],
+            "__post_init__": __post_init__,
             "cusa_config_fields": cusa_config_fields,
             # A property, as on CusaConfig and CusaLoss.
             "needs_teachers": property(needs_teachers),

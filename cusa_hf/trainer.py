@@ -122,6 +122,7 @@ class CusaTrainer(Trainer):
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
         if model is not None:
             check_loss_chunking(model, args)
+            _copy_tokenizer_special_tokens(model.config, processing_class)
         if model is not None and train_dataset is not None:
             check_contrastive_batches(args, train_dataset, getattr(model.config, "gather_features", False))
             check_teacher_columns(model.config, train_dataset, data_collator)
@@ -344,6 +345,16 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def _copy_tokenizer_special_tokens(config: Any, processing_class: Any) -> None:
+    """Give the model config the tokenizer's special tokens where it has none. The Trainer copies them into the
+    config and warns that the tokenizer has "new" tokens each time it does; a CusaConfig starts without any (CUSA
+    generates no text), so for it the copy is no news. A config that holds another value still gets the warning."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(config, name, None) is None and getattr(tokenizer, name, None) is not None:
+            setattr(config, name, getattr(tokenizer, name))
 
 
 def _evaluator_for(data: Any, given: Any, collator: Any, args: TrainingArguments) -> Any:
