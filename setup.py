@@ -37,7 +37,7 @@ setup(
         "datasets>=3.0",
         "accelerate>=1.0",
         "safetensors>=0.4",
-        "sentence-transformers>=3.0",
+        "sentence-transformers>=6.0",  # cusa_hf.export builds on its multimodal Transformer module
         "huggingface_hub>=0.30",
         "jinja2",  # ModelCard.from_template renders the model card (cusa_hf/model_card_template.md)
         "evaluate>=0.4",

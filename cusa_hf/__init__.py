@@ -25,6 +25,7 @@ from .evaluation.evaluator import RetrievalEvaluator
 from .evaluation.metrics import retrieval_metrics
 from .evaluation.reranking import pairwise_similarity, rerank_with_itm
 from .evaluation.unimodal import image_retrieval_r1, sts_spearman
+from .export import save_sentence_transformer
 from .factory import builtin_backbone, builtin_processor
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
 from .losses import CusaLoss
@@ -84,6 +85,7 @@ __all__ = [
     "rerank_with_itm",
     "sentence_transformer_text_tower",
     "retrieval_metrics",
+    "save_sentence_transformer",
     "sts_spearman",
     "supported_model_types",
 ]

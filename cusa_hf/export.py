@@ -1,0 +1,71 @@
+"""A CUSA model as a sentence-transformers model: one folder that ``SentenceTransformer(folder,
+trust_remote_code=True)`` loads, whose ``encode`` of captions and of PIL images gives the model's retrieval embeddings,
+so ``sentence_transformers.util.semantic_search`` and every sentence-transformers tool use the fine-tuned weights.
+
+The folder is the CUSA checkpoint itself (weights, ``config.json`` with its ``auto_map``, the modeling code that
+``save_pretrained`` copies, the processor) plus sentence-transformers' own files. Its only module is
+sentence-transformers' stock ``Transformer``, told which model method embeds each modality; it loads the checkpoint
+with ``AutoModel`` and ``AutoProcessor``, so no code of cusa-hf is needed to use it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .configuration_cusa import PACKAGE_ONLY_MODEL_TYPES, CusaConfig
+
+#: The model method that embeds each modality: ``get_text_features`` / ``get_image_features`` with their default
+#: ``head="cross"``, which return the normalised retrieval embeddings as one tensor (no output field to pick).
+MODALITY_CONFIG = {
+    "text": {"method": "get_text_features", "method_output_name": None},
+    "image": {"method": "get_image_features", "method_output_name": None},
+}
+
+
+def save_sentence_transformer(model: Any, processor: Any, folder: str | os.PathLike) -> Path:
+    """Save a CLIP or dual-encoder ``CusaModel`` with its processor as a sentence-transformers model in ``folder``.
+
+    ``SentenceTransformer(folder, trust_remote_code=True).encode(captions)`` and ``.encode(pil_images)`` then equal
+    ``model.get_text_features`` / ``model.get_image_features`` (``head="cross"``, L2-normalised) of what
+    ``processor`` makes of them, also where cusa-hf is not installed (``trust_remote_code`` runs the modeling code
+    saved in the folder). The folder still loads with ``CusaModel.from_pretrained`` and ``AutoModel``.
+
+    Args:
+        model: the ``CusaModel`` (CLIP, Chinese-CLIP or VisionTextDualEncoder backbone).
+        processor: its processor (``image_processor`` + ``tokenizer``), e.g. ``AutoProcessor.from_pretrained`` of the
+            checkpoint.
+        folder: where to write; created when missing.
+
+    Returns:
+        The folder.
+
+    Example::
+
+        >>> save_sentence_transformer(CusaModel.from_pretrained("out"), AutoProcessor.from_pretrained("out"), "out-st")
+        >>> SentenceTransformer("out-st", trust_remote_code=True).encode(["a dog catching a frisbee"])
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Transformer
+
+    if getattr(model.config, "model_type", None) != CusaConfig.model_type:
+        raise TypeError(f"model must be a CusaModel, got {type(model).__name__}")
+    backbone_type = model.config.backbone_config.model_type
+    if backbone_type in PACKAGE_ONLY_MODEL_TYPES:
+        raise ValueError(
+            f"model has a {backbone_type!r} backbone, whose code lives in cusa_hf.models and does not travel with the "
+            "checkpoint; only CLIP and dual-encoder CUSA models export to sentence-transformers"
+        )
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    # Loaded back the way a user's SentenceTransformer(folder, trust_remote_code=True) will load it, then saved by
+    # sentence-transformers itself, so its files are those of the installed version.
+    remote_code = {"trust_remote_code": True}
+    module = Transformer(
+        str(folder), model_kwargs=remote_code, processor_kwargs=remote_code, config_kwargs=remote_code,
+        modality_config=MODALITY_CONFIG, module_output_name="sentence_embedding",
+    )  # fmt: skip
+    SentenceTransformer(modules=[module], device="cpu", similarity_fn_name="cosine").save(str(folder))
+    return folder
