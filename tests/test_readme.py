@@ -1,0 +1,46 @@
+"""Every ```python block of README.md runs as written, offline, on coco_mini found through ``$CUSA_COCO_MINI``, unless
+its first line is ``# needs the Hugging Face Hub`` (those must still be valid Python). The blocks run in README order,
+each in a fresh interpreter, in one temporary working directory: a block may read what an earlier one wrote (as a
+reader following the README would), and nothing is written into the repository."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+HUB_MARK = "# needs the Hugging Face Hub"
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def offline_blocks() -> list[str]:
+    return [block for block in python_blocks() if not block.startswith(HUB_MARK + "\n")]
+
+
+def test_every_python_block_of_the_readme_is_python_and_most_run_offline():
+    for number, block in enumerate(python_blocks(), start=1):
+        ast.parse(block, filename=f"README.md python block {number}")
+    assert len(offline_blocks()) >= 3, "the README's offline examples are gone"
+
+
+@pytest.mark.slow
+def test_the_readme_python_blocks_run_as_written(coco_mini, tmp_path):
+    workdir = tmp_path / "reader"
+    workdir.mkdir()
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    # Fresh datasets and remote-code caches: the blocks compute what a new user's first run computes.
+    env.update(CUSA_COCO_MINI=str(coco_mini), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_CACHE=str(tmp_path / "datasets"), HF_MODULES_CACHE=str(tmp_path / "modules"))  # fmt: skip
+    for number, block in enumerate(offline_blocks(), start=1):
+        result = subprocess.run([sys.executable, "-c", block], cwd=workdir, env=env, capture_output=True, text=True,
+                                timeout=1200)  # fmt: skip
+        assert result.returncode == 0, f"offline README python block {number}:\n{block}\n{result.stderr[-4000:]}"
