@@ -394,3 +394,31 @@ def test_skip_invalid_drops_a_truncated_image_before_training(tiny_backbone, sha
     with pytest.warns(UserWarning, match=r"skipped 1 image\(s\) that do not decode"):
         results = run_cusa.main([*args, "--skip_invalid", "true", "--output_dir", str(tmp_path / "skipping")])
     assert results["baseline"]["test_rsum"] >= 0
+
+
+def test_a_run_starts_from_a_saved_cusa_checkpoint(tiny_backbone, shapes, tmp_path, caplog):
+    """``--backbone <run folder>``: stage 2 starts from stage 1's trained weights. With frozen towers the towers stay
+    the checkpoint's (their cached outputs are the first run's tables), CUSA's new parts are reported fresh and the card
+    names the checkpoint it was fine-tuned from."""
+    import logging
+
+    frozen = ["--freeze_vision_tower", "true", "--freeze_text_tower", "true", "--save_strategy", "no",
+              "--load_best_model_at_end", "false", "--num_train_epochs", "1"]  # fmt: skip
+    stage1 = tmp_path / "stage1"
+    run_cusa.main(tiny_run_args(tiny_backbone, shapes, stage1, *frozen, "--cusa", "false"))
+    assert check_backbone(parse_arguments(["--backbone", str(stage1), "--output_dir", str(tmp_path)])[0]) == "clip"
+    with caplog.at_level(logging.INFO):
+        run_cusa.main(tiny_run_args(stage1, shapes, tmp_path / "stage2", *frozen, "--cusa", "true"))
+    messages = [record.getMessage() for record in caplog.records]
+    started = [message for message in messages if message.startswith("starting from the CUSA checkpoint")]
+    assert started and "itc_temperature" in started[0] and "fresh: csa_temperature, usa_image_head" in started[0]
+    # The frozen towers' outputs are stage 1's: the validation and test splits read its cached tables (per tower; the
+    # training split now carries teacher columns, another dataset fingerprint, so its tables are computed again).
+    assert sum("loading teacher features from the cache" in message for message in messages) == 4
+    checkpoint, continued = CusaModel.from_pretrained(stage1), CusaModel.from_pretrained(tmp_path / "stage2")
+    assert continued.config.use_csa and not checkpoint.config.use_csa
+    continued_state = continued.backbone.state_dict()
+    for name, tensor in checkpoint.backbone.state_dict().items():
+        if name.startswith(("vision_model.", "text_model.")):
+            assert torch.equal(continued_state[name], tensor), name
+    assert f"the CUSA checkpoint `{stage1}`" in (tmp_path / "stage2" / "README.md").read_text()
