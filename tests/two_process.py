@@ -7,6 +7,8 @@ clean. The function must be defined at module level of an importable module (tes
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
 import tempfile
 from typing import Callable
@@ -18,18 +20,31 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _run_then_leave_the_group(function: Callable, *args) -> None:
+    """Run ``function``, then leave the process group together: a child that exits with gloo's threads still running
+    aborts ("terminate called without an active exception", SIGABRT), which failed a CI run after the test passed."""
+    import torch.distributed as dist
+
+    function(*args)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def spawn_launcher(function: Callable, args: tuple = (), num_processes: int = 2) -> None:
     from accelerate.utils import PrepareForLaunch, patch_environment
     from torch.multiprocessing import start_processes
 
-    with tempfile.NamedTemporaryFile() as rendezvous:
+    # A folder, not a file: the file store deletes its file when the last process leaves the group.
+    with tempfile.TemporaryDirectory() as rendezvous_dir:
         with patch_environment(
             world_size=num_processes,
             master_addr="127.0.0.1",
             master_port=str(free_port()),
             accelerate_mixed_precision="no",
-            accelerate_debug_rdv_file=rendezvous.name,
+            accelerate_debug_rdv_file=os.path.join(rendezvous_dir, "rendezvous"),
             accelerate_use_cpu="yes",
             gloo_socket_ifname="lo",
         ):
-            start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="spawn")
+            launch = PrepareForLaunch(functools.partial(_run_then_leave_the_group, function), debug=True)
+            start_processes(launch, args=args, nprocs=num_processes, start_method="spawn")
