@@ -80,8 +80,9 @@ def run_one(name: str, flags: list[str], seed: int, args: argparse.Namespace) ->
             *args.data_flags, *flags]  # fmt: skip
     start = time.time()
     metrics = next(iter(run_cusa.main(argv).values()))
-    test_file = args.data_flags[args.data_flags.index("--test_file") + 1] if args.data_flags else None
-    metrics.update(text_text_retrieval(str(run_dir), test_file or str(coco_mini_folder() / "test.json"), None))
+    data = dict(zip(args.data_flags[::2], args.data_flags[1::2]))  # the quick mode's flag/value pairs
+    test_file = data.get("--test_file", str(coco_mini_folder() / "test.json"))
+    metrics.update(text_text_retrieval(str(run_dir), test_file, data.get("--image_root")))
     metrics.update(logged_values(run_dir))
     metrics.update(head_norm(run_dir))
     metrics["wall_s"] = round(time.time() - start, 1)

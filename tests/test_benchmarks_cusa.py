@@ -82,3 +82,38 @@ def test_cusa_gain_quick(tmp_path):
     assert all(0 <= value <= 100 for reference in references.values() for value in reference.values())
     # A rerun finds every run finished and only summarises.
     assert cusa_gain.main(["--quick", "--output_dir", str(tmp_path)]) == summary
+
+
+@pytest.mark.slow  # a one-step stage 1, then two one-step fine-tuning runs with the real pretrained student
+def test_finetune_ablation_quick(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS.parent / "examples"))
+    import run_cusa
+
+    finetune_ablation = load_benchmark("finetune_ablation")
+    _, data_flags = cusa_gain.quick_data(tmp_path / "stage1-data")
+    stage1 = tmp_path / "stage1"
+    run_cusa.main([str(run_cusa.BUILTIN_CONFIG), *data_flags, "--cusa", "false", "--compare_with_baseline", "false",
+                   "--max_steps", "1", "--output_dir", str(stage1), "--text_teacher", "offline:all-MiniLM-L6-v2",
+                   "--disable_tqdm", "true"])  # fmt: skip
+    output_dir = tmp_path / "ablation"
+    variants = '{"infonce": ["--cusa", "false"], "cusa-headlr": ["--learning_rate_mapping", "{\\"usa_\\": 0.001}"]}'
+    argv = ["--quick", "--stage1", str(stage1), "--output_dir", str(output_dir), "--variants", variants, "--seeds", "0"]
+    table = finetune_ablation.main(argv)
+
+    runs = {run["variant"]: run for run in map(json.loads, (output_dir / "runs.jsonl").read_text().splitlines())}
+    assert set(runs) == {"infonce", "cusa-headlr"}
+    for run in runs.values():
+        assert run["seed"] == 0 and f"--backbone {stage1}" in run["command"]
+        assert run["test_rsum"] == pytest.approx(sum(run[f"test_{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)))
+        assert 0 <= run["tt_map_uni"] <= 100
+    # Stage 1 was trained without USA: the InfoNCE run keeps no heads; the CUSA run trains fresh ones.
+    assert "usa_head_norm" not in runs["infonce"] and runs["cusa-headlr"]["usa_head_norm"] > 0
+    assert runs["infonce"]["loss_csa"] == 0 and runs["cusa-headlr"]["loss_csa"] > 0
+    gain = runs["cusa-headlr"]["test_rsum"] - runs["infonce"]["test_rsum"]
+    assert f"| cusa-headlr | 1 | {runs['cusa-headlr']['validation_rsum']:.1f} |" in table
+    assert f"({gain:+.1f})" in table
+    assert (output_dir / "summary.md").read_text() == table + "\n"
+    # A rerun finds both runs finished and only summarises.
+    assert finetune_ablation.main(argv) == table
