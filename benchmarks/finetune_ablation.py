@@ -8,7 +8,8 @@ the test split is reported beside them, never used to choose.
 For each run it records the validation and test retrieval metrics, the last logged training terms (``loss_itc``,
 ``loss_csa``, ``loss_usa``), the soft labels' row entropy, the temperatures (from the run's ``trainer_state.json``),
 the Frobenius norm of the USA heads' weights, and same-image caption retrieval on the test split (mAP with the USA
-head and with the retrieval embedding; ``benchmarks/cusa_gain.py`` explains the measure).
+head and with the retrieval embedding; ``benchmarks/cusa_gain.py`` explains the measure), and its wall time (the
+run and these measures, so it depends on the machine's load).
 
 Runs are appended to ``<output_dir>/runs.jsonl`` (a rerun skips finished ones); the summary (mean ± sample std over
 seeds, and each variant's gain over the ``--reference`` variant of the same seed) is printed as Markdown and written
@@ -42,7 +43,7 @@ LOGGED = ("loss_itc", "loss_csa", "loss_usa", "softlabel_entropy_image", "softla
           "csa_temperature", "usa_image_temperature", "usa_text_temperature")  # fmt: skip
 TAIL_LOGS = 3
 SUMMARY_COLUMNS = ("validation_rsum", "test_rsum", "tt_map_uni", "tt_map_cross", "loss_itc", "loss_csa", "loss_usa",
-                   "softlabel_entropy_image", "usa_head_norm", "train_runtime")  # fmt: skip
+                   "softlabel_entropy_image", "usa_head_norm", "wall_s")  # fmt: skip
 
 
 def logged_values(run_dir: Path) -> dict[str, float]:
@@ -103,7 +104,7 @@ def summarize(runs: list[dict], variants: list[str], reference: str | None) -> s
         return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     header = ["variant", "seeds", "val RSUM", "test RSUM", "val gain", "test gain (per seed)", "tt mAP uni",
-              "tt mAP cross", "loss_itc", "loss_csa", "loss_usa", "soft-label entropy", "USA head norm", "train s"]  # fmt: skip
+              "tt mAP cross", "loss_itc", "loss_csa", "loss_usa", "soft-label entropy", "USA head norm", "run s"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
         seeds = sorted(seed for (name, seed) in by_key if name == variant)
@@ -123,7 +124,7 @@ def summarize(runs: list[dict], variants: list[str], reference: str | None) -> s
             cell(gains["validation_rsum"]), f"{cell(gains['test_rsum'])} ({per_seed})" if per_seed else "-",
             cell(column["tt_map_uni"]), cell(column["tt_map_cross"]), cell(column["loss_itc"], 4),
             cell(column["loss_csa"], 3), cell(column["loss_usa"], 3), cell(column["softlabel_entropy_image"], 2),
-            cell(column["usa_head_norm"], 1), cell(column["train_runtime"], 0),
+            cell(column["usa_head_norm"], 1), cell(column["wall_s"], 0),
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
 

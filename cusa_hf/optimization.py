@@ -43,6 +43,17 @@ def check_learning_rate_mapping(mapping: Any) -> dict[str, float]:
     return checked
 
 
+def patterns_matching(model: nn.Module, learning_rate_mapping: dict[str, float]) -> dict[str, float]:
+    """The entries of ``learning_rate_mapping`` whose pattern matches (``re.search``) a trainable parameter name of
+    ``model``."""
+    names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    return {
+        pattern: rate
+        for pattern, rate in check_learning_rate_mapping(learning_rate_mapping).items()
+        if any(re.search(pattern, name) for name in names)
+    }
+
+
 def parameter_groups(
     model: nn.Module,
     learning_rate_mapping: dict[str, float],
@@ -55,25 +66,19 @@ def parameter_groups(
     ``decay_parameter_names`` (the Trainer's choice: no decay on biases and norms). A pattern that matches no trainable
     parameter is refused: a typo would otherwise leave the intended parts at the base rate without a word."""
     mapping = check_learning_rate_mapping(learning_rate_mapping)
-    decay_names = set(decay_parameter_names)
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
-    matched = dict.fromkeys(mapping, 0)
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        rate = learning_rate
-        for pattern, pattern_rate in mapping.items():
-            if re.search(pattern, name):
-                rate, matched[pattern] = pattern_rate, matched[pattern] + 1
-                break
-        groups.setdefault((rate, name in decay_names), []).append(parameter)
-    unmatched = [pattern for pattern, count in matched.items() if count == 0]
+    unmatched = [pattern for pattern in mapping if pattern not in patterns_matching(model, mapping)]
     if unmatched:
         trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
         raise ValueError(
             f"learning_rate_mapping pattern(s) {unmatched} match no trainable parameter of the model (trainable: "
             f"{', '.join(trainable[:8])}{', ...' if len(trainable) > 8 else ''})"
         )
+    decay_names = set(decay_parameter_names)
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            rate = next((rate for pattern, rate in mapping.items() if re.search(pattern, name)), learning_rate)
+            groups.setdefault((rate, name in decay_names), []).append(parameter)
     return [
         {"params": params, "lr": rate, "weight_decay": weight_decay if decays else 0.0}
         for (rate, decays), params in groups.items()

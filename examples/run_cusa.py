@@ -37,6 +37,7 @@ from cusa_hf.evaluation.metrics import format_retrieval_table
 from cusa_hf.example_data import default_training_data
 from cusa_hf.factory import build_model, build_processor, cache_frozen_towers, check_backbone, load_sgraf_data
 from cusa_hf.model_card import CusaModelCardData, comparison_hub_model_id
+from cusa_hf.optimization import patterns_matching
 from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
 from cusa_hf.models.sgraf.training_data import with_image_paths
 from cusa_hf.teachers.features import reuse_or_add_teacher_features
@@ -56,6 +57,13 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
     if model_args.cache_frozen_towers:
         splits = cache_frozen_towers(model, splits, processor, model_args, data_args, not training_args.disable_tqdm)
     run_args = dataclasses.replace(training_args)
+    if not enabled and run_args.learning_rate_mapping:
+        # The InfoNCE model has no USA heads and no CSA temperature: patterns naming only those apply to CUSA runs.
+        run_args.learning_rate_mapping = patterns_matching(model, run_args.learning_rate_mapping) or None
+        unused = sorted(set(training_args.learning_rate_mapping) - set(run_args.learning_rate_mapping or {}))
+        if unused:
+            logger.warning("learning_rate_mapping pattern(s) %s match no trainable parameter of the InfoNCE model "
+                           "(no USA heads or CSA temperature): they apply to the CUSA run only", unused)  # fmt: skip
     if name != "single":  # each run of a comparison has its own folder and Hub repo (me/x and me/x-baseline)
         run_args.output_dir, run_args.run_name = os.path.join(training_args.output_dir, name), name
         run_args.hub_model_id = comparison_hub_model_id(training_args.hub_model_id, training_args.output_dir, name)

@@ -422,3 +422,30 @@ def test_a_run_starts_from_a_saved_cusa_checkpoint(tiny_backbone, shapes, tmp_pa
         if name.startswith(("vision_model.", "text_model.")):
             assert torch.equal(continued_state[name], tensor), name
     assert f"the CUSA checkpoint `{stage1}`" in (tmp_path / "stage2" / "README.md").read_text()
+
+
+def test_a_comparison_with_a_learning_rate_mapping_for_the_usa_heads(tiny_backbone, shapes, tmp_path, caplog):
+    """builtin_finetune.yaml's shape: ``learning_rate_mapping`` names the USA heads, which the InfoNCE baseline of the
+    comparison lacks. The baseline trains at the base rate and says the pattern applies to the CUSA run only; the CUSA
+    run gives its heads their own rate; a pattern that matches nothing in either run still stops it."""
+    import logging
+
+    mapping = ["--learning_rate_mapping", '{"^usa_": 0.5}', "--learning_rate", "1e-30", "--save_strategy", "no",
+               "--load_best_model_at_end", "false", "--num_train_epochs", "1", "--compare_with_baseline", "true"]  # fmt: skip
+    initial = CusaModel.from_backbone(str(tiny_backbone))
+    with caplog.at_level(logging.WARNING):
+        results = run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "run", *mapping))
+    assert set(results) == {"baseline", "cusa"}
+    warnings = [record.getMessage() for record in caplog.records if "learning_rate_mapping" in record.getMessage()]
+    assert warnings == ["learning_rate_mapping pattern(s) ['^usa_'] match no trainable parameter of the InfoNCE model "
+                        "(no USA heads or CSA temperature): they apply to the CUSA run only"]  # fmt: skip
+    cusa = CusaModel.from_pretrained(tmp_path / "run" / "cusa")
+    # At 1e-30 the backbone does not move; the USA heads, at 0.5 (Adam's first step moves each weight by about the
+    # rate), leave the range of their initialisation (uniform within 1 / sqrt(fan_in)).
+    for name, tensor in initial.backbone.state_dict().items():
+        torch.testing.assert_close(cusa.backbone.state_dict()[name], tensor, msg=name)
+    head = cusa.usa_text_head.linear
+    assert head.weight.abs().max() > 1 / head.in_features**0.5 + 0.25
+    with pytest.raises(ValueError, match=r"pattern\(s\) \['\^usa_tpyo'\] match no trainable parameter"):
+        run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "typo", *mapping[:-2], "--cusa", "true",
+                                    "--learning_rate_mapping", '{"^usa_tpyo": 0.5}'))  # fmt: skip
