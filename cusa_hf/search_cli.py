@@ -2,7 +2,7 @@
 
 Examples::
 
-    cusa-search build --model outputs/cusa-default/cusa --data ../shared/data/coco_mini/test.json --out coco-index
+    cusa-search build --model outputs/cusa-default/cusa --data $CUSA_COCO_MINI/test.json --out coco-index
     cusa-search query coco-index "a dog catching a frisbee" -k 5 --save-grid dogs.png
     cusa-search query coco-index --image my_photo.jpg -k 5            # image -> captions (cross head)
     cusa-search query coco-index --image my_photo.jpg --target images  # image -> images

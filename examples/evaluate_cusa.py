@@ -1,6 +1,6 @@
 """Evaluate a saved or Hub CUSA checkpoint: image-text retrieval R@K / RSUM, optionally STS and image R@1.
 
-    python examples/evaluate_cusa.py --model outputs/cusa --data ../shared/data/coco_mini/test.json \
+    python examples/evaluate_cusa.py --model outputs/cusa --data $CUSA_COCO_MINI/test.json \
         --output-json results.json --save-grid top5.png
 
 Prints a table (with the protocol it used), writes the numbers as JSON, and with ``--save-grid`` (``.png`` or
