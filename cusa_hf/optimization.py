@@ -43,15 +43,15 @@ def check_learning_rate_mapping(mapping: Any) -> dict[str, float]:
     return checked
 
 
-def patterns_matching(model: nn.Module, learning_rate_mapping: dict[str, float]) -> dict[str, float]:
-    """The entries of ``learning_rate_mapping`` whose pattern matches (``re.search``) a trainable parameter name of
-    ``model``."""
+def unmatched_patterns(model: nn.Module, learning_rate_mapping: dict[str, float]) -> list[str]:
+    """The patterns of ``learning_rate_mapping``, in its order, that match (``re.search``) no trainable parameter
+    name of ``model``."""
     names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
-    return {
-        pattern: rate
-        for pattern, rate in check_learning_rate_mapping(learning_rate_mapping).items()
-        if any(re.search(pattern, name) for name in names)
-    }
+    return [
+        pattern
+        for pattern in check_learning_rate_mapping(learning_rate_mapping)
+        if not any(re.search(pattern, name) for name in names)
+    ]
 
 
 def parameter_groups(
@@ -66,7 +66,7 @@ def parameter_groups(
     ``decay_parameter_names`` (the Trainer's choice: no decay on biases and norms). A pattern that matches no trainable
     parameter is refused: a typo would otherwise leave the intended parts at the base rate without a word."""
     mapping = check_learning_rate_mapping(learning_rate_mapping)
-    unmatched = [pattern for pattern in mapping if pattern not in patterns_matching(model, mapping)]
+    unmatched = unmatched_patterns(model, mapping)
     if unmatched:
         trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
         raise ValueError(

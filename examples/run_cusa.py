@@ -37,7 +37,7 @@ from cusa_hf.evaluation.metrics import format_retrieval_table
 from cusa_hf.example_data import default_training_data
 from cusa_hf.factory import build_model, build_processor, cache_frozen_towers, check_backbone, load_sgraf_data
 from cusa_hf.model_card import CusaModelCardData, comparison_hub_model_id
-from cusa_hf.optimization import patterns_matching
+from cusa_hf.optimization import unmatched_patterns
 from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
 from cusa_hf.models.sgraf.training_data import with_image_paths
 from cusa_hf.teachers.features import reuse_or_add_teacher_features
@@ -59,9 +59,10 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
     run_args = dataclasses.replace(training_args)
     if not enabled and run_args.learning_rate_mapping:
         # The InfoNCE model has no USA heads and no CSA temperature: patterns naming only those apply to CUSA runs.
-        run_args.learning_rate_mapping = patterns_matching(model, run_args.learning_rate_mapping) or None
-        unused = sorted(set(training_args.learning_rate_mapping) - set(run_args.learning_rate_mapping or {}))
+        unused = unmatched_patterns(model, run_args.learning_rate_mapping)
         if unused:
+            kept = {pattern: rate for pattern, rate in run_args.learning_rate_mapping.items() if pattern not in unused}
+            run_args.learning_rate_mapping = kept or None
             logger.warning("learning_rate_mapping pattern(s) %s match no trainable parameter of the InfoNCE model "
                            "(no USA heads or CSA temperature): they apply to the CUSA run only", unused)  # fmt: skip
     if name != "single":  # each run of a comparison has its own folder and Hub repo (me/x and me/x-baseline)
