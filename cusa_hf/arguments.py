@@ -45,6 +45,14 @@ class ModelArguments:
         },
     )
     processor_name: str | None = field(default=None, metadata={"help": "Processor name/path (defaults to backbone)."})
+    fresh_heads: bool = field(
+        default=False,
+        metadata={
+            "help": "With a CUSA checkpoint as backbone: keep only its trained backbone (towers and their projections) "
+            "and start the cross-modal projectors, USA heads and temperatures fresh (the authors' structure on a "
+            "pretrained model), instead of continuing its trained ones."
+        },
+    )
     projection_dim: int = field(default=256, metadata={"help": "Projection width of the built-in dual encoder."})
     freeze_vision_tower: bool = field(
         default=False, metadata={"help": "Freeze the image tower (weights and BatchNorm statistics); CPU-friendly."}

@@ -101,8 +101,10 @@ def build_backbone(model_args: ModelArguments, sgraf_config: dict[str, Any] | No
 def build_model(model_args: ModelArguments, sgraf_config: dict[str, Any] | None = None, **cusa_fields: Any) -> CusaModel:
     """A ``CusaModel`` around the backbone of ``model_args`` with fresh CUSA heads (``cusa_fields``: CusaConfig
     fields), or starting from a saved CUSA checkpoint (``CusaModel.from_backbone``), its towers frozen as
-    ``freeze_vision_tower`` / ``freeze_text_tower`` say."""
-    model = CusaModel.from_backbone(build_backbone(model_args, sgraf_config), **cusa_fields)
+    ``freeze_vision_tower`` / ``freeze_text_tower`` say; ``fresh_heads`` keeps only a checkpoint's backbone."""
+    model = CusaModel.from_backbone(
+        build_backbone(model_args, sgraf_config), fresh_heads=model_args.fresh_heads, **cusa_fields
+    )
     if model_args.freeze_vision_tower:
         freeze_tower(model.backbone.vision_model)
     if model_args.freeze_text_tower:

@@ -75,6 +75,8 @@ class CusaModelCardData:
         data_args: the run's ``DataArguments``: names the evaluated datasets in the model-index and the Hub datasets
             in ``datasets``; without it the results are filed under a ``custom`` dataset.
         license: a Hub license id; ``"other"`` by default, as the weights carry the terms of the backbone and data.
+        fresh_heads: the model kept only the backbone of the CUSA checkpoint ``backbone`` names, with fresh projectors,
+            heads and temperatures (``CusaModel.from_backbone(..., fresh_heads=True)``).
     """
 
     backbone: str | None = None
@@ -82,6 +84,7 @@ class CusaModelCardData:
     command: str | None = None
     data_args: Any = None
     license: str = "other"
+    fresh_heads: bool = False
 
 
 def hub_repo_name(name: str | None) -> str | None:
@@ -213,7 +216,12 @@ def _objective(config: Any) -> str:
     return "CUSA" if len(terms) == 2 else terms[0] if terms else "baseline"
 
 
-def _backbone_text(backbone: str | None, model_type: str) -> str:
+def _backbone_text(backbone: str | None, model_type: str, fresh_heads: bool = False) -> str:
+    if backbone and fresh_heads:
+        return (
+            f"the backbone of the CUSA checkpoint `{backbone}` (its trained `{model_type}` towers and their "
+            "projections; CUSA's projectors, heads and temperatures started fresh)"
+        )
     if not backbone:
         return f"a `{model_type}` backbone"
     if backbone == BUILTIN_BACKBONE:
@@ -285,7 +293,7 @@ def render_model_card(
         template_path=TEMPLATE_PATH,
         model_name=name,  # the card data keeps it only inside the model-index
         objective=objective,
-        backbone_text=_backbone_text(backbone, model_type),
+        backbone_text=_backbone_text(backbone, model_type, card_data.fresh_heads),
         csa_active=config.csa_active,
         usa_active=config.usa_active,
         csa_weight=config.csa_weight,

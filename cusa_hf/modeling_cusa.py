@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -171,8 +172,11 @@ class CusaPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, CusaProjection):
+            # As the authors' initialize_parameters: the Linear weight from N(0, 0.02); the bias and the LayerNorm keep
+            # PyTorch's defaults (drawn here too, for weights a checkpoint lacks that from_pretrained fills).
             init.normal_(module.linear.weight, mean=0.0, std=0.02)
-            init.zeros_(module.linear.bias)
+            bound = 1 / math.sqrt(module.linear.in_features)
+            init.uniform_(module.linear.bias, -bound, bound)
             init.ones_(module.layer_norm.weight)
             init.zeros_(module.layer_norm.bias)
         elif isinstance(module, CusaModel):
@@ -209,8 +213,8 @@ class CusaModel(CusaPreTrainedModel):
             )
         if self.uses_cross_projection:
             projection_dim = config.projection_dim or image_dim
-            self.cross_image_projection = CusaProjection(image_dim, projection_dim)
-            self.cross_text_projection = CusaProjection(text_dim, projection_dim)
+            self.cross_image_projection = self._new_projection(image_dim, projection_dim)
+            self.cross_text_projection = self._new_projection(text_dim, projection_dim)
         elif image_dim != text_dim and not self.adapter.scores_pairs_itself:
             raise ValueError(
                 f"the backbone's image features ({image_dim}-d) and text features ({text_dim}-d) differ in width; "
@@ -225,8 +229,8 @@ class CusaModel(CusaPreTrainedModel):
                 )
             self.tower_dropout = nn.Dropout(config.tower_dropout)
         if config.use_usa:
-            self.usa_image_head = CusaProjection(image_dim, image_dim)
-            self.usa_text_head = CusaProjection(text_dim, text_dim)
+            self.usa_image_head = self._new_projection(image_dim, image_dim)
+            self.usa_text_head = self._new_projection(text_dim, text_dim)
 
         # Temperatures exist only where they are used, so DDP never sees a parameter without a gradient.
         temperature_names = []
@@ -243,26 +247,47 @@ class CusaModel(CusaPreTrainedModel):
         self.cusa_loss = CusaLoss.from_config(config)
         self.post_init()
 
+    def _new_projection(self, input_dim: int, output_dim: int) -> CusaProjection:
+        """A projector drawn as the authors draw theirs. transformers 5 runs ``_init_weights`` only on weights that
+        ``from_pretrained`` finds missing, not on a model built here, so each is drawn as it is built (one after the
+        other, so a model with and without USA heads gets the same cross projectors from one seed); loaded weights
+        replace these draws."""
+        projection = CusaProjection(input_dim, output_dim)
+        self._init_weights(projection)
+        return projection
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_backbone(
-        cls, backbone: PreTrainedModel | str | os.PathLike, backbone_kwargs: dict | None = None, **cusa_fields: Any
+        cls,
+        backbone: PreTrainedModel | str | os.PathLike,
+        backbone_kwargs: dict | None = None,
+        fresh_heads: bool = False,
+        **cusa_fields: Any,
     ) -> "CusaModel":
         """Wrap a pretrained backbone (a model, a Hub name such as ``openai/clip-vit-base-patch32``, or a local
         folder) with freshly initialised CUSA projectors and heads, keeping the backbone's pretrained weights.
 
         ``backbone`` may also be a saved CUSA checkpoint (a ``CusaModel``, or the folder / Hub id of one): the new model
-        starts from it, see :meth:`_continue_from`.
+        starts from it, see :meth:`_continue_from`; with ``fresh_heads=True`` only its backbone is kept.
+
+        Fresh projectors and heads are drawn as the authors draw them: Linear weights from N(0, 0.02), biases and
+        LayerNorms at PyTorch's defaults; temperatures start at ``cusa_fields``' (else CusaConfig's) initial values.
 
         Args:
             backbone: the backbone model or its name/path, or a CUSA checkpoint.
             backbone_kwargs: passed to the backbone's ``from_pretrained`` when ``backbone`` is a name/path.
+            fresh_heads: with a CUSA checkpoint, keep only its trained backbone (towers and their projections) and
+                start the cross-modal projectors, USA heads and temperatures fresh, as the authors put fresh projectors
+                on a pretrained CLIP; the projector layout is then this call's (``projection_dim``, ...). Refused
+                for a backbone that is no CUSA checkpoint.
             **cusa_fields: any [`CusaConfig`] field (``csa_weight=0.1``, ``use_usa=False``, ...).
 
         Example::
 
             >>> model = CusaModel.from_backbone("openai/clip-vit-base-patch32")       # fresh CUSA heads
             >>> model = CusaModel.from_backbone("outputs/cusa-default/baseline")       # a trained CUSA checkpoint
+            >>> model = CusaModel.from_backbone("outputs/cusa-default/baseline", fresh_heads=True)  # its backbone only
         """
         if isinstance(backbone, str) and backbone.startswith("builtin:"):
             # A name only run_cusa's settings know (ModelArguments.backbone); it would otherwise fail as a Hub id.
@@ -272,8 +297,16 @@ class CusaModel(CusaPreTrainedModel):
             )
         if isinstance(backbone, (str, os.PathLike)) and is_cusa_checkpoint(backbone, backbone_kwargs):
             backbone = cls.from_pretrained(backbone, **(backbone_kwargs or {}))
-        if isinstance(backbone, CusaModel):
+        if isinstance(backbone, CusaModel) and not fresh_heads:
             return cls._continue_from(backbone, **cusa_fields)
+        checkpoint_name = None
+        if isinstance(backbone, CusaModel):
+            checkpoint_name, backbone = backbone.config._name_or_path or "(in memory)", backbone.backbone
+        elif fresh_heads:
+            raise ValueError(
+                f"fresh_heads=True keeps only the backbone of a CUSA checkpoint, and {backbone!r} is not one (its CUSA "
+                "parts are fresh anyway); leave fresh_heads unset"
+            )
         if isinstance(backbone, (str, os.PathLike)):
             backbone_config = AutoConfig.from_pretrained(backbone, **(backbone_kwargs or {}))
             adapter_class = adapter_class_for(backbone_config.model_type)
@@ -287,7 +320,18 @@ class CusaModel(CusaPreTrainedModel):
         # attends to padding (features then depend on how a batch is padded); keep the backbone's own.
         if attn_implementation is not None:
             model.set_attn_implementation(attn_implementation)
+        if checkpoint_name is not None:
+            logger.info(
+                "starting from the backbone of the CUSA checkpoint %s (fresh_heads): trained backbone; fresh: %s",
+                checkpoint_name, ", ".join(model.cusa_part_names()),
+            )  # fmt: skip
         return model
+
+    def cusa_part_names(self) -> list[str]:
+        """The names of the parts CUSA adds on top of the backbone: projectors, USA heads and temperatures."""
+        return [name for name, _ in self.named_children() if name.startswith(("cross_", "usa_"))] + sorted(
+            name for name, _ in self.named_parameters(recurse=False)
+        )
 
     @classmethod
     def _continue_from(cls, checkpoint: "CusaModel", **cusa_fields: Any) -> "CusaModel":

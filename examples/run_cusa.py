@@ -91,7 +91,8 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
         collator_kwargs={"image_root": data_args.image_root, "max_length": data_args.max_text_length},
         evaluator=evaluator,
         model_card_data=CusaModelCardData(
-            backbone=model_args.backbone, training_data=description, command=command, data_args=data_args
+            backbone=model_args.backbone, training_data=description, command=command, data_args=data_args,
+            fresh_heads=model_args.fresh_heads,
         ),
     )
     resume = training_args.resume_from_checkpoint

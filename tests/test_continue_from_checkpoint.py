@@ -97,6 +97,63 @@ def test_the_projector_layout_of_a_checkpoint_cannot_change(cusa_folder):
         CusaModel.from_backbone(str(cusa_folder), cross_projection=False)
 
 
+def test_fresh_projectors_and_heads_are_drawn_as_the_authors_and_loaded_weights_are_untouched(tmp_path):
+    """The authors' initialize_parameters: Linear weights of the cross projectors and USA heads from N(0, 0.02);
+    biases and LayerNorms at PyTorch's defaults. A loaded checkpoint keeps its weights, a wrapped backbone its own."""
+    model = tiny_cusa_model(seed=5, projection_dim=512)
+    for name in ("cross_image_projection", "cross_text_projection", "usa_image_head", "usa_text_head"):
+        linear, layer_norm = getattr(model, name).linear, getattr(model, name).layer_norm
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.15), name
+        assert abs(linear.weight.mean().item()) < 0.005, name
+        bound = 1 / linear.in_features**0.5
+        assert linear.bias.abs().max().item() <= bound and linear.bias.abs().max().item() > bound / 2, name
+        assert torch.equal(layer_norm.weight, torch.ones_like(layer_norm.weight)), name
+        assert torch.equal(layer_norm.bias, torch.zeros_like(layer_norm.bias)), name
+    trained_like(model).save_pretrained(tmp_path / "trained")
+    loaded = CusaModel.from_pretrained(tmp_path / "trained")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    backbone_state = {name: tensor.clone() for name, tensor in loaded.backbone.state_dict().items()}
+    wrapped = CusaModel.from_backbone(loaded.backbone)
+    for name, tensor in wrapped.backbone.state_dict().items():
+        assert torch.equal(tensor, backbone_state[name]), name
+    assert wrapped.cross_image_projection.linear.weight.std().item() == pytest.approx(0.02, rel=0.3)
+
+
+@pytest.mark.parametrize("as_folder", [True, False])
+def test_fresh_heads_keep_only_the_checkpoints_backbone(cusa_folder, as_folder, caplog):
+    import logging
+
+    checkpoint = CusaModel.from_pretrained(cusa_folder)
+    with caplog.at_level(logging.INFO, logger="cusa_hf.modeling_cusa"):
+        model = CusaModel.from_backbone(
+            str(cusa_folder) if as_folder else checkpoint, fresh_heads=True, projection_dim=24, csa_temperature=0.2
+        )
+    checkpoint_state = checkpoint.backbone.state_dict()
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, checkpoint_state[name]), name
+    # Fresh parts: the new layout (projection_dim 24), weights from N(0, 0.02), temperatures from this call / defaults.
+    assert model.cross_image_projection.linear.out_features == 24 and model.config.projection_dim == 24
+    for name in ("cross_image_projection", "usa_text_head"):
+        assert not torch.equal(getattr(model, name).layer_norm.weight, getattr(checkpoint, name).layer_norm.weight)
+        assert torch.equal(getattr(model, name).layer_norm.weight, torch.ones_like(getattr(model, name).layer_norm.weight))
+    assert checkpoint.temperatures()["itc_temperature"] == pytest.approx(0.01)
+    assert model.temperatures() == pytest.approx(
+        {"itc_temperature": 0.05, "csa_temperature": 0.2, "usa_image_temperature": 0.45, "usa_text_temperature": 0.45}
+    )
+    message = next(record.getMessage() for record in caplog.records if "(fresh_heads)" in record.getMessage())
+    assert message.startswith("starting from the backbone of the CUSA checkpoint")
+    assert "fresh: cross_image_projection, cross_text_projection, usa_image_head, usa_text_head, csa_temperature" in message
+    # The checkpoint's embeddings are not kept: its trained projectors are gone.
+    assert not torch.equal(embeddings(model)[0][:, :8], embeddings(checkpoint)[0][:, :8])
+
+
+def test_fresh_heads_needs_a_cusa_checkpoint(cusa_folder):
+    backbone = CusaModel.from_pretrained(cusa_folder).backbone
+    with pytest.raises(ValueError, match="fresh_heads=True keeps only the backbone of a CUSA checkpoint"):
+        CusaModel.from_backbone(backbone, fresh_heads=True)
+
+
 def test_a_run_started_from_a_checkpoint_trains_from_its_weights(baseline_folder):
     model = CusaModel.from_backbone(str(baseline_folder))
     model.train()

@@ -422,6 +422,19 @@ def test_a_run_starts_from_a_saved_cusa_checkpoint(tiny_backbone, shapes, tmp_pa
         if name.startswith(("vision_model.", "text_model.")):
             assert torch.equal(continued_state[name], tensor), name
     assert f"the CUSA checkpoint `{stage1}`" in (tmp_path / "stage2" / "README.md").read_text()
+    # --fresh_heads true: only the checkpoint's backbone; projectors, heads and temperatures fresh, said in log and card.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_cusa.main(tiny_run_args(stage1, shapes, tmp_path / "fresh", *frozen, "--cusa", "true", "--fresh_heads", "true"))
+    started = [record.getMessage() for record in caplog.records if "(fresh_heads)" in record.getMessage()]
+    assert len(started) == 1 and started[0].startswith(f"starting from the backbone of the CUSA checkpoint {stage1}")
+    assert "fresh: cross_image_projection, cross_text_projection, usa_image_head, usa_text_head" in started[0]
+    assert "csa_temperature, itc_temperature, usa_image_temperature" in started[0]
+    fresh_state = CusaModel.from_pretrained(tmp_path / "fresh").backbone.state_dict()
+    for name, tensor in checkpoint.backbone.state_dict().items():
+        if name.startswith(("vision_model.", "text_model.")):
+            assert torch.equal(fresh_state[name], tensor), name
+    assert f"the backbone of the CUSA checkpoint `{stage1}`" in (tmp_path / "fresh" / "README.md").read_text()
 
 
 def test_a_comparison_with_a_learning_rate_mapping_for_the_usa_heads(tiny_backbone, shapes, tmp_path, caplog):
