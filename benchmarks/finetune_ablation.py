@@ -17,6 +17,7 @@ to ``<output_dir>/summary.md``.
 
     python benchmarks/finetune_ablation.py --variants '{"infonce": ["--cusa", "false"], "cusa": []}' --seeds 0 1 2
     python benchmarks/finetune_ablation.py --variants variants.json --reference infonce
+    python benchmarks/finetune_ablation.py --variants variants.json --reference '{"cusa-fresh": "infonce-fresh"}'
     python benchmarks/finetune_ablation.py --quick        # a few images, one seed, one step each (tests)
 """
 
@@ -91,9 +92,9 @@ def run_one(name: str, flags: list[str], seed: int, args: argparse.Namespace) ->
     return metrics
 
 
-def summarize(runs: list[dict], variants: list[str], reference: str | None) -> str:
-    """Markdown: per variant, mean ± std over seeds of each column, and the test / validation gain over the
-    reference variant of the same seed (with the per-seed test gains)."""
+def summarize(runs: list[dict], variants: list[str], references: dict[str, str]) -> str:
+    """Markdown: per variant, mean ± std over seeds of each column, and the test / validation gain over its
+    reference variant (``references[variant]``) of the same seed (with the per-seed test gains)."""
     by_key = {(run["variant"], run["seed"]): run for run in runs}
 
     def cell(values: list[float], digits: int = 1) -> str:
@@ -113,6 +114,7 @@ def summarize(runs: list[dict], variants: list[str], reference: str | None) -> s
         rows = [by_key[(variant, seed)] for seed in seeds]
         column = {name: [row[name] for row in rows if name in row] for name in SUMMARY_COLUMNS}
         gains = {"validation_rsum": [], "test_rsum": []}
+        reference = references.get(variant)
         if reference is not None and variant != reference:
             for seed, row in zip(seeds, rows):
                 if (reference, seed) in by_key:
@@ -133,7 +135,9 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", default='{"infonce": ["--cusa", "false"], "cusa": ["--cusa", "true"]}',
                         help="JSON (or a JSON file) mapping variant names to run_cusa flags")
-    parser.add_argument("--reference", default="infonce", help="the variant that gains are measured against")
+    parser.add_argument("--reference", default="infonce",
+                        help="the variant that gains are measured against, or JSON mapping variants to their own "
+                        "reference (variants it leaves out use 'infonce')")  # fmt: skip
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--stage1", default="outputs/cusa-default/baseline", help="the checkpoint both runs start from")
     parser.add_argument("--output_dir", default="outputs/finetune-ablation")
@@ -165,7 +169,9 @@ def main(argv: list[str] | None = None) -> str:
                 handle.write(json.dumps(run) + "\n")
             print(f"{name} seed {seed}: validation RSUM {run['validation_rsum']:.2f}, test RSUM {run['test_rsum']:.2f}",
                   flush=True)  # fmt: skip
-    table = summarize(runs, list(variants), args.reference if args.reference in variants else None)
+    references = json.loads(args.reference) if args.reference.startswith("{") else {}
+    default_reference = "infonce" if references else args.reference
+    table = summarize(runs, list(variants), {name: references.get(name, default_reference) for name in variants})
     (output_dir / "summary.md").write_text(table + "\n")
     print(table)
     return table

@@ -115,5 +115,7 @@ def test_finetune_ablation_quick(tmp_path):
     assert f"| cusa-headlr | 1 | {runs['cusa-headlr']['validation_rsum']:.1f} |" in table
     assert f"({gain:+.1f})" in table
     assert (output_dir / "summary.md").read_text() == table + "\n"
-    # A rerun finds both runs finished and only summarises.
+    # A rerun finds both runs finished and only summarises, also against references of each variant's own.
     assert finetune_ablation.main(argv) == table
+    swapped = finetune_ablation.main([*argv, "--reference", '{"infonce": "cusa-headlr", "cusa-headlr": "cusa-headlr"}'])
+    assert f"({-gain:+.1f})" in swapped and f"| cusa-headlr | 1 | {runs['cusa-headlr']['validation_rsum']:.1f} |" in swapped
