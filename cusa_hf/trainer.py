@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .arguments import CusaTrainingArguments
-from .checkpoints import check_resumable, check_writable, last_complete_checkpoint
+from .checkpoints import RunOutputsCallback, check_resumable, check_writable, last_complete_checkpoint
 from .collator import CusaDataCollator, with_feature_tables
 from .evaluation.evaluator import RetrievalEvaluator
 from .frozen_towers import check_tower_columns
@@ -133,7 +133,8 @@ class CusaTrainer(Trainer):
             evaluator = _evaluator_for(eval_dataset, None, data_collator, args)
         _select_on_primary_metric(args, evaluator)
         self.model_card_callback = CusaModelCardCallback(model_card_data)
-        callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback(), self.model_card_callback]
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += [TemperatureClampCallback(), self.model_card_callback, RunOutputsCallback()]
         super().__init__(
             model=model,
             args=args,

@@ -100,8 +100,9 @@ def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
 
     claim_output_dir(tmp_path / "new").release()  # a folder that does not exist yet
     run = tmp_path / "run"
-    (run / "checkpoint-4").mkdir(parents=True)
-    (run / "results.json").write_text("{}")
+    with claim_output_dir(run):  # a run writes its checkpoint and results (and records them) while it holds the folder
+        (run / "checkpoint-4").mkdir(parents=True)
+        (run / "results.json").write_text("{}")
     with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-4, results.json\); pass overwrite_output_dir"):
         claim_output_dir(run)
     claim_output_dir(run, resume_from_checkpoint="last").release()
