@@ -46,6 +46,11 @@ def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     damaged = modeling_cusa.damaged_weights_file(checkpoint)
     if damaged is not None:
         raise OSError(f"cannot resume from {checkpoint}: {damaged}")
+    if os.path.exists(os.path.join(os.fspath(checkpoint), "trainer_state.json")):
+        problem = _incomplete_checkpoint(os.fspath(checkpoint))
+        if problem is not None:
+            raise OSError(f"cannot resume from {checkpoint}: {problem}; its saving was cut off. Resume from an earlier "
+                          "checkpoint (resume_from_checkpoint='last' takes the newest complete one)")
     saved = CusaConfig.from_pretrained(checkpoint)
     differences = [
         f"{name}: checkpoint {getattr(saved, name)!r}, this run {getattr(config, name, None)!r}"
@@ -434,8 +439,9 @@ def _process_start(pid: int) -> int | None:
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
     """The newest ``checkpoint-N`` folder of ``output_dir`` that was saved completely, to resume from.
 
-    The Trainer writes ``trainer_state.json`` last when it saves a checkpoint, so a folder without it was cut off
-    while saving (a killed run): it is skipped with a warning and the previous complete checkpoint is returned.
+    The Trainer writes ``trainer_state.json`` last when it saves a checkpoint, so a folder without it, or with one
+    that does not read as JSON (cut off half-written), was cut off while saving (a killed run): it is skipped with a
+    warning naming the file and the previous complete checkpoint is returned.
 
     Raises:
         FileNotFoundError: ``output_dir`` does not exist.
@@ -450,10 +456,25 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
         if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() and os.path.isdir(os.path.join(folder, name)):
             numbered.append((int(number), os.path.join(folder, name)))
     for _, path in sorted(numbered, reverse=True):
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        problem = _incomplete_checkpoint(path)
+        if problem is None:
             return path
-        logger.warning("skipping %s: it has no trainer_state.json, so its saving was cut off", path)
+        logger.warning("skipping %s: %s, so its saving was cut off", path, problem)
     raise ValueError(
         f"nothing to resume in {folder}: it holds no complete checkpoint-N folder (checkpoints are written with "
         "save_strategy 'steps' or 'epoch'). Start the run without resume_from_checkpoint"
     )
+
+
+def _incomplete_checkpoint(path: str) -> str | None:
+    """Why the checkpoint folder ``path`` was not saved completely (its ``trainer_state.json``, written last, is
+    missing or cut off); ``None`` when it was."""
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "it has no trainer_state.json"
+    try:
+        with open(state, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"its {state} does not read whole ({error})"
+    return None

@@ -68,6 +68,18 @@ def test_resuming_needs_a_complete_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-4")
     assert "checkpoint-10: it has no trainer_state.json, so its saving was cut off" in caplog.text
+    # kill -9 while checkpoint-12's trainer_state.json was half written: skipped, naming the file.
+    (tmp_path / "run" / "checkpoint-12").mkdir()
+    (tmp_path / "run" / "checkpoint-12" / "trainer_state.json").write_text('{"global_step": 12, "log_hist')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-4")
+    assert "checkpoint-12/trainer_state.json does not read whole" in caplog.text
+    from cusa_hf.checkpoints import check_resumable
+
+    tiny_cusa_model(0).save_pretrained(tmp_path / "run" / "checkpoint-12")
+    with pytest.raises(OSError, match=r"cannot resume from .*checkpoint-12: its .*trainer_state.json does not read whole"):
+        check_resumable(tmp_path / "run" / "checkpoint-12", tiny_cusa_model(0).config)
 
 
 @pytest.mark.parametrize(
