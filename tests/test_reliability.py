@@ -181,3 +181,15 @@ def test_a_cut_off_weights_file_is_named_when_loading_and_resuming(tmp_path):
         AutoModel.from_pretrained(tmp_path / "checkpoint-2")
     with pytest.raises(OSError, match=rf"cannot resume from .*checkpoint-2: {named}"):
         check_resumable(tmp_path / "checkpoint-2", model.config)
+
+
+def test_a_setting_given_twice_in_a_config_file_is_refused_naming_key_and_lines(tmp_path):
+    from cusa_hf.arguments import parse_arguments
+
+    (tmp_path / "twice.yaml").write_text("backbone: x\nlearning_rate: 0.001\ncsa_weight: 0.1\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"twice.yaml: not valid YAML \(duplicate key 'learning_rate' \(first given at "
+                                         r"line 2; only one may stay\)\) at line 4"):  # fmt: skip
+        parse_arguments([str(tmp_path / "twice.yaml")])
+    (tmp_path / "twice.json").write_text('{\n  "backbone": "x",\n  "learning_rate": 0.001,\n  "learning_rate": 0.1\n}')
+    with pytest.raises(ValueError, match=r"twice.json: key 'learning_rate' is given twice \(lines 3, 4\)"):
+        parse_arguments([str(tmp_path / "twice.json")])
