@@ -270,9 +270,21 @@ def parse_arguments(
     if _flag_value(argv, "output_dir") is None and parser.get_default("output_dir") is None:
         parser.set_defaults(output_dir=default_output_dir)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    _check_builtin_only_flags(argv, model_args)
     CusaConfig(**training_args.cusa_config_fields(True))  # invalid CUSA settings stop here, before teacher extraction
     training_args.learning_rate_mapping = check_learning_rate_mapping(training_args.learning_rate_mapping)
     return model_args, data_args, training_args
+
+
+def _check_builtin_only_flags(argv: Sequence[str], model_args: ModelArguments) -> None:
+    """Refuse ``--projection_dim`` with a backbone it does not apply to, rather than ignore it."""
+    given = _flag_value(argv, "projection_dim")
+    if given is not None and model_args.backbone != BUILTIN_BACKBONE:
+        raise ValueError(
+            f"--projection_dim {given} sets the projection width of the built-in dual encoder ({BUILTIN_BACKBONE}) "
+            f"only; --backbone {model_args.backbone} keeps its own width (a CUSA checkpoint its trained projectors). "
+            "Leave --projection_dim out"
+        )
 
 
 def read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:

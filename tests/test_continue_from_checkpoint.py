@@ -91,8 +91,12 @@ def test_a_cusa_checkpoint_keeps_its_heads_and_temperatures(cusa_folder):
 
 
 def test_the_projector_layout_of_a_checkpoint_cannot_change(cusa_folder):
-    with pytest.raises(ValueError, match="projection_dim=8 differs from the checkpoint's projection_dim=None"):
+    width = CusaModel.from_pretrained(cusa_folder).cross_image_projection.linear.out_features
+    assert width != 8 and CusaModel.from_pretrained(cusa_folder).config.projection_dim is None
+    with pytest.raises(ValueError, match=f"projection_dim=8 differs from the checkpoint's projection_dim={width}"):
         CusaModel.from_backbone(str(cusa_folder), projection_dim=8)
+    # The checkpoint's own width (its config says None: the backbone's) is accepted.
+    assert CusaModel.from_backbone(str(cusa_folder), projection_dim=width).cross_image_projection.linear.out_features == width
     with pytest.raises(ValueError, match="cross_projection=False differs"):
         CusaModel.from_backbone(str(cusa_folder), cross_projection=False)
 

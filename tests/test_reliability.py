@@ -193,3 +193,21 @@ def test_a_setting_given_twice_in_a_config_file_is_refused_naming_key_and_lines(
     (tmp_path / "twice.json").write_text('{\n  "backbone": "x",\n  "learning_rate": 0.001,\n  "learning_rate": 0.1\n}')
     with pytest.raises(ValueError, match=r"twice.json: key 'learning_rate' is given twice \(lines 3, 4\)"):
         parse_arguments([str(tmp_path / "twice.json")])
+
+
+def test_projection_dim_with_a_backbone_it_does_not_shape_is_refused(tmp_path):
+    from cusa_hf.arguments import parse_arguments
+
+    with pytest.raises(ValueError, match=r"--projection_dim 8 sets the projection width of the built-in dual encoder .*"
+                                         r"--backbone .*ckpt keeps its own width"):  # fmt: skip
+        parse_arguments(["--backbone", str(tmp_path / "ckpt"), "--projection_dim", "8", "--output_dir", str(tmp_path)])
+
+
+def test_from_backbone_names_a_comparison_folder_and_an_unloadable_hub_id(tmp_path):
+    for run in ("baseline", "cusa"):
+        tiny_cusa_model(0).save_pretrained(tmp_path / "comparison" / run)
+    with pytest.raises(ValueError, match=r"backbone='.*comparison' holds no model itself but 2 model folders "
+                                         r"\(baseline, cusa\).*comparison/cusa'"):  # fmt: skip
+        CusaModel.from_backbone(str(tmp_path / "comparison"))
+    with pytest.raises(OSError, match=r"backbone='someone/no-such-model-xyz': no such local folder, and no Hub model"):
+        CusaModel.from_backbone("someone/no-such-model-xyz")
