@@ -131,6 +131,22 @@ def test_learning_rate_mapping_groups_parameters_by_pattern():
         parameter_groups(model, {"^usa_heda": 1e-3}, 5e-5, 0.1, decay)
 
 
+
+def test_a_learning_rate_pattern_shadowed_by_an_earlier_one_is_named(caplog):
+    import logging
+
+    model = tiny_cusa_model()
+    decay = {name for name, _ in model.named_parameters() if name.endswith("weight")}
+    with caplog.at_level(logging.WARNING, logger="cusa_hf.optimization"):
+        groups = parameter_groups(model, {r"^usa_": 1e-3, r"^usa_text_head": 1e-2}, 5e-5, 0.1, decay)
+    assert 1e-2 not in {group["lr"] for group in groups}
+    assert "pattern '^usa_text_head' (rate 0.01) never applies: every parameter it matches is matched first by '^usa_'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cusa_hf.optimization"):
+        parameter_groups(model, {r"^usa_text_head": 1e-2, r"^usa_": 1e-3}, 5e-5, 0.1, decay)  # the narrow one first
+    assert "never applies" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "mapping, message",
     [
