@@ -30,6 +30,10 @@ def test_a_contrastive_batch_of_one_pair_is_refused(tmp_path):
     with pytest.raises(ValueError, match="8 training rows in batches of 7 leave a last batch of one pair"):
         trainer(per_device_train_batch_size=7)
     trainer(per_device_train_batch_size=7, dataloader_drop_last=True)
+    # Under max_steps the epochs repeat: the one-pair batch comes at step 2, so max_steps=2 is refused before training.
+    with pytest.raises(ValueError, match=r"leave a last batch of one pair \(max_steps=2 reaches it\)"):
+        trainer(per_device_train_batch_size=7, max_steps=2)
+    trainer(per_device_train_batch_size=7, max_steps=1)
     with pytest.raises(ValueError, match="the training set has 1 row"):
         CusaTrainer(model=model, args=cusa_training_arguments(str(tmp_path), use_cpu=True, report_to=[]),
                     train_dataset=dataset.select([0]), processing_class=tiny_clip_processor())  # fmt: skip
