@@ -13,7 +13,7 @@ import socket
 import tempfile
 import time
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -221,6 +221,37 @@ def _live_locks_beneath(folder: str) -> list[str]:
 def _inside(path: str, folder: str) -> bool:
     resolved, root = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([resolved, root]) == root
+
+
+class SaveFailedError(OSError):
+    """Saving a model or checkpoint failed while writing (a full disk, a quota, a lost mount); names the folder."""
+
+
+#: What torch's writer says when the file under it cannot be written (it raises RuntimeError, not OSError).
+_TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter", "unexpected pos")
+
+
+@contextlib.contextmanager
+def named_save_errors(folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write while saving into ``folder`` (``OSError``, or torch's ``RuntimeError: basic_ios::clear:
+    iostream error``) into a :class:`SaveFailedError` naming the folder, the cause and its disk's free space."""
+    try:
+        yield
+    except SaveFailedError:
+        raise
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(text in str(error) for text in _TORCH_WRITE_FAILURES):
+            raise
+        existing = os.path.abspath(os.fspath(folder))
+        while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        free = shutil.disk_usage(existing).free / 2**20
+        cause = "its disk is full" if free < 64 or getattr(error, "errno", None) == 28 else "the write failed"
+        raise SaveFailedError(
+            f"could not save into {os.fspath(folder)}: {cause} ({type(error).__name__}: {error}; {free:.0f} MiB free). "
+            "What was saved there may be incomplete; earlier checkpoints are untouched. Free space (or choose another "
+            "output_dir) and resume from the last complete checkpoint"
+        ) from error
 
 
 def check_writable(output_dir: str | os.PathLike) -> None:

@@ -19,7 +19,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .arguments import CusaTrainingArguments
-from .checkpoints import RunOutputsCallback, check_resumable, check_writable, last_complete_checkpoint
+from .checkpoints import (
+    RunOutputsCallback,
+    check_resumable,
+    check_writable,
+    last_complete_checkpoint,
+    named_save_errors,
+)
 from .collator import CusaDataCollator, with_feature_tables
 from .evaluation.evaluator import RetrievalEvaluator
 from .frozen_towers import check_tower_columns
@@ -160,6 +166,15 @@ class CusaTrainer(Trainer):
         # FSDP refuses 0-d parameters (the temperatures, CLIP's logit_scale): they train as one-element vectors and
         # ``_save`` writes them back as scalars, so a checkpoint is the same with or without FSDP.
         self._fsdp_scalar_names = vectorize_scalar_parameters(self.model) if self.is_fsdp_enabled else set()
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with named_save_errors(folder):  # a full disk: torch's "basic_ios::clear: iostream error" names no file
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with named_save_errors(output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if state_dict is not None and self._fsdp_scalar_names:

@@ -215,3 +215,31 @@ def test_from_backbone_names_a_comparison_folder_and_an_unloadable_hub_id(tmp_pa
         CusaModel.from_backbone(str(tmp_path / "comparison"))
     with pytest.raises(OSError, match=r"backbone='someone/no-such-model-xyz': no such local folder, and no Hub model"):
         CusaModel.from_backbone("someone/no-such-model-xyz")
+
+
+def test_a_save_that_cannot_write_names_the_folder_and_the_cause(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    from cusa_hf.checkpoints import SaveFailedError
+
+    dataset = synthetic_dataset(num_images=4, captions_per_image=2)
+    args = cusa_training_arguments(str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=1, save_strategy="steps",
+                                   save_steps=1, per_device_train_batch_size=4)  # fmt: skip
+    trainer = CusaTrainer(model=tiny_cusa_model(0, use_csa=False, use_usa=False), args=args, train_dataset=dataset,
+                          processing_class=tiny_clip_processor())  # fmt: skip
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(transformers.trainer.torch, "save", disk_full)
+    with pytest.raises(SaveFailedError, match=r"could not save into .*run/checkpoint-1: .*basic_ios::clear: iostream "
+                                              r"error; \d+ MiB free\)"):  # fmt: skip
+        trainer.train()
+    monkeypatch.undo()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    with pytest.raises(SaveFailedError, match=r"could not save into .*final: its disk is full \(OSError"):
+        trainer.save_model(str(tmp_path / "final"))
