@@ -73,6 +73,21 @@ def cusa_training_arguments(output_dir: str, **overrides: Any) -> TrainingArgume
     return CusaTrainingArguments(**settings)
 
 
+#: A weight magnitude beyond which a model that stopped on a non-finite step has diverged rather than met a bad row.
+LARGE_WEIGHT = 1e6
+
+
+def _largest_weight(model: nn.Module) -> tuple[str, float]:
+    """``(name, largest absolute value)`` over the model's floating-point parameters."""
+    largest = ("", 0.0)
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and parameter.numel():
+            value = parameter.detach().abs().max().item()
+            if value > largest[1]:
+                largest = (name, value)
+    return largest
+
+
 class CusaTrainer(Trainer):
     """``Trainer`` for [`CusaModel`]: batches carry teacher features, logs carry CUSA's terms and temperatures.
 
@@ -223,10 +238,17 @@ class CusaTrainer(Trainer):
             )
         self._save_checkpoint(self.model_wrapped, trial=None)
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        return (
+        name, largest = _largest_weight(self.accelerator.unwrap_model(self.model))
+        kept = (
             f"the weights of step {step}, the last finite one, are saved in {folder} (CusaModel.from_pretrained loads "
-            "them; resume_from_checkpoint continues from them once the cause is fixed)"
+            f"them; their largest magnitude is {largest:.3g}, in {name})"
         )
+        if largest > LARGE_WEIGHT:
+            return kept + (
+                ": finite, but already blown up (a learning rate far too high?), so a resume from them would overflow "
+                "again. Start again from an earlier checkpoint or the backbone with a lower learning rate"
+            )
+        return kept + "; resume_from_checkpoint continues from them once the cause is fixed"
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm of an optimiser step, computed before the optimiser uses the gradients:
