@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -277,9 +278,21 @@ def parse_arguments(
     if _flag_value(argv, "output_dir") is None and parser.get_default("output_dir") is None:
         parser.set_defaults(output_dir=default_output_dir)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    _check_builtin_only_flags(argv, model_args)
     CusaConfig(**training_args.cusa_config_fields(True))  # invalid CUSA settings stop here, before teacher extraction
     training_args.learning_rate_mapping = check_learning_rate_mapping(training_args.learning_rate_mapping)
     return model_args, data_args, training_args
+
+
+def _check_builtin_only_flags(argv: Sequence[str], model_args: ModelArguments) -> None:
+    """Refuse ``--projection_dim`` with a backbone it does not apply to, rather than ignore it."""
+    given = _flag_value(argv, "projection_dim")
+    if given is not None and model_args.backbone != BUILTIN_BACKBONE:
+        raise ValueError(
+            f"--projection_dim {given} sets the projection width of the built-in dual encoder ({BUILTIN_BACKBONE}) "
+            f"only; --backbone {model_args.backbone} keeps its own width (a CUSA checkpoint its trained projectors). "
+            "Leave --projection_dim out"
+        )
 
 
 def read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
@@ -291,7 +304,7 @@ def read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save the config file as UTF-8") from None
     try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        values = _load_json_without_duplicate_keys(path, text) if path.suffix == ".json" else yaml.load(text, _UniqueKeyLoader)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     except yaml.YAMLError as error:
@@ -309,6 +322,41 @@ def read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
             hint = difflib.get_close_matches(key, known, n=1)
             raise ValueError(f"{path}: unknown key {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""))
     return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, refusing a key given twice in one mapping (YAML itself would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                seen = first_line.get(key)
+            except TypeError:
+                continue  # an unhashable key: the SafeLoader names it
+            if seen is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given at line {seen + 1}; only one may stay)", key_node.start_mark
+                )
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _load_json_without_duplicate_keys(path: Path, text: str) -> Any:
+    """``json.loads``, refusing a key given twice in one object (JSON would keep the last silently)."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [key for key, _ in pairs]
+        duplicate = next((key for position, key in enumerate(keys) if key in keys[:position]), None)
+        if duplicate is not None:
+            lines = [text.count("\n", 0, match.start()) + 1
+                     for match in re.finditer(re.escape(json.dumps(duplicate)) + r"\s*:", text)]  # fmt: skip
+            where = f" (lines {', '.join(map(str, lines))})" if len(lines) > 1 else ""
+            raise ValueError(f"{path}: key {duplicate!r} is given twice{where}; only one may stay")
+        return dict(pairs)
+
+    return json.loads(text, object_pairs_hook=unique)
 
 
 def _flag_value(argv: Sequence[str], name: str) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fnmatch
 import json
 import logging
 import os
@@ -14,9 +13,9 @@ import socket
 import tempfile
 import time
 import uuid
-from typing import Any
+from typing import Any, Iterable, Iterator, Mapping
 
-from transformers.dynamic_module_utils import get_relative_import_files
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import modeling_cusa
@@ -31,21 +30,9 @@ LOCK_FILE = "_cusa_run.lock"
 UNREADABLE_LOCK_AGE = 60
 #: ``resume_from_checkpoint`` values that mean the last complete checkpoint of the run's own output folder.
 RESUME_LATEST = ("last", "true", "True")
-#: What runs write into an output folder besides the model's remote code (:func:`run_outputs`).
-RUN_FILES = (
-    "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
-    "config.json", "generation_config.json", "README.md",
-    "preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-    "training_args.bin", "trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt",
-    "rng_state*.pth", "results.json", "all_results.json", "train_results.json", "eval_results.json",
-    "test_results.json", LOCK_FILE,
-)  # fmt: skip
-#: The folders runs write: checkpoints, TensorBoard's logs, the built-in run's generated data, accelerate's FSDP state.
-RUN_FOLDERS = (f"{PREFIX_CHECKPOINT_DIR}-*", "runs", "generated_shapes", "optimizer*", "pytorch_model_fsdp*")
-#: The folders of the two runs of a baseline comparison (``compare_with_baseline``) inside its output folder.
-COMPARISON_RUN_FOLDERS = ("baseline", "cusa")
+#: The run manifest: what runs recorded they wrote into an output folder (:func:`run_outputs`), the only entries
+#: ``overwrite_output_dir`` deletes. Its leading ``_`` keeps it out of ``push_to_hub`` uploads, as the lock's does.
+RUN_MANIFEST = "_cusa_run_outputs.json"
 #: The locks this process holds, by lock file.
 _HELD_LOCKS: dict[str, "OutputDirLock"] = {}
 
@@ -59,6 +46,11 @@ def check_resumable(checkpoint: str | os.PathLike, config: Any) -> None:
     damaged = modeling_cusa.damaged_weights_file(checkpoint)
     if damaged is not None:
         raise OSError(f"cannot resume from {checkpoint}: {damaged}")
+    if os.path.exists(os.path.join(os.fspath(checkpoint), "trainer_state.json")):
+        problem = _incomplete_checkpoint(os.fspath(checkpoint))
+        if problem is not None:
+            raise OSError(f"cannot resume from {checkpoint}: {problem}; its saving was cut off. Resume from an earlier "
+                          "checkpoint (resume_from_checkpoint='last' takes the newest complete one)")
     saved = CusaConfig.from_pretrained(checkpoint)
     differences = [
         f"{name}: checkpoint {getattr(saved, name)!r}, this run {getattr(config, name, None)!r}"
@@ -85,43 +77,75 @@ def claim_output_dir(
     output_dir: str | os.PathLike,
     overwrite: bool = False,
     resume_from_checkpoint: str | os.PathLike | bool | None = None,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
 ) -> "OutputDirLock":
-    """Claim ``output_dir`` for a new run, making sure the run replaces no other run's results, and return the lock
-    that keeps other runs out of the folder until it is released (at the latest when the process exits).
+    """Claim ``output_dir`` for a new run, making sure the run replaces no other run's results and none of its own
+    inputs, and return the lock that keeps other runs out of the folder until it is released (at the latest when the
+    process exits). What the run writes into the folder is recorded in its manifest :data:`RUN_MANIFEST`
+    (:meth:`OutputDirLock.record_outputs`).
 
     * The folder is created if needed and must be writable (a run that could not save would lose its training).
+    * ``inputs`` (name → path: the backbone, the processor, data files) must not be the folder or lie inside it: the
+      run would write its model over them, and an overwrite would delete them. Such a claim is refused, naming both.
     * The lock file :data:`LOCK_FILE` is created atomically and records this process (id, host, start time). A folder
-      locked by a live run is refused, naming that run's process; a lock whose process is gone (a killed run, on this
-      host) is taken over with a warning.
+      locked by a live run, or lying inside a folder that a live run holds (a comparison's ``X/cusa`` while it holds
+      ``X``), is refused, naming that run's process; a lock whose process is gone (a killed run, on this host) is
+      taken over with a warning.
     * A missing or empty folder is fine. A folder that holds anything is refused unless the run resumes from a
       checkpoint inside it (``resume_from_checkpoint`` a path in the folder, ``True`` or one of
       :data:`RESUME_LATEST`), or ``overwrite`` is set. A resume from a checkpoint elsewhere does not make a full folder
       acceptable: the resumed run would replace the folder's model and results.
-    * ``overwrite`` deletes what runs write (:func:`run_outputs`: checkpoints, models with their processors and cards,
-      results, logs, comparison run folders), so no checkpoint of the old run is left for a later resume to pick up;
-      a folder that also holds files no run wrote is refused, naming them, and nothing is deleted.
+    * ``overwrite`` deletes only what earlier runs recorded they wrote (:func:`run_outputs`), so no checkpoint of the
+      old run is left for a later resume to pick up. A folder that also holds anything no run recorded (the user's
+      files, or a run's from before the manifest), or a live run's lock anywhere beneath it, is refused, naming them,
+      and nothing is deleted.
 
     Raises:
-        ValueError: the folder holds another run (or files of the user's), or another live run holds its lock.
+        ValueError: the folder holds another run (or files of the user's, or an input), or a live run holds it.
         OSError: the folder cannot be created or written to.
     """
     folder = os.fspath(output_dir)
+    _check_inputs_outside(folder, inputs or {})
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as error:
         raise _unwritable(folder, error) from None
+    _check_no_live_lock_above(folder)
     lock = _take_lock(folder)
     try:
         _check_claim(folder, overwrite, resume_from_checkpoint)
     except BaseException:
         lock.release()
         raise
+    lock.present_at_claim = set(os.listdir(folder))
     return lock
+
+
+def _check_inputs_outside(folder: str, inputs: Mapping[str, str | os.PathLike | None]) -> None:
+    for name, path in inputs.items():
+        if path is not None and os.path.exists(os.fspath(path)) and _inside(os.fspath(path), folder):
+            raise ValueError(
+                f"{name}={os.fspath(path)!r} is, or lies inside, output_dir={folder!r}: the run would write its model, "
+                "checkpoints and results over its own input (and overwrite_output_dir would delete it). Nothing was "
+                "touched; choose an output_dir outside the run's inputs"
+            )
+
+
+def _check_no_live_lock_above(folder: str) -> None:
+    """Refuse a folder inside one that a live run holds: that run may write (or delete) there."""
+    child, parent = os.path.realpath(folder), os.path.dirname(os.path.realpath(folder))
+    while parent != child:
+        path = os.path.join(parent, LOCK_FILE)
+        if os.path.isfile(path):
+            holder = _read_lock(path)
+            if not _is_stale(path, holder):
+                raise ValueError(f"{folder} lies inside a live run's output folder: {_held_message(parent, path, holder)}")
+        child, parent = parent, os.path.dirname(parent)
 
 
 def _check_claim(folder: str, overwrite: bool, resume: str | os.PathLike | bool | None) -> None:
     """Refuse a claim of ``folder`` that would replace another run (:func:`claim_output_dir`); delete the earlier
-    run's outputs when ``overwrite`` asks for it."""
+    run's recorded outputs when ``overwrite`` asks for it."""
     held = sorted(name for name in os.listdir(folder) if name != LOCK_FILE)
     resuming = resume not in (None, False)
     if resuming and (resume is True or resume in RESUME_LATEST or _inside(os.fspath(resume), folder)):
@@ -133,7 +157,8 @@ def _check_claim(folder: str, overwrite: bool, resume: str | os.PathLike | bool 
         return
     if not held:
         return
-    shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+    listed = [name for name in held if name != RUN_MANIFEST]
+    shown = ", ".join(listed[:6]) + (", ..." if len(listed) > 6 else "")
     if resuming and not overwrite:
         raise ValueError(
             f"resume_from_checkpoint={os.fspath(resume)!r} lies outside output_dir={folder!r}, which already holds a "
@@ -145,11 +170,20 @@ def _check_claim(folder: str, overwrite: bool, resume: str | os.PathLike | bool 
             f"the output folder {folder} already holds a run ({shown}); pass overwrite_output_dir=True to replace it, "
             "resume_from_checkpoint to continue it, or another output_dir"
         )
-    foreign = _not_run_outputs(folder)
+    recorded = set(run_outputs(folder))
+    foreign = [name + ("/" if os.path.isdir(os.path.join(folder, name)) else "") for name in held if name not in recorded]
     if foreign:
+        shown_foreign = ", ".join(foreign[:8]) + (", ..." if len(foreign) > 8 else "")
         raise ValueError(
-            f"overwrite_output_dir=True deletes only what runs write, but the output folder {folder} holds files that "
-            f"no run wrote ({', '.join(foreign)}); nothing was deleted. Move them elsewhere or choose another output_dir"
+            f"overwrite_output_dir=True deletes only what runs recorded they wrote ({RUN_MANIFEST}), but the output "
+            f"folder {folder} holds what no run recorded ({shown_foreign}); nothing was deleted. Move them elsewhere "
+            "(or delete them yourself) or choose another output_dir"
+        )
+    live = _live_locks_beneath(folder)
+    if live:
+        raise ValueError(
+            f"overwrite_output_dir=True would delete a live run's folder: {live[0]}. Nothing was deleted; wait for "
+            "that run to end or choose another output_dir"
         )
     logger.warning("overwrite_output_dir: deleting the earlier run in %s (%s)", folder, shown)
     for name in held:
@@ -157,38 +191,67 @@ def _check_claim(folder: str, overwrite: bool, resume: str | os.PathLike | bool 
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
 
 
-def run_outputs() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(file patterns, folder patterns)``: the names (``fnmatch`` patterns) of what runs write into an output folder,
-    which ``overwrite_output_dir`` may delete. Files: the model (weights, config, the remote code that
-    ``save_pretrained`` copies beside it), its processor's files, the model card, the Trainer's state, arguments and
-    results, accelerate's FSDP weights and optimiser state, the lock. Folders: ``checkpoint-N``, TensorBoard's
-    ``runs``, the generated fallback data of the built-in run, and the run folders of a baseline comparison
-    (:data:`COMPARISON_RUN_FOLDERS`, which must themselves hold only run outputs)."""
-    remote_code = [modeling_cusa.__file__, *get_relative_import_files(modeling_cusa.__file__)]
-    return (*RUN_FILES, *(os.path.basename(path) for path in remote_code)), RUN_FOLDERS
+def run_outputs(output_dir: str | os.PathLike) -> list[str]:
+    """The entries of ``output_dir`` (top-level names) that runs recorded they wrote in its manifest
+    :data:`RUN_MANIFEST` (checkpoints, the model with its processor and card, results, logs, a comparison's run
+    folders), with the manifest itself: what ``overwrite_output_dir`` may delete. Empty without a manifest."""
+    path = os.path.join(os.fspath(output_dir), RUN_MANIFEST)
+    if not os.path.isfile(path):
+        return []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            entries = json.load(handle)["entries"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: the run manifest cannot be read ({error}); nothing was deleted") from None
+    return sorted({*entries, RUN_MANIFEST, RUN_MANIFEST + ".tmp"})
 
 
-def _not_run_outputs(folder: str, prefix: str = "") -> list[str]:
-    """The entries of ``folder`` (relative names; folders end in ``/``) that match no :func:`run_outputs` name."""
-    file_patterns, folder_patterns = run_outputs()
-    foreign = []
-    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
-        name = entry.name
-        if entry.is_dir(follow_symlinks=False):
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in folder_patterns):
-                continue
-            if not prefix and name in COMPARISON_RUN_FOLDERS:
-                foreign += _not_run_outputs(entry.path, f"{name}/")
-                continue
-            foreign.append(f"{prefix}{name}/")
-        elif not any(fnmatch.fnmatchcase(name, pattern) for pattern in file_patterns):
-            foreign.append(f"{prefix}{name}")
-    return foreign
+def _live_locks_beneath(folder: str) -> list[str]:
+    """Lock files of live runs in the subfolders of ``folder``, each with the message naming its run."""
+    live = []
+    for root, _, files in os.walk(folder):
+        if root != folder and LOCK_FILE in files:
+            path = os.path.join(root, LOCK_FILE)
+            holder = _read_lock(path)
+            if not _is_stale(path, holder):
+                live.append(_held_message(root, path, holder))
+    return live
 
 
 def _inside(path: str, folder: str) -> bool:
     resolved, root = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([resolved, root]) == root
+
+
+class SaveFailedError(OSError):
+    """Saving a model or checkpoint failed while writing (a full disk, a quota, a lost mount); names the folder."""
+
+
+#: What torch's writer says when the file under it cannot be written (it raises RuntimeError, not OSError).
+_TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter", "unexpected pos")
+
+
+@contextlib.contextmanager
+def named_save_errors(folder: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write while saving into ``folder`` (``OSError``, or torch's ``RuntimeError: basic_ios::clear:
+    iostream error``) into a :class:`SaveFailedError` naming the folder, the cause and its disk's free space."""
+    try:
+        yield
+    except SaveFailedError:
+        raise
+    except (OSError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and not any(text in str(error) for text in _TORCH_WRITE_FAILURES):
+            raise
+        existing = os.path.abspath(os.fspath(folder))
+        while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        free = shutil.disk_usage(existing).free / 2**20
+        cause = "its disk is full" if free < 64 or getattr(error, "errno", None) == 28 else "the write failed"
+        raise SaveFailedError(
+            f"could not save into {os.fspath(folder)}: {cause} ({type(error).__name__}: {error}; {free:.0f} MiB free). "
+            "What was saved there may be incomplete; earlier checkpoints are untouched. Free space (or choose another "
+            "output_dir) and resume from the last complete checkpoint"
+        ) from error
 
 
 def check_writable(output_dir: str | os.PathLike) -> None:
@@ -220,18 +283,50 @@ def _unwritable(folder: str, error: OSError) -> OSError:
 
 class OutputDirLock:
     """A run's claim on its output folder (:func:`claim_output_dir`): the lock file, removed by :meth:`release`, by
-    leaving a ``with`` block, or when the process exits."""
+    leaving a ``with`` block, or when the process exits; and the record of what the run wrote there."""
 
     def __init__(self, path: str, token: str):
         self.path = path
         self.token = token
+        #: The folder's entries when it was claimed (set by :func:`claim_output_dir`); the run wrote what came after.
+        self.present_at_claim: set[str] | None = None
         _HELD_LOCKS[os.path.realpath(path)] = self
         atexit.register(self.release)
 
-    def release(self) -> None:
-        """Remove the lock file, if this lock still holds it (a second call does nothing)."""
-        if _HELD_LOCKS.pop(os.path.realpath(self.path), None) is None:
+    @property
+    def folder(self) -> str:
+        return os.path.dirname(self.path)
+
+    def record_outputs(self, about_to_write: Iterable[str] = ()) -> None:
+        """Add to the folder's manifest :data:`RUN_MANIFEST` every entry that appeared in the folder since the claim,
+        and the entries named in ``about_to_write`` (a checkpoint about to be saved: were the run killed while saving
+        it, a later overwrite still knows the cut folder as the run's). Written atomically, only when it changes."""
+        if self.present_at_claim is None:
             return
+        recorded = set(run_outputs(self.folder)) - {RUN_MANIFEST, RUN_MANIFEST + ".tmp"}
+        entries = recorded | set(about_to_write)
+        with contextlib.suppress(FileNotFoundError):
+            entries |= set(os.listdir(self.folder)) - self.present_at_claim - {LOCK_FILE, RUN_MANIFEST}
+        if entries == recorded:
+            return
+        path = os.path.join(self.folder, RUN_MANIFEST)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump({"entries": sorted(entries)}, handle, indent=1)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(path + ".tmp", path)
+
+    def release(self) -> None:
+        """Record what the run wrote (:meth:`record_outputs`) and remove the lock file, if this lock still holds it (a
+        second call does nothing)."""
+        if _HELD_LOCKS.get(os.path.realpath(self.path)) is not self:
+            return
+        try:
+            self.record_outputs()
+        except OSError as error:  # a full disk: keep the lock's release, and the error that ended the run, going
+            logger.warning("could not record what the run wrote in %s (%s): a later overwrite_output_dir will refuse "
+                           "the unrecorded entries, naming them", os.path.join(self.folder, RUN_MANIFEST), error)
+        del _HELD_LOCKS[os.path.realpath(self.path)]
         atexit.unregister(self.release)
         if (_read_lock(self.path) or {}).get("token") == self.token:
             with contextlib.suppress(FileNotFoundError):
@@ -242,6 +337,35 @@ class OutputDirLock:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.release()
+
+
+def record_run_outputs(path: str | os.PathLike, about_to_write: Iterable[str | os.PathLike] = ()) -> None:
+    """Record what a run wrote under ``path`` in the manifest of the output folder that this process's lock holds on
+    ``path`` or a folder above it (a comparison's ``X`` for ``X/cusa``); nothing when it holds none (another process
+    of a distributed run, or a run that claimed no folder). ``about_to_write``: paths the run is about to write."""
+    for lock in list(_HELD_LOCKS.values()):
+        if _inside(os.fspath(path), lock.folder):
+            root = os.path.realpath(lock.folder)
+            lock.record_outputs(
+                os.path.relpath(os.path.realpath(os.fspath(entry)), root).split(os.sep)[0] for entry in about_to_write
+            )
+
+
+class RunOutputsCallback(TrainerCallback):
+    """Keeps the output folder's run manifest (:func:`record_run_outputs`) up to date while the Trainer writes:
+    a checkpoint is recorded just before it is saved and everything else after each save, so that a run killed with
+    ``kill -9`` still leaves a record of what it wrote for a later ``overwrite_output_dir``."""
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if control.should_save and args.should_save:
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            record_run_outputs(args.output_dir, [checkpoint])
+
+    on_epoch_end = on_step_end
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if args.should_save:
+            record_run_outputs(args.output_dir)
 
 
 def _take_lock(folder: str) -> OutputDirLock:
@@ -346,8 +470,9 @@ def _process_start(pid: int) -> int | None:
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
     """The newest ``checkpoint-N`` folder of ``output_dir`` that was saved completely, to resume from.
 
-    The Trainer writes ``trainer_state.json`` last when it saves a checkpoint, so a folder without it was cut off
-    while saving (a killed run): it is skipped with a warning and the previous complete checkpoint is returned.
+    The Trainer writes ``trainer_state.json`` last when it saves a checkpoint, so a folder without it, or with one
+    that does not read as JSON (cut off half-written), was cut off while saving (a killed run): it is skipped with a
+    warning naming the file and the previous complete checkpoint is returned.
 
     Raises:
         FileNotFoundError: ``output_dir`` does not exist.
@@ -362,10 +487,25 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
         if prefix == PREFIX_CHECKPOINT_DIR and number.isdigit() and os.path.isdir(os.path.join(folder, name)):
             numbered.append((int(number), os.path.join(folder, name)))
     for _, path in sorted(numbered, reverse=True):
-        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        problem = _incomplete_checkpoint(path)
+        if problem is None:
             return path
-        logger.warning("skipping %s: it has no trainer_state.json, so its saving was cut off", path)
+        logger.warning("skipping %s: %s, so its saving was cut off", path, problem)
     raise ValueError(
         f"nothing to resume in {folder}: it holds no complete checkpoint-N folder (checkpoints are written with "
         "save_strategy 'steps' or 'epoch'). Start the run without resume_from_checkpoint"
     )
+
+
+def _incomplete_checkpoint(path: str) -> str | None:
+    """Why the checkpoint folder ``path`` was not saved completely (its ``trainer_state.json``, written last, is
+    missing or cut off); ``None`` when it was."""
+    state = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "it has no trainer_state.json"
+    try:
+        with open(state, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError) as error:
+        return f"its {state} does not read whole ({error})"
+    return None

@@ -60,11 +60,23 @@ def use_every_cpu_core(device: torch.device | str, num_processes: int) -> int | 
         device: the device the run computes on (``TrainingArguments.device``).
         num_processes: the processes of the run (``TrainingArguments.world_size``).
 
+    Raises:
+        ValueError: ``OMP_NUM_THREADS`` is set to something other than a positive whole number (a bare
+            ``accelerate launch`` reads it first and fails with its own error; ``python`` and ``torchrun`` starts
+            reach this check).
+
     Returns:
         The number of threads torch now uses, or ``None`` when the thread count was left as it was: a run on an
         accelerator, several processes, a start without ``accelerate launch`` (torch then uses every core unless
         ``OMP_NUM_THREADS`` says otherwise), or a count the user chose.
     """
+    chosen = os.environ.get(THREADS_ENV)
+    if chosen is not None and not (chosen.strip().isdigit() and int(chosen) > 0):
+        # OpenMP ignores such a value with at most a warning, leaving the count to chance.
+        raise ValueError(
+            f"the environment variable {THREADS_ENV}={chosen!r} is not a positive whole number of CPU threads; set it "
+            "to a count (e.g. 4) or unset it"
+        )
     if torch.device(device).type != "cpu" or num_processes != 1 or ACCELERATE_LAUNCH_ENV not in os.environ:
         return None
     if os.environ.get(THREADS_ENV) != "1":

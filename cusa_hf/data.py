@@ -189,7 +189,8 @@ def load_json_dataset(
 
     * train: ``{"image": "val2014/x.jpg", "caption": "a dog ...", "image_id": "coco_123"}``;
     * eval: ``{"image": "val2014/x.jpg", "caption": ["a dog ...", "a puppy ...", ...]}`` (one row per caption is
-      produced; a missing ``image_id`` defaults to the record's image path).
+      produced; without ``image_id`` a record's image path is its id). Ids are given in every record or in none:
+      a mix is refused, as it would split an image into two.
 
     Args:
         path: the JSON file.
@@ -209,7 +210,9 @@ def load_json_dataset(
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent.resolve()
     builder = _RowBuilder(skip_invalid, check_files)
-    for index, record in enumerate(_read_json_records(path)):
+    records = _read_json_records(path)
+    _check_image_ids_all_given_or_all_derived(path, records)
+    for index, record in enumerate(records):
         where = f"{path.name} record {index}"
         if not isinstance(record, dict):
             builder.problem(f"{where}: expected an object with 'image' and 'caption', got {type(record).__name__}")
@@ -230,6 +233,20 @@ def load_json_dataset(
     return datasets.Dataset.from_dict(
         {"image": builder.images, "caption": builder.captions, "image_id": builder.image_ids}
     )
+
+
+def _check_image_ids_all_given_or_all_derived(path: Path, records: list[Any]) -> None:
+    """Refuse a file where only some records carry ``image_id``: the others' ids would be their image paths, so an
+    image captioned in both kinds of record would count as two images (in training and in evaluation)."""
+    objects = [(index, record) for index, record in enumerate(records) if isinstance(record, dict)]
+    given = next((index for index, record in objects if "image_id" in record), None)
+    derived = next((index for index, record in objects if "image_id" not in record), None)
+    if given is not None and derived is not None:
+        raise InvalidRecordError(
+            f"{path}: only some records carry 'image_id' (record {given} has one, record {derived} has none); a "
+            "missing id would be the record's image path, splitting an image into two. Give every record an "
+            "'image_id', or none (each image is then identified by its path)"
+        )
 
 
 def _find_column(dataset: datasets.Dataset, given: str | None, candidates: Sequence[str], role: str) -> str | None:

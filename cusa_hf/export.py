@@ -24,7 +24,7 @@ MODALITY_CONFIG = {
 }
 
 
-def save_sentence_transformer(model: Any, processor: Any, folder: str | os.PathLike) -> Path:
+def save_sentence_transformer(model: Any, processor: Any, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """Save a CLIP or dual-encoder ``CusaModel`` with its processor as a sentence-transformers model in ``folder``.
 
     ``SentenceTransformer(folder, trust_remote_code=True).encode(captions)`` and ``.encode(pil_images)`` then equal
@@ -36,10 +36,16 @@ def save_sentence_transformer(model: Any, processor: Any, folder: str | os.PathL
         model: the ``CusaModel`` (CLIP, Chinese-CLIP or VisionTextDualEncoder backbone).
         processor: its processor (``image_processor`` + ``tokenizer``), e.g. ``AutoProcessor.from_pretrained`` of the
             checkpoint.
-        folder: where to write; created when missing.
+        folder: where to write; created when missing. A folder that already holds anything is refused (the export
+            would replace its ``README.md``, ``config.json``, weights...) unless ``overwrite``; the source model's own
+            folder (``model.name_or_path``: its card and results) is always refused.
+        overwrite: write into a non-empty ``folder``, replacing the files the export writes (others stay).
 
     Returns:
         The folder.
+
+    Raises:
+        FileExistsError: ``folder`` is the model's own folder, or is not empty and ``overwrite`` is not set.
 
     Example::
 
@@ -58,6 +64,7 @@ def save_sentence_transformer(model: Any, processor: Any, folder: str | os.PathL
             "checkpoint; only CLIP and dual-encoder CUSA models export to sentence-transformers"
         )
     folder = Path(folder)
+    _check_export_folder(folder, getattr(model, "name_or_path", None), overwrite)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     # Loaded back the way a user's SentenceTransformer(folder, trust_remote_code=True) will load it, then saved by
@@ -69,3 +76,19 @@ def save_sentence_transformer(model: Any, processor: Any, folder: str | os.PathL
     )  # fmt: skip
     SentenceTransformer(modules=[module], device="cpu", similarity_fn_name="cosine").save(str(folder))
     return folder
+
+
+def _check_export_folder(folder: Path, source: str | None, overwrite: bool) -> None:
+    """Refuse to write the export over the source model's folder, or over files in ``folder`` unless asked."""
+    if source and os.path.isdir(source) and folder.exists() and os.path.samefile(source, folder):
+        raise FileExistsError(
+            f"folder={str(folder)!r} is the folder the model was loaded from: the export would replace its model card "
+            "(with the run's metrics), config and weights. Export into another folder"
+        )
+    held = sorted(os.listdir(folder)) if folder.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        raise FileExistsError(
+            f"folder={str(folder)!r} is not empty ({shown}): the export would replace files such as README.md and "
+            "config.json. Export into an empty or new folder, or pass overwrite=True"
+        )

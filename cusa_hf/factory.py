@@ -24,7 +24,7 @@ from .arguments import DataArguments, ModelArguments
 from .backbones import adapter_class_for, dual_encoder_from_towers
 from .configuration_cusa import CusaConfig
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
-from .modeling_cusa import CusaModel
+from .modeling_cusa import CusaModel, check_model_folder
 from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE, SgrafConfig
 from .models.sgraf.modeling_sgraf import SgrafModel
 from .models.sgraf.training_data import load_sgraf_training_data
@@ -43,6 +43,7 @@ def check_backbone(model_args: ModelArguments) -> str | None:
         return None
     if model_args.backbone == SGRAF_BACKBONE:
         return SgrafConfig.model_type
+    check_model_folder(model_args.backbone, "backbone")
     try:
         config = AutoConfig.from_pretrained(model_args.backbone)
     except (OSError, ValueError) as error:

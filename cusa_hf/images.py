@@ -1,5 +1,5 @@
 """Opening one dataset image value (a ``PIL.Image``, a ``datasets.Image`` dict or a file path) as the 8-bit RGB
-picture it shows, with errors that name the file and the row."""
+picture it shows (upright, by its EXIF orientation), with errors that name the file and the row."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+#: The EXIF tag that says how a stored picture is turned (1: upright).
+EXIF_ORIENTATION = 0x0112
 #: Modes with an alpha channel, composited on white (a transparent background shows as white, as in a viewer).
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -73,9 +75,15 @@ def to_rgb(image: Image.Image, label: str = "image") -> Image.Image:
     conversion would clip the 16- and 32-bit levels to 255 (a mid-grey 16-bit image would come out white) and drop
     the alpha channel (a transparent background would show whatever colour its pixels hold).
 
+    An EXIF orientation (a phone photo stored sideways with a tag saying how to turn it) is applied first
+    (``ImageOps.exif_transpose``), so the picture is upright as every viewer shows it: training, teachers,
+    evaluation and search all open images here.
+
     Raises:
         BadImageError: an ``I`` or ``F`` image whose levels fit no such range (its scale is unknown), naming ``label``.
     """
+    if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode.startswith("I") or mode == "F":
         levels = np.asarray(image)

@@ -57,6 +57,20 @@ def damaged_weights_file(folder: str | os.PathLike) -> OSError | None:
     return None
 
 
+def check_model_folder(name_or_path: str | os.PathLike, parameter: str) -> None:
+    """Refuse a local folder that holds no model itself but model folders (a baseline comparison's ``baseline/`` and
+    ``cusa/``), naming them, rather than let the loader say "Unrecognized model"."""
+    folder = os.fspath(name_or_path)
+    if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, "config.json")):
+        return
+    inside = sorted(name for name in os.listdir(folder) if os.path.isfile(os.path.join(folder, name, "config.json")))
+    if inside:
+        raise ValueError(
+            f"{parameter}={folder!r} holds no model itself but {len(inside)} model folders ({', '.join(inside)}), as a "
+            f"baseline comparison writes; pass one of them, e.g. {os.path.join(folder, inside[-1])!r}"
+        )
+
+
 def is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | None = None) -> bool:
     """``name_or_path`` holds a saved ``CusaModel`` (its config.json says ``model_type: cusa``)."""
     return (_saved_config_dict(name_or_path, backbone_kwargs) or {}).get("model_type") == CusaConfig.model_type
@@ -295,6 +309,8 @@ class CusaModel(CusaPreTrainedModel):
                 f"backbone={backbone!r} names run_cusa's built-in student, not a model to load; in Python build it with "
                 "CusaModel.from_backbone(cusa_hf.factory.builtin_backbone())"
             )
+        if isinstance(backbone, (str, os.PathLike)):
+            check_model_folder(backbone, "backbone")
         if isinstance(backbone, (str, os.PathLike)) and is_cusa_checkpoint(backbone, backbone_kwargs):
             backbone = cls.from_pretrained(backbone, **(backbone_kwargs or {}))
         if isinstance(backbone, CusaModel) and not fresh_heads:
@@ -308,7 +324,13 @@ class CusaModel(CusaPreTrainedModel):
                 "parts are fresh anyway); leave fresh_heads unset"
             )
         if isinstance(backbone, (str, os.PathLike)):
-            backbone_config = AutoConfig.from_pretrained(backbone, **(backbone_kwargs or {}))
+            try:
+                backbone_config = AutoConfig.from_pretrained(backbone, **(backbone_kwargs or {}))
+            except OSError as error:  # the Hub's message (offline, no such repo) does not always name the id
+                if os.path.exists(os.fspath(backbone)):
+                    raise
+                raise OSError(f"backbone={os.fspath(backbone)!r}: no such local folder, and no Hub model of that id "
+                              f"could be loaded ({error})") from None
             adapter_class = adapter_class_for(backbone_config.model_type)
             backbone = adapter_class.load_backbone(str(backbone), **(backbone_kwargs or {}))
         pretrained_state = {name: tensor.detach().clone() for name, tensor in backbone.state_dict().items()}
@@ -348,10 +370,12 @@ class CusaModel(CusaPreTrainedModel):
         saved = checkpoint.config
         projector_fields = cusa_field_names(PROJECTOR)  # the checkpoint's, kept
         for name in projector_fields:
-            wanted = cusa_fields.get(name)
-            if wanted is not None and wanted != getattr(saved, name):
+            wanted, kept = cusa_fields.get(name), getattr(saved, name)
+            if name == "projection_dim" and kept is None and checkpoint.uses_cross_projection:  # None: the backbone's width
+                kept = checkpoint.cross_image_projection.linear.out_features
+            if wanted is not None and wanted != kept:
                 raise ValueError(
-                    f"{name}={wanted!r} differs from the checkpoint's {name}={getattr(saved, name)!r}: starting from a "
+                    f"{name}={wanted!r} differs from the checkpoint's {name}={kept!r}: starting from a "
                     f"CUSA checkpoint keeps its trained projectors; leave {name} unset (None)"
                 )
         fields = {name: value for name, value in cusa_fields.items() if name not in projector_fields}

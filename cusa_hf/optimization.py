@@ -14,11 +14,14 @@ Example::
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any, Iterable
 
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 def check_learning_rate_mapping(mapping: Any) -> dict[str, float]:
@@ -75,10 +78,20 @@ def parameter_groups(
         )
     decay_names = set(decay_parameter_names)
     groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    winner: dict[str, str] = {}  # parameter name -> the pattern that gives it its rate
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            rate = next((rate for pattern, rate in mapping.items() if re.search(pattern, name)), learning_rate)
-            groups.setdefault((rate, name in decay_names), []).append(parameter)
+            pattern = next((pattern for pattern in mapping if re.search(pattern, name)), None)
+            if pattern is not None:
+                winner[name] = pattern
+            groups.setdefault((mapping.get(pattern, learning_rate), name in decay_names), []).append(parameter)
+    for pattern in set(mapping) - set(winner.values()):  # matches trainable parameters (checked above), all taken
+        earlier = list(dict.fromkeys(other for name, other in winner.items() if re.search(pattern, name)))
+        logger.warning(
+            "learning_rate_mapping pattern %r (rate %g) never applies: every parameter it matches is matched first by "
+            "%s, and the first matching pattern wins. Reorder the patterns or narrow the earlier one",
+            pattern, mapping[pattern], ", ".join(repr(other) for other in earlier),
+        )  # fmt: skip
     return [
         {"params": params, "lr": rate, "weight_decay": weight_decay if decays else 0.0}
         for (rate, decays), params in groups.items()

@@ -12,7 +12,8 @@ One index holds the embeddings of one head:
 * ``head="uni"`` (the USA heads): image queries search the images, text queries search the captions.
 
 ``target=`` overrides the default direction. A saved index records the model (name or path, revision, and a digest
-of its weights) and the head in ``manifest.json``; querying it with another model or head is refused. Loading reads
+of its weights), its processor (pixel settings, a digest of the tokenizer) and the head in ``manifest.json``; querying
+it with another model, processor or head is refused. Loading reads
 only the index folder's own files (a manifest that names files elsewhere is refused), and a file that does not read
 whole (cut off while it was saved or copied) is named with the advice to rebuild the index.
 
@@ -130,6 +131,67 @@ def describe_model(model: torch.nn.Module) -> dict[str, Any]:
         "class": type(model).__name__,
         "weights_sha256": digest.hexdigest(),
     }
+
+
+#: The image processor settings that decide the pixels a model sees, recorded in a saved index.
+PIXEL_SETTINGS = (
+    "do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std", "do_pad",
+)  # fmt: skip
+#: Text whose tokens show how a tokenizer normalises and splits (case, accents, punctuation, digits).
+TOKENIZER_PROBE = "A Dog, CATCHING a frisbee! 1234 Ünïcode café's"
+
+
+def describe_processor(processor: Any) -> dict[str, Any]:
+    """What a saved index records about the processor that prepared its inputs, since a changed processor changes
+    every embedding as changed weights do.
+
+    Returns:
+        ``{"image": {setting: value}, "tokenizer_sha256": str}``: the image processor's :data:`PIXEL_SETTINGS` it
+        has, and a SHA-256 digest of the tokenizer's vocabulary, its maximum length and its tokens of
+        :data:`TOKENIZER_PROBE`; a part the processor lacks is ``None``.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    image = None
+    if image_processor is not None:
+        image = {}
+        for name in PIXEL_SETTINGS:
+            value = getattr(image_processor, name, None)
+            if value is not None:
+                image[name] = json.loads(json.dumps(value, default=lambda item: getattr(item, "value", str(item))))
+    tokenizer = getattr(processor, "tokenizer", None)
+    tokenizer_sha256 = None
+    if tokenizer is not None:
+        described = [sorted(tokenizer.get_vocab().items()), tokenizer.model_max_length, tokenizer(TOKENIZER_PROBE)["input_ids"]]
+        tokenizer_sha256 = hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
+    return {"image": image, "tokenizer_sha256": tokenizer_sha256}
+
+
+def _processor_differences(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    differences = []
+    recorded_image, actual_image = recorded.get("image") or {}, actual.get("image") or {}
+    for name in sorted(set(recorded_image) | set(actual_image)):
+        if recorded_image.get(name) != actual_image.get(name):
+            differences.append(f"image processor {name}: index {recorded_image.get(name)!r}, now {actual_image.get(name)!r}")
+    if recorded.get("tokenizer_sha256") != actual.get("tokenizer_sha256"):
+        differences.append("the tokenizer (vocabulary, maximum length or how it splits text)")
+    return differences
+
+
+def _checked_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k must be a positive whole number of results, got {k!r}")
+    return int(k)
+
+
+def _check_recorded_folder(name: str, info: dict[str, Any]) -> None:
+    """A recorded local checkpoint folder (an absolute path) that is gone is named as such, rather than being tried
+    as a Hub id."""
+    if os.path.isabs(name) and not os.path.isdir(name):
+        raise FileNotFoundError(
+            f"the index was built with {_model_label(info)}, but the folder {name} no longer exists: restore it, pass "
+            "model= and processor= to RetrievalIndex.load, or rebuild the index"
+        )
 
 
 def _model_label(info: dict[str, Any]) -> str:
@@ -338,6 +400,7 @@ class RetrievalIndex:
         model: torch.nn.Module | None = None,
         processor: Any = None,
         device: torch.device | str | None = None,
+        processor_info: dict[str, Any] | None = None,
     ):
         if images is None and texts is None:
             raise ValueError("a RetrievalIndex needs images, texts or both")
@@ -350,6 +413,9 @@ class RetrievalIndex:
         self.model = model
         self.processor = processor
         self.device = device
+        #: :func:`describe_processor` of the processor that prepared the index's inputs (``None``: not recorded).
+        self.processor_info = processor_info
+        self._processor_checked = False
 
     def __repr__(self) -> str:
         sizes = ", ".join(
@@ -420,7 +486,7 @@ class RetrievalIndex:
                 columns["image_id"] = caption_image_ids
             text_dataset = add_embedding_index(_embedding_dataset(columns, embeddings), index_factory, search_parameters)
         return cls(image_dataset, text_dataset, head, describe_model(model), index_factory, search_parameters,
-                   model=model, processor=processor, device=device)  # fmt: skip
+                   model=model, processor=processor, device=device, processor_info=describe_processor(processor))  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------- search
     def default_target(self, query_modality: str) -> str:
@@ -454,10 +520,12 @@ class RetrievalIndex:
         """
         if (texts is None) == (images is None):
             raise ValueError("pass exactly one of texts= or images= as the queries")
+        k = _checked_k(k)  # bad queries and k are named before a model is loaded
+        captions = _as_caption_list(texts, "texts") if texts is not None else None
         model, processor = self._query_model()
-        if texts is not None:
+        if captions is not None:
             query_modality = "texts"
-            queries = encode_texts(model, _as_caption_list(texts, "texts"), processor.tokenizer, batch_size, self.head,
+            queries = encode_texts(model, captions, processor.tokenizer, batch_size, self.head,
                                    device=self.device, show_progress=False)  # fmt: skip
         else:
             query_modality = "images"
@@ -469,9 +537,7 @@ class RetrievalIndex:
         """:meth:`search` with query embeddings computed elsewhere: `(n_queries, dim)` rows, L2-normalised, from the
         same model and head as the index (not checked here)."""
         collection = self._collection(target)
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise ValueError(f"k must be a positive whole number of results, got {k!r}")
-        k = int(k)
+        k = _checked_k(k)
         queries = np.ascontiguousarray(torch.as_tensor(query_embeddings).detach().float().cpu().numpy())
         dim = collection.get_index(EMBEDDING_COLUMN).faiss_index.d
         if queries.ndim != 2 or queries.shape[1] != dim:
@@ -513,6 +579,7 @@ class RetrievalIndex:
                     f"this index records no checkpoint to encode queries with ({_model_label(self.model_info)}); "
                     "pass model= and processor= to RetrievalIndex.load"
                 )
+            _check_recorded_folder(name, self.model_info)
             from transformers import AutoModel
 
             model = AutoModel.from_pretrained(name, revision=self.model_info.get("revision"))
@@ -524,6 +591,15 @@ class RetrievalIndex:
             from transformers import AutoProcessor
 
             self.processor = AutoProcessor.from_pretrained(name, revision=self.model_info.get("revision"))
+        if not self._processor_checked and self.processor_info is not None:
+            differences = _processor_differences(self.processor_info, describe_processor(self.processor))
+            if differences:
+                raise ValueError(
+                    f"this index was built with another processor than the one that would encode the queries "
+                    f"({'; '.join(differences)}): their embeddings are not comparable. Query with the processor the "
+                    "index was built with, or rebuild the index with this one"
+                )
+        self._processor_checked = True
         return self.model, self.processor
 
     def _checked_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -543,6 +619,13 @@ class RetrievalIndex:
         folder = Path(folder)
         if (folder / MANIFEST_FILE).exists() and not overwrite:
             raise FileExistsError(f"{folder} already holds an index ({MANIFEST_FILE}); pass overwrite=True to replace it")
+        if not (folder / MANIFEST_FILE).exists():
+            in_the_way = [name for name in (*TARGETS, *(f"{target}.faiss" for target in TARGETS)) if (folder / name).exists()]
+            if in_the_way:
+                raise FileExistsError(
+                    f"{folder} holds {', '.join(in_the_way)}, which no index wrote (it has no {MANIFEST_FILE}): saving "
+                    "the index there would replace them. Save it into an empty or new folder"
+                )
         folder.mkdir(parents=True, exist_ok=True)
         collections = {}
         for name, collection in (("images", self.images), ("texts", self.texts)):
@@ -568,6 +651,7 @@ class RetrievalIndex:
             "format_version": INDEX_FORMAT_VERSION,
             "head": self.head,
             "model": self.model_info,
+            "processor": self.processor_info,
             "index_factory": self.index_factory,
             "search_parameters": self.search_parameters,
             "collections": collections,
@@ -628,7 +712,7 @@ class RetrievalIndex:
             loaded[name] = collection
         index = cls(loaded.get("images"), loaded.get("texts"), manifest["head"], manifest["model"],
                     manifest.get("index_factory"), manifest.get("search_parameters"), processor=processor,
-                    device=device)  # fmt: skip
+                    device=device, processor_info=manifest.get("processor"))  # fmt: skip
         if model is not None:
             index.model = index._checked_model(model)
         return index

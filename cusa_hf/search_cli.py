@@ -84,9 +84,23 @@ def _is_image_folder(path: Path) -> bool:
     return path.is_dir() and not any((path / marker).exists() for marker in DATASET_FOLDER_MARKERS)
 
 
+def _check_out_outside_data(out: Path, data: Path, image_root: str | None) -> None:
+    """Refuse an index folder that is the data's folder (a JSON file's, a dataset folder, the image root) or lies
+    inside a plain folder of images being indexed: the index's files would go among the user's data."""
+    folders = [("--data", data if data.is_dir() else data.parent)] + ([("--image-root", Path(image_root))] if image_root else [])
+    for flag, folder in folders:
+        images_folder = flag == "--data" and _is_image_folder(data)
+        if out.resolve() == folder.resolve() or (images_folder and folder.resolve() in out.resolve().parents):
+            raise SystemExit(
+                f"cusa-search build: --out {os.fspath(out)} is, or lies inside, the {flag} folder {os.fspath(folder)}: "
+                "the index would be written among your data. Choose an --out outside it"
+            )
+
+
 def build(args: argparse.Namespace) -> RetrievalIndex:
     from transformers import AutoModel, AutoProcessor
 
+    _check_out_outside_data(Path(args.out), Path(args.data), args.image_root)
     model = AutoModel.from_pretrained(args.model, revision=args.revision)
     if args.device is not None:
         model = model.to(args.device)
@@ -216,10 +230,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``cusa-search``; ``cusa-search build --help`` and ``cusa-search query --help`` explain every
     option."""
     args = _build_parser().parse_args(argv)
-    if args.command == "build":
-        build(args)
-    else:
-        query(args)
+    try:
+        if args.command == "build":
+            build(args)
+        else:
+            query(args)
+    except (ValueError, OSError) as error:  # bad input, named by the library: one line, not a traceback
+        raise SystemExit(f"cusa-search {args.command}: {error}") from None
     return 0
 
 

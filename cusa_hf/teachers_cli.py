@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 from typing import Sequence
 
 from accelerate import PartialState
@@ -98,7 +100,30 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", help="folder of cached feature tables (default: next to the dataset's cache)")
     parser.add_argument("--no-cache", action="store_true", help="recompute even if a cached feature table exists")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also push the result to this Hub dataset repository")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into an output_dir that already holds files (an earlier extraction), replacing what it writes",
+    )
     return parser
+
+
+def _check_output_dir(source: str, output_dir: str, overwrite: bool) -> None:
+    """Before any teacher runs: never write over the source, nor over a folder's files unless ``--overwrite``."""
+    if os.path.exists(source) and os.path.exists(output_dir) and (
+        os.path.samefile(source, output_dir) or Path(output_dir).resolve() in Path(source).resolve().parents
+    ):
+        raise SystemExit(
+            f"cusa-extract-teachers: output_dir {output_dir} is, or holds, the source {source}: saving would replace "
+            "the data being read. Choose another output_dir"
+        )
+    held = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if held and not overwrite:
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        raise SystemExit(
+            f"cusa-extract-teachers: output_dir {output_dir} already holds files ({shown}), e.g. an earlier "
+            "extraction; pass --overwrite to replace it, or choose an empty or new output_dir"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.image_teacher is None and args.text_teacher is None:
         _build_parser().error("give --image-teacher, --text-teacher or both")
+    _check_output_dir(args.source, args.output_dir, args.overwrite)
     state = PartialState()
     dataset = load_retrieval_dataset(
         args.source, split=args.split, image_root=args.image_root, skip_invalid=args.skip_invalid

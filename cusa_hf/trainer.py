@@ -19,7 +19,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .arguments import CusaTrainingArguments
-from .checkpoints import check_resumable, check_writable, last_complete_checkpoint
+from .checkpoints import (
+    RunOutputsCallback,
+    check_resumable,
+    check_writable,
+    last_complete_checkpoint,
+    named_save_errors,
+)
 from .collator import CusaDataCollator, with_feature_tables
 from .evaluation.evaluator import RetrievalEvaluator
 from .frozen_towers import check_tower_columns
@@ -65,6 +71,21 @@ def cusa_training_arguments(output_dir: str, **overrides: Any) -> TrainingArgume
     )
     settings.update(overrides)
     return CusaTrainingArguments(**settings)
+
+
+#: A weight magnitude beyond which a model that stopped on a non-finite step has diverged rather than met a bad row.
+LARGE_WEIGHT = 1e6
+
+
+def _largest_weight(model: nn.Module) -> tuple[str, float]:
+    """``(name, largest absolute value)`` over the model's floating-point parameters."""
+    largest = ("", 0.0)
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and parameter.numel():
+            value = parameter.detach().abs().max().item()
+            if value > largest[1]:
+                largest = (name, value)
+    return largest
 
 
 class CusaTrainer(Trainer):
@@ -133,7 +154,8 @@ class CusaTrainer(Trainer):
             evaluator = _evaluator_for(eval_dataset, None, data_collator, args)
         _select_on_primary_metric(args, evaluator)
         self.model_card_callback = CusaModelCardCallback(model_card_data)
-        callbacks = list(kwargs.pop("callbacks", None) or []) + [TemperatureClampCallback(), self.model_card_callback]
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        callbacks += [TemperatureClampCallback(), self.model_card_callback, RunOutputsCallback()]
         super().__init__(
             model=model,
             args=args,
@@ -159,6 +181,15 @@ class CusaTrainer(Trainer):
         # FSDP refuses 0-d parameters (the temperatures, CLIP's logit_scale): they train as one-element vectors and
         # ``_save`` writes them back as scalars, so a checkpoint is the same with or without FSDP.
         self._fsdp_scalar_names = vectorize_scalar_parameters(self.model) if self.is_fsdp_enabled else set()
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with named_save_errors(folder):  # a full disk: torch's "basic_ios::clear: iostream error" names no file
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with named_save_errors(output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if state_dict is not None and self._fsdp_scalar_names:
@@ -207,10 +238,17 @@ class CusaTrainer(Trainer):
             )
         self._save_checkpoint(self.model_wrapped, trial=None)
         folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        return (
+        name, largest = _largest_weight(self.accelerator.unwrap_model(self.model))
+        kept = (
             f"the weights of step {step}, the last finite one, are saved in {folder} (CusaModel.from_pretrained loads "
-            "them; resume_from_checkpoint continues from them once the cause is fixed)"
+            f"them; their largest magnitude is {largest:.3g}, in {name})"
         )
+        if largest > LARGE_WEIGHT:
+            return kept + (
+                ": finite, but already blown up (a learning rate far too high?), so a resume from them would overflow "
+                "again. Start again from an earlier checkpoint or the backbone with a lower learning rate"
+            )
+        return kept + "; resume_from_checkpoint continues from them once the cause is fixed"
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
         """The Trainer's gradient norm of an optimiser step, computed before the optimiser uses the gradients:

@@ -47,15 +47,19 @@ def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gath
             "and USA compare the pairs of a batch with each other, so every loss and gradient would be 0. Use 2 or more"
         )
     rows = len(dataset) if hasattr(dataset, "__len__") else None
-    if rows is None or args.max_steps > 0:
+    if rows is None:
         return
     if rows < 2:
         raise ValueError(f"the training set has {rows} row(s); a contrastive batch needs at least two image-text pairs")
     if args.world_size == 1 and rows % batch == 1 and not args.dataloader_drop_last:
-        raise ValueError(
-            f"{rows} training rows in batches of {batch} leave a last batch of one pair, whose loss is 0; pass "
-            "dataloader_drop_last=True or change the batch size"
-        )
+        batches_per_epoch = -(-rows // batch)
+        # Under max_steps the epochs repeat until the step count is reached: the last batch comes once it is passed.
+        if args.max_steps <= 0 or args.max_steps * args.gradient_accumulation_steps >= batches_per_epoch:
+            reached = f" (max_steps={args.max_steps} reaches it)" if args.max_steps > 0 else ""
+            raise ValueError(
+                f"{rows} training rows in batches of {batch} leave a last batch of one pair{reached}, whose loss is 0 "
+                "and which the model refuses; pass dataloader_drop_last=True or change the batch size"
+            )
 
 
 def with_numpy_feature_columns(dataset: Any, collator: Any) -> Any:

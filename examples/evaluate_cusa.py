@@ -27,11 +27,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from cusa_hf.data import load_retrieval_dataset
+from cusa_hf.modeling_cusa import check_model_folder
+from cusa_hf.schema import InvalidRecordError
 from cusa_hf.eval_view import build_eval_view
 from cusa_hf.images import load_image
 from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_image_retrieval, evaluate_sts
 from cusa_hf.evaluation.loaders import load_labelled_images, load_sts
-from cusa_hf.evaluation.metrics import RETRIEVAL_METRIC_NAMES, retrieval_metrics
+from cusa_hf.evaluation.metrics import RECALL_KS, RETRIEVAL_METRIC_NAMES, retrieval_metrics
 
 THUMBNAIL = 160
 
@@ -47,6 +49,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--caption-column", default="caption")
     parser.add_argument("--image-id-column", default="image_id")
     parser.add_argument("--max-images", type=int, help="evaluate only the first N images (and their captions)")
+    parser.add_argument("--skip-invalid", action="store_true",
+                        help="leave out records with a missing image or empty caption (reported) instead of stopping")
     parser.add_argument("--head", default="cross", choices=["cross", "uni", "none"],
                         help="'none' for a plain backbone without CUSA heads")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -95,6 +99,7 @@ def load_model_and_processor(args: argparse.Namespace):
 
     import cusa_hf  # noqa: F401  (registers CusaModel with AutoModel)
 
+    check_model_folder(args.model, "--model")
     config = checked_location(args.model, "--model", AutoConfig.from_pretrained)
     processor_source = f"--processor {args.processor}" if args.processor else "its processor"
     processor_flag = "--processor" if args.processor else "--model"
@@ -205,7 +210,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     show_progress = not args.quiet
     model, processor = load_model_and_processor(args)
 
-    dataset = load_retrieval_dataset(args.data, split=args.split, image_root=args.image_root)
+    try:
+        dataset = load_retrieval_dataset(args.data, split=args.split, image_root=args.image_root,
+                                         skip_invalid=args.skip_invalid)  # fmt: skip
+    except InvalidRecordError as error:
+        raise InvalidRecordError(f"{error}; here that is --skip-invalid (those records are left out of the metrics)") from None
     dataset = limit_images(dataset, args.image_id_column, args.image_column, args.max_images)
     view = build_eval_view(dataset, args.image_column, args.caption_column, args.image_id_column, args.image_root)
     image_features = encode_images(model, view.images, processor.image_processor, args.batch_size, head,
@@ -222,6 +231,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     uni_head = "uni" if head is not None else None
     notes = uni_head_notes(model, head == "uni" or (uni_head is not None and bool(args.sts or args.labelled_images)))
+    if view.num_images <= max(RECALL_KS):
+        notes.append(
+            f"only {view.num_images} image(s): text->image R@K with K >= {view.num_images} is 100 whatever the model "
+            "(and image->text R@K is generous), so these numbers say little about retrieval; evaluate on more images"
+        )
     if args.sts:
         metrics["sts_spearman"] = evaluate_sts(model, processor.tokenizer, load_sts(args.sts, args.sts_split),
                                                head=uni_head, device=args.device, show_progress=show_progress)

@@ -128,13 +128,25 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     lock = None
     if training_args.process_index == 0:
         lock = claim_output_dir(
-            training_args.output_dir, training_args.overwrite_output_dir, training_args.resume_from_checkpoint
+            training_args.output_dir,
+            training_args.overwrite_output_dir,
+            training_args.resume_from_checkpoint,
+            inputs=run_inputs(model_args, data_args),
         )
     try:
         return run_steps(model_args, data_args, training_args, command)
     finally:
         if lock is not None:
             lock.release()
+
+
+def run_inputs(model_args, data_args) -> dict[str, str | None]:
+    """What the run reads (backbone, processor, data), by flag: none may lie inside the output folder it writes."""
+    names = ("backbone", "processor_name", "sgraf_vocab_file")
+    inputs = {name: getattr(model_args, name) for name in names}
+    for name in ("train_file", "validation_file", "test_file", "image_root", "features_dir"):
+        inputs[name] = getattr(data_args, name)
+    return inputs
 
 
 def run_steps(model_args, data_args, training_args, command) -> dict[str, dict[str, float]]:

@@ -91,8 +91,12 @@ def test_a_cusa_checkpoint_keeps_its_heads_and_temperatures(cusa_folder):
 
 
 def test_the_projector_layout_of_a_checkpoint_cannot_change(cusa_folder):
-    with pytest.raises(ValueError, match="projection_dim=8 differs from the checkpoint's projection_dim=None"):
+    width = CusaModel.from_pretrained(cusa_folder).cross_image_projection.linear.out_features
+    assert width != 8 and CusaModel.from_pretrained(cusa_folder).config.projection_dim is None
+    with pytest.raises(ValueError, match=f"projection_dim=8 differs from the checkpoint's projection_dim={width}"):
         CusaModel.from_backbone(str(cusa_folder), projection_dim=8)
+    # The checkpoint's own width (its config says None: the backbone's) is accepted.
+    assert CusaModel.from_backbone(str(cusa_folder), projection_dim=width).cross_image_projection.linear.out_features == width
     with pytest.raises(ValueError, match="cross_projection=False differs"):
         CusaModel.from_backbone(str(cusa_folder), cross_projection=False)
 
@@ -182,6 +186,22 @@ def test_learning_rate_mapping_groups_parameters_by_pattern():
     assert rates["cross_image_projection.linear.weight"] == (5e-5, 0.1) and rates["itc_temperature"] == (5e-5, 0.0)
     with pytest.raises(ValueError, match=r"pattern\(s\) \['\^usa_heda'\] match no trainable parameter"):
         parameter_groups(model, {"^usa_heda": 1e-3}, 5e-5, 0.1, decay)
+
+
+
+def test_a_learning_rate_pattern_shadowed_by_an_earlier_one_is_named(caplog):
+    import logging
+
+    model = tiny_cusa_model()
+    decay = {name for name, _ in model.named_parameters() if name.endswith("weight")}
+    with caplog.at_level(logging.WARNING, logger="cusa_hf.optimization"):
+        groups = parameter_groups(model, {r"^usa_": 1e-3, r"^usa_text_head": 1e-2}, 5e-5, 0.1, decay)
+    assert 1e-2 not in {group["lr"] for group in groups}
+    assert "pattern '^usa_text_head' (rate 0.01) never applies: every parameter it matches is matched first by '^usa_'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cusa_hf.optimization"):
+        parameter_groups(model, {r"^usa_text_head": 1e-2, r"^usa_": 1e-3}, 5e-5, 0.1, decay)  # the narrow one first
+    assert "never applies" not in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -122,3 +122,11 @@ def test_under_a_real_accelerate_launch(tmp_path):
         assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
         threads = int(stdout.split("THREADS ", 1)[1].split()[0])
         assert threads == launches[name][2], f"{name}: {stderr[-3000:]}"
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", ""])
+def test_a_thread_count_that_is_no_count_is_named(launched_by_accelerate, monkeypatch, value):
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    for device in ("cpu", "cuda"):
+        with pytest.raises(ValueError, match=rf"environment variable OMP_NUM_THREADS={value!r} is not a positive whole"):
+            use_every_cpu_core(device, 1)

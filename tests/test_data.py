@@ -103,6 +103,25 @@ def test_integer_and_string_image_ids_are_not_merged(tmp_path):
         load_json_dataset(write_json(tmp_path / "train.json", records), check_files=False)
 
 
+def test_image_ids_given_in_some_records_only_are_refused(tmp_path, image_files):
+    # An eval file whose first record of each image carries an id and whose others do not: the fallback id (the
+    # path) would count each image twice, halving its recall without a word.
+    records = []
+    for path in image_files:
+        records.append({"image": str(path), "caption": ["a photo", "another photo"], "image_id": path.stem})
+        records.append({"image": str(path), "caption": ["a third photo"]})
+    with pytest.raises(InvalidRecordError, match=r"test.json: only some records carry 'image_id' \(record 0 has one, "
+                                                 r"record 1 has none\)"):  # fmt: skip
+        load_json_dataset(write_json(tmp_path / "test.json", records))
+    # All given, or all derived from the paths: one id per image either way.
+    for record in records:
+        record.pop("image_id", None)
+    assert len(set(load_json_dataset(write_json(tmp_path / "test.json", records))["image_id"])) == 3
+    for record in records:
+        record["image_id"] = Path(record["image"]).stem
+    assert len(set(load_json_dataset(write_json(tmp_path / "test.json", records))["image_id"])) == 3
+
+
 def test_flatten_captions_with_image_feature_and_id_column():
     images = [Image.new("RGB", (4, 4), color) for color in ("red", "blue")]
     source = datasets.Dataset.from_dict(

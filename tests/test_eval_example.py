@@ -97,5 +97,31 @@ def test_the_uni_head_of_a_model_without_usa_heads_comes_with_a_notice(checkpoin
     notice = "has no USA heads (use_usa=False), so its 'uni' embeddings are the backbone's own normalised features"
     assert notice in capsys.readouterr().out and notice in result["notes"][0]
     # The cross head of the same model, and the uni head of a model with USA heads, need no notice.
-    assert load_example().main(["--model", str(tmp_path / "baseline"), *data])["notes"] == []
-    assert load_example().main(["--model", str(folder / "model"), "--head", "uni", *data])["notes"] == []
+    for argv in (["--model", str(tmp_path / "baseline")], ["--model", str(folder / "model"), "--head", "uni"]):
+        notes = load_example().main([*argv, *data])["notes"]
+        assert [note for note in notes if not note.startswith("only 7 image(s)")] == []  # (7 images: R@10 is trivial)
+
+
+def test_a_comparison_folder_a_missing_image_and_a_tiny_test_set_are_named(checkpoint_and_data, tmp_path, capsys):
+    import shutil
+
+    folder = checkpoint_and_data
+    example = load_example()
+    comparison = tmp_path / "comparison"
+    for run in ("baseline", "cusa"):
+        shutil.copytree(folder / "model", comparison / run)
+    data = ["--data", str(folder / "test.json"), "--device", "cpu", "--quiet"]
+    with pytest.raises(ValueError, match=r"--model='.*comparison' holds no model itself but 2 model folders "
+                                         r"\(baseline, cusa\)"):  # fmt: skip
+        example.main(["--model", str(comparison), *data])
+    records = json.loads((folder / "test.json").read_text())
+    records[1]["image"] = "gone.png"
+    (tmp_path / "test.json").write_text(json.dumps(records))
+    for record in records:
+        shutil.copy(folder / record["image"], tmp_path) if (folder / record["image"]).exists() else None
+    missing = ["--model", str(folder / "model"), "--data", str(tmp_path / "test.json"), "--device", "cpu", "--quiet"]
+    with pytest.raises(ValueError, match=r"gone.png.*here that is --skip-invalid"):
+        example.main(missing)
+    result = example.main([*missing, "--skip-invalid", "--max-images", "1"])
+    assert result["metrics"]["rsum"] == 600 and any("only 1 image(s)" in note for note in result["notes"])
+    assert "note: only 1 image(s): text->image R@K with K >= 1 is 100" in capsys.readouterr().out

@@ -162,3 +162,26 @@ def test_only_clip_and_dual_encoder_models_export(tmp_path):
 
         save_sentence_transformer(CLIPModel(tiny_clip_config()), tiny_clip_processor(), tmp_path / "clip")
     assert not (tmp_path / "x2vlm").exists() and not (tmp_path / "clip").exists()
+
+
+def test_the_export_never_replaces_the_users_files_or_its_source_model(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    torch.manual_seed(0)
+    source = tmp_path / "run"
+    CusaModel(CusaConfig(backbone_config=tiny_clip_config())).save_pretrained(source)
+    (source / "README.md").write_text("the CUSA model card, with its metrics")
+    model = CusaModel.from_pretrained(source).eval()
+    with pytest.raises(FileExistsError, match=r"folder='.*run' is the folder the model was loaded from"):
+        save_sentence_transformer(model, tiny_clip_processor(), source, overwrite=True)
+    assert (source / "README.md").read_text() == "the CUSA model card, with its metrics"
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, text in (("README.md", "my notes"), ("config.json", "{}")):
+        (mine / name).write_text(text)
+    with pytest.raises(FileExistsError, match=r"folder='.*mine' is not empty \(README.md, config.json\).*overwrite=True"):
+        save_sentence_transformer(model, tiny_clip_processor(), mine)
+    assert (mine / "README.md").read_text() == "my notes" and sorted(os.listdir(mine)) == ["README.md", "config.json"]
+    (mine / "keep.txt").write_text("kept")
+    save_sentence_transformer(model, tiny_clip_processor(), mine, overwrite=True)
+    assert (mine / "keep.txt").read_text() == "kept" and json.loads((mine / "config.json").read_text())["model_type"]

@@ -104,3 +104,29 @@ def test_image_bytes_in_a_datasets_value_are_read_as_well(tmp_path):
     buffer = io.BytesIO()
     uniform("RGBA", (0, 0, 255, 0)).save(buffer, format="PNG")
     assert pixels(load_image({"path": "x.png", "bytes": buffer.getvalue()})) == {(255, 255, 255)}
+
+
+def test_a_photo_stored_sideways_with_an_exif_orientation_loads_upright(tmp_path):
+    import datasets
+
+    from cusa_hf.evaluation.encoding import encode_images
+    from tiny_models import tiny_clip_processor, tiny_cusa_model
+
+    upright = Image.new("RGB", (40, 20), (250, 250, 250))
+    upright.paste((200, 20, 20), (0, 0, 20, 20))  # red on the left half
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # the camera's sensor order: 20 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view"
+    stored.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright.save(tmp_path / "upright.jpg", quality=95)
+
+    for value in (str(tmp_path / "phone.jpg"), {"bytes": (tmp_path / "phone.jpg").read_bytes(), "path": None},
+                  Image.open(tmp_path / "phone.jpg")):  # fmt: skip
+        loaded = load_image(value)
+        assert loaded.size == (40, 20)
+        assert np.abs(np.asarray(loaded, dtype=float) - np.asarray(upright, dtype=float)).mean() < 8
+    # Through the encoders that training, evaluation and search use: as the upright file.
+    model, processor = tiny_cusa_model(0).eval(), tiny_clip_processor()
+    column = datasets.Dataset.from_dict({"image": [str(tmp_path / "phone.jpg"), str(tmp_path / "upright.jpg")]})
+    embeddings = encode_images(model, column["image"], processor.image_processor, 2, "cross", show_progress=False)
+    assert float(embeddings[0] @ embeddings[1]) > 0.99

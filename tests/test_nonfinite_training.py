@@ -74,3 +74,15 @@ def test_nan_at_the_first_step_says_there_is_nothing_to_keep(tmp_path):
                                                      "step had finished"):  # fmt: skip
         trainer.train()
     assert not (tmp_path / "checkpoint-0").exists()
+
+
+def test_weights_already_blown_up_are_reported_instead_of_a_plain_resume(tmp_path):
+    trainer = CusaTrainer(model=tiny_cusa_model(0), args=training_args(tmp_path, learning_rate=1e37),
+                          train_dataset=synthetic_dataset(num_images=8, captions_per_image=2),
+                          processing_class=tiny_clip_processor())  # fmt: skip
+    with pytest.raises(NonFiniteTrainingError) as raised:
+        trainer.train()
+    message = str(raised.value)
+    assert f"saved in {tmp_path / f'checkpoint-{trainer.state.global_step}'}" in message
+    assert "their largest magnitude is " in message and "already blown up" in message
+    assert "resume_from_checkpoint continues" not in message

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_cusa_model
 
-from cusa_hf.checkpoints import LOCK_FILE, check_resumable, claim_output_dir
+from cusa_hf.checkpoints import LOCK_FILE, RUN_MANIFEST, check_resumable, claim_output_dir
 
 CLAIM_IN_ANOTHER_PROCESS = r"""
 import sys
@@ -34,35 +34,122 @@ def claim_elsewhere(folder) -> str:
 
 
 def finished_run(folder: Path) -> Path:
-    """What a finished run leaves: checkpoints, the model with its processor and card, results."""
+    """What a finished run leaves: checkpoints, the model with its processor and card, results, written while the run
+    held the folder, so that its manifest records them."""
+    lock = claim_output_dir(folder)
     (folder / "checkpoint-2").mkdir(parents=True)
     (folder / "checkpoint-2" / "trainer_state.json").write_text("{}")
     for name in ("model.safetensors", "config.json", "modeling_cusa.py", "losses.py", "README.md", "results.json",
                  "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "trainer_state.json"):
         (folder / name).write_text("x")  # fmt: skip
+    lock.release()
     return folder
 
 
-def test_overwrite_deletes_what_runs_wrote_and_refuses_a_folder_with_other_files(tmp_path):
+def names(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def test_overwrite_deletes_only_what_a_run_recorded_it_wrote(tmp_path):
     run = finished_run(tmp_path / "run")
-    (run / "cusa").mkdir()
-    finished_run(run / "cusa")
+    assert json.loads((run / RUN_MANIFEST).read_text())["entries"] == sorted(
+        name for name in os.listdir(run) if name != RUN_MANIFEST
+    )
     claim_output_dir(run, overwrite=True).release()
     assert not any(run.iterdir())
 
-    mine = finished_run(tmp_path / "mine")
-    for name in ("train.json", "test.json", "notes.txt"):
+    # The same names, written by the user (no run recorded them), are never deleted, whatever they look like.
+    mine = tmp_path / "mine"
+    for name in ("optimizer_notes/ideas.txt", "runs/x", "README.md", "config.json", "checkpoint-1/notes.txt"):
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
         (mine / name).write_text("the user's own")
-    before = sorted(path.name for path in mine.iterdir())
-    with pytest.raises(ValueError, match=r"holds files that no run wrote \(notes.txt, test.json, train.json\)"):
+    before = names(mine)
+    with pytest.raises(ValueError, match=r"holds what no run recorded \(README.md, checkpoint-1/, config.json, "
+                                         r"optimizer_notes/, runs/\); nothing was deleted"):  # fmt: skip
         claim_output_dir(mine, overwrite=True)
-    assert sorted(path.name for path in mine.iterdir()) == before  # nothing deleted
-    # A comparison folder holding a file of the user's is not a run's folder either.
-    (run / "cusa").mkdir()
-    (run / "cusa" / "draft.md").write_text("mine")
-    with pytest.raises(ValueError, match=r"no run wrote \(cusa/draft.md\)"):
+    assert names(mine) == before
+
+    # A run's folder to which the user added files afterwards: refused, naming only the user's files.
+    finished_run(run)
+    (run / "notes.txt").write_text("mine")
+    (run / "optimizer_notes").mkdir()
+    before = names(run)
+    with pytest.raises(ValueError, match=r"no run recorded \(notes.txt, optimizer_notes/\)"):
         claim_output_dir(run, overwrite=True)
-    assert (run / "cusa" / "draft.md").is_file()
+    assert names(run) == before
+
+
+def test_a_run_records_a_checkpoint_before_saving_it_and_a_comparison_its_run_folders(tmp_path):
+    from cusa_hf.checkpoints import record_run_outputs
+
+    folder = tmp_path / "comparison"
+    lock = claim_output_dir(folder)
+    record_run_outputs(folder / "cusa", [folder / "cusa" / "checkpoint-3"])  # about to save cusa/checkpoint-3
+    assert json.loads((folder / RUN_MANIFEST).read_text())["entries"] == ["cusa"]
+    (folder / "baseline").mkdir()
+    (folder / "results.json").write_text("{}")
+    record_run_outputs(folder / "baseline")
+    assert json.loads((folder / RUN_MANIFEST).read_text())["entries"] == ["baseline", "cusa", "results.json"]
+    lock.release()
+    # A resumed run keeps the earlier record and adds what it writes.
+    lock = claim_output_dir(folder, resume_from_checkpoint="last")
+    (folder / "all_results.json").write_text("{}")
+    lock.release()
+    assert json.loads((folder / RUN_MANIFEST).read_text())["entries"] == [
+        "all_results.json", "baseline", "cusa", "results.json"
+    ]  # fmt: skip
+
+
+def test_no_input_of_a_run_is_ever_inside_the_folder_it_replaces(tmp_path):
+    from transformers import CLIPModel
+
+    from tiny_models import tiny_clip_config
+
+    clip = tmp_path / "clip"
+    CLIPModel(tiny_clip_config()).save_pretrained(clip)  # a pretrained folder: its file names look like a run's
+    before = names(clip)
+    with pytest.raises(ValueError, match=r"backbone='.*clip' is, or lies inside, output_dir='.*clip': .*Nothing was "
+                                         r"touched"):  # fmt: skip
+        claim_output_dir(clip, overwrite=True, inputs={"backbone": str(clip)})
+    assert names(clip) == before and not (clip / LOCK_FILE).exists()
+    comparison = tmp_path / "out"  # a comparison run's folder, recorded by its run
+    lock = claim_output_dir(comparison)
+    (comparison / "baseline").mkdir()
+    (comparison / "baseline" / "model.safetensors").write_text("weights")
+    (comparison / "results.json").write_text("{}")
+    lock.release()
+    with pytest.raises(ValueError, match=r"backbone='.*out/baseline' is, or lies inside, output_dir='.*out'"):
+        claim_output_dir(comparison, overwrite=True, inputs={"backbone": str(comparison / "baseline"), "test_file": None})
+    assert (comparison / "baseline" / "model.safetensors").read_text() == "weights"
+
+
+def test_a_live_run_beneath_or_above_a_folder_is_never_touched(tmp_path):
+    outer = finished_run(tmp_path / "X")
+    lock = claim_output_dir(outer, resume_from_checkpoint="last")
+    (outer / "cusa").mkdir()
+    lock.release()
+    # Run A (another live process) holds X/cusa; run B overwrites X.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        record = {"pid": sleeper.pid, "host": socket.gethostname(), "process_start": None, "created": 0}
+        (outer / "cusa" / LOCK_FILE).write_text(json.dumps(record))
+        before = names(outer)
+        with pytest.raises(ValueError, match=rf"would delete a live run's folder: .*process {sleeper.pid}"):
+            claim_output_dir(outer, overwrite=True)
+        assert names(outer) == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # A comparison holding X covers X/cusa and X/baseline against other runs.
+    (outer / "cusa" / LOCK_FILE).unlink()
+    lock = claim_output_dir(tmp_path / "Y")
+    try:
+        answer = claim_elsewhere(tmp_path / "Y" / "cusa")
+        assert answer.startswith("REFUSED") and "lies inside a live run's output folder" in answer
+        assert f"process {os.getpid()}" in answer
+    finally:
+        lock.release()
+    assert claim_elsewhere(tmp_path / "Y" / "cusa") == "CLAIMED"
 
 
 def test_a_resume_from_elsewhere_never_replaces_a_finished_run(tmp_path):

@@ -30,6 +30,10 @@ def test_a_contrastive_batch_of_one_pair_is_refused(tmp_path):
     with pytest.raises(ValueError, match="8 training rows in batches of 7 leave a last batch of one pair"):
         trainer(per_device_train_batch_size=7)
     trainer(per_device_train_batch_size=7, dataloader_drop_last=True)
+    # Under max_steps the epochs repeat: the one-pair batch comes at step 2, so max_steps=2 is refused before training.
+    with pytest.raises(ValueError, match=r"leave a last batch of one pair \(max_steps=2 reaches it\)"):
+        trainer(per_device_train_batch_size=7, max_steps=2)
+    trainer(per_device_train_batch_size=7, max_steps=1)
     with pytest.raises(ValueError, match="the training set has 1 row"):
         CusaTrainer(model=model, args=cusa_training_arguments(str(tmp_path), use_cpu=True, report_to=[]),
                     train_dataset=dataset.select([0]), processing_class=tiny_clip_processor())  # fmt: skip
@@ -68,6 +72,18 @@ def test_resuming_needs_a_complete_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-4")
     assert "checkpoint-10: it has no trainer_state.json, so its saving was cut off" in caplog.text
+    # kill -9 while checkpoint-12's trainer_state.json was half written: skipped, naming the file.
+    (tmp_path / "run" / "checkpoint-12").mkdir()
+    (tmp_path / "run" / "checkpoint-12" / "trainer_state.json").write_text('{"global_step": 12, "log_hist')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert last_complete_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-4")
+    assert "checkpoint-12/trainer_state.json does not read whole" in caplog.text
+    from cusa_hf.checkpoints import check_resumable
+
+    tiny_cusa_model(0).save_pretrained(tmp_path / "run" / "checkpoint-12")
+    with pytest.raises(OSError, match=r"cannot resume from .*checkpoint-12: its .*trainer_state.json does not read whole"):
+        check_resumable(tmp_path / "run" / "checkpoint-12", tiny_cusa_model(0).config)
 
 
 @pytest.mark.parametrize(
@@ -100,8 +116,9 @@ def test_an_earlier_run_is_never_overwritten_unless_asked(tmp_path):
 
     claim_output_dir(tmp_path / "new").release()  # a folder that does not exist yet
     run = tmp_path / "run"
-    (run / "checkpoint-4").mkdir(parents=True)
-    (run / "results.json").write_text("{}")
+    with claim_output_dir(run):  # a run writes its checkpoint and results (and records them) while it holds the folder
+        (run / "checkpoint-4").mkdir(parents=True)
+        (run / "results.json").write_text("{}")
     with pytest.raises(ValueError, match=r"already holds a run \(checkpoint-4, results.json\); pass overwrite_output_dir"):
         claim_output_dir(run)
     claim_output_dir(run, resume_from_checkpoint="last").release()
@@ -168,3 +185,61 @@ def test_a_cut_off_weights_file_is_named_when_loading_and_resuming(tmp_path):
         AutoModel.from_pretrained(tmp_path / "checkpoint-2")
     with pytest.raises(OSError, match=rf"cannot resume from .*checkpoint-2: {named}"):
         check_resumable(tmp_path / "checkpoint-2", model.config)
+
+
+def test_a_setting_given_twice_in_a_config_file_is_refused_naming_key_and_lines(tmp_path):
+    from cusa_hf.arguments import parse_arguments
+
+    (tmp_path / "twice.yaml").write_text("backbone: x\nlearning_rate: 0.001\ncsa_weight: 0.1\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"twice.yaml: not valid YAML \(duplicate key 'learning_rate' \(first given at "
+                                         r"line 2; only one may stay\)\) at line 4"):  # fmt: skip
+        parse_arguments([str(tmp_path / "twice.yaml")])
+    (tmp_path / "twice.json").write_text('{\n  "backbone": "x",\n  "learning_rate": 0.001,\n  "learning_rate": 0.1\n}')
+    with pytest.raises(ValueError, match=r"twice.json: key 'learning_rate' is given twice \(lines 3, 4\)"):
+        parse_arguments([str(tmp_path / "twice.json")])
+
+
+def test_projection_dim_with_a_backbone_it_does_not_shape_is_refused(tmp_path):
+    from cusa_hf.arguments import parse_arguments
+
+    with pytest.raises(ValueError, match=r"--projection_dim 8 sets the projection width of the built-in dual encoder .*"
+                                         r"--backbone .*ckpt keeps its own width"):  # fmt: skip
+        parse_arguments(["--backbone", str(tmp_path / "ckpt"), "--projection_dim", "8", "--output_dir", str(tmp_path)])
+
+
+def test_from_backbone_names_a_comparison_folder_and_an_unloadable_hub_id(tmp_path):
+    for run in ("baseline", "cusa"):
+        tiny_cusa_model(0).save_pretrained(tmp_path / "comparison" / run)
+    with pytest.raises(ValueError, match=r"backbone='.*comparison' holds no model itself but 2 model folders "
+                                         r"\(baseline, cusa\).*comparison/cusa'"):  # fmt: skip
+        CusaModel.from_backbone(str(tmp_path / "comparison"))
+    with pytest.raises(OSError, match=r"backbone='someone/no-such-model-xyz': no such local folder, and no Hub model"):
+        CusaModel.from_backbone("someone/no-such-model-xyz")
+
+
+def test_a_save_that_cannot_write_names_the_folder_and_the_cause(tmp_path, monkeypatch):
+    import transformers.trainer
+
+    from cusa_hf.checkpoints import SaveFailedError
+
+    dataset = synthetic_dataset(num_images=4, captions_per_image=2)
+    args = cusa_training_arguments(str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=1, save_strategy="steps",
+                                   save_steps=1, per_device_train_batch_size=4)  # fmt: skip
+    trainer = CusaTrainer(model=tiny_cusa_model(0, use_csa=False, use_usa=False), args=args, train_dataset=dataset,
+                          processing_class=tiny_clip_processor())  # fmt: skip
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(transformers.trainer.torch, "save", disk_full)
+    with pytest.raises(SaveFailedError, match=r"could not save into .*run/checkpoint-1: .*basic_ios::clear: iostream "
+                                              r"error; \d+ MiB free\)"):  # fmt: skip
+        trainer.train()
+    monkeypatch.undo()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", no_space)
+    with pytest.raises(SaveFailedError, match=r"could not save into .*final: its disk is full \(OSError"):
+        trainer.save_model(str(tmp_path / "final"))

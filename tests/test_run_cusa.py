@@ -131,6 +131,14 @@ def test_train_compare_save_and_reload(tiny_backbone, shapes, tmp_path, capsys):
     with pytest.raises(ValueError, match="already holds a run .*overwrite_output_dir"):
         run_cusa.main(tiny_run_args(tiny_backbone, shapes, output_dir, "--compare_with_baseline", "true"))
     assert json.loads((output_dir / "results.json").read_text()) == results
+    # Its manifest records all it wrote; its own baseline as the backbone of an overwrite is refused, nothing deleted.
+    recorded = json.loads((output_dir / "_cusa_run_outputs.json").read_text())["entries"]
+    assert {"baseline", "cusa", "results.json"} <= set(recorded) and set(recorded) >= {
+        path.name for path in output_dir.iterdir() if path.name != "_cusa_run_outputs.json"
+    }
+    with pytest.raises(ValueError, match=r"backbone='.*run/baseline' is, or lies inside, output_dir='.*run'"):
+        run_cusa.main(tiny_run_args(output_dir / "baseline", shapes, output_dir, "--overwrite_output_dir", "true"))
+    assert (output_dir / "baseline" / "model.safetensors").is_file()
 
 
 def test_resume_from_checkpoint_reaches_the_same_weights(tiny_backbone, shapes, tmp_path, monkeypatch):

@@ -334,3 +334,48 @@ def test_k_must_be_a_whole_number_and_repeated_image_paths_are_indexed_once(tiny
     with pytest.warns(UserWarning, match=r"images\[2\] '.*red.png' is images\[0\] again: it is indexed once"):
         twice = RetrievalIndex.build(model, processor, images=[red, green, red], show_progress=False)
     assert twice.images["path"] == [red, green]
+
+
+def test_a_changed_processor_is_refused_like_changed_weights(tiny, saved_model, small_saved_index, tmp_path):
+    import shutil as shell
+
+    model, processor = tiny
+    folder = tmp_path / "model"
+    shell.copytree(saved_model, folder)
+    index = RetrievalIndex.build(model, processor, texts=["a red square", "a dog"], show_progress=False)
+    index.model_info["name_or_path"] = str(folder)  # as if built from the folder
+    index.save(tmp_path / "index")
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["processor"]["image"]["do_normalize"] is True and manifest["processor"]["tokenizer_sha256"]
+    assert RetrievalIndex.load(tmp_path / "index").search(texts="a dog", target="texts", k=1)[0][0]["caption"] == "a dog"
+    config_path = folder / "processor_config.json"
+    config = json.loads(config_path.read_text())
+    config["image_processor"]["do_normalize"] = False
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"another processor .*image processor do_normalize: index True, now False"):
+        RetrievalIndex.load(tmp_path / "index").search(texts="a dog", target="texts", k=1)
+    # The recorded model folder deleted: named, not tried as a Hub id.
+    shell.rmtree(folder)
+    with pytest.raises(FileNotFoundError, match=rf"the folder {folder} no longer exists"):
+        RetrievalIndex.load(tmp_path / "index").search(texts="a dog", target="texts", k=1)
+
+
+def test_cli_one_line_errors_and_no_index_among_the_users_data(saved_model, small_saved_index, tmp_path, capsys):
+    pictures, index_folder = small_saved_index
+    for argv, message in (
+        (["query", str(index_folder), ""], r"cusa-search query: texts\[0\] is ''"),
+        (["query", str(index_folder), "a dog", "-k", "0"], "cusa-search query: k must be a positive whole number"),
+        (["build", "--model", str(saved_model), "--data", str(pictures), "--out", str(pictures)],
+         "--out .* is, or lies inside, the --data folder"),
+        (["build", "--model", str(saved_model), "--data", str(pictures), "--out", str(pictures / "index2")],
+         "--out .* is, or lies inside, the --data folder"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            search_cli(argv)
+    assert not (pictures / "index2").exists() and not (pictures / "images").exists()
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "holiday.jpg").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds images, which no index wrote"):
+        RetrievalIndex.load(index_folder, processor=None).save(mine)
+    assert (mine / "images" / "holiday.jpg").read_text() == "mine"

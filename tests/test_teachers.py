@@ -294,6 +294,17 @@ def test_cli_help_explains_every_option_and_extracts(tmp_path, capsys, coco_mini
     saved = datasets.load_from_disk(tmp_path / "out")
     assert saved.features["teacher_text_embeds"] == datasets.List(datasets.Value("float16"), length=384)
     assert check_teacher_features(saved, image_column=None)["teacher_text_embeds"]["name_or_path"] == TEXT_TEACHER
+    # A second extraction into the same folder replaces the first only when asked; never into its own source.
+    again = [str(tmp_path / "six.json"), str(tmp_path / "out"), "--text-teacher", TEXT_TEACHER, "--cache-dir",
+             str(tmp_path / "cache")]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"output_dir .*out already holds files \(.*\), e.g. an earlier extraction; "
+                                         r"pass --overwrite"):  # fmt: skip
+        teachers_cli.main(again)
+    assert datasets.load_from_disk(tmp_path / "out").features["teacher_text_embeds"].feature.dtype == "float16"
+    assert teachers_cli.main([*again, "--overwrite"]) == 0
+    assert datasets.load_from_disk(tmp_path / "out").features["teacher_text_embeds"].feature.dtype == "float32"
+    with pytest.raises(SystemExit, match=r"is, or holds, the source"):
+        teachers_cli.main([str(tmp_path / "out"), str(tmp_path / "out"), "--text-teacher", TEXT_TEACHER, "--overwrite"])
 
 
 def test_benchmark_quick_mode(coco_mini):
