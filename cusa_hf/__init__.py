@@ -18,7 +18,7 @@ from .backbones import (
 from .collator import CusaDataCollator
 from .configuration_cusa import CusaConfig
 from .data import load_hub_dataset, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
-from .eval_view import build_eval_view
+from .evaluation.eval_view import build_eval_view
 from .evaluation.eccv import eccv_metrics
 from .evaluation.encoding import encode_images, encode_texts, evaluate_retrieval
 from .evaluation.evaluator import RetrievalEvaluator

@@ -9,9 +9,18 @@ import numpy as np
 import torch
 
 from .data import caption_max_length
-from .schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .images import load_image
-from .schema import is_caption, stable_image_id
+from .schema import (
+    CAPTION_COLUMN,
+    IMAGE_COLUMN,
+    IMAGE_ID_COLUMN,
+    IMAGE_TOWER_COLUMN,
+    TEACHER_IMAGE_COLUMN,
+    TEACHER_TEXT_COLUMN,
+    TEXT_TOWER_COLUMN,
+    is_caption,
+    stable_image_id,
+)
 from .teachers.image_tables import ImageFeatureTable, image_feature_tables, index_column
 from .training_checks import NonFiniteTrainingError
 
@@ -44,11 +53,11 @@ class CusaDataCollator:
     def __init__(
         self,
         processor: Any,
-        image_column: str = "image",
-        caption_column: str = "caption",
-        image_id_column: str = "image_id",
-        teacher_image_column: str = "teacher_image_embeds",
-        teacher_text_column: str = "teacher_text_embeds",
+        image_column: str = IMAGE_COLUMN,
+        caption_column: str = CAPTION_COLUMN,
+        image_id_column: str = IMAGE_ID_COLUMN,
+        teacher_image_column: str = TEACHER_IMAGE_COLUMN,
+        teacher_text_column: str = TEACHER_TEXT_COLUMN,
         image_tower_column: str = IMAGE_TOWER_COLUMN,
         text_tower_column: str = TEXT_TOWER_COLUMN,
         image_root: str | None = None,
@@ -115,8 +124,8 @@ class CusaDataCollator:
                 [stable_image_id(row[self.image_id_column]) for row in rows], dtype=torch.long
             )
         for column, key in (
-            (self.teacher_image_column, "teacher_image_embeds"),
-            (self.teacher_text_column, "teacher_text_embeds"),
+            (self.teacher_image_column, TEACHER_IMAGE_COLUMN),
+            (self.teacher_text_column, TEACHER_TEXT_COLUMN),
         ):
             if column in rows[0]:
                 batch[key] = self._finite_features(rows, column)

@@ -11,6 +11,7 @@ from typing import Any
 import datasets
 from transformers import TrainingArguments
 
+from .schema import TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
 from .teachers.checks import check_teacher_features
 from .teachers.image_tables import feature_width, has_feature_column
 
@@ -76,8 +77,8 @@ def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:
     of another teacher than the model was trained with; record their provenance and widths in the model config."""
     if not getattr(config, "needs_teachers", False) or getattr(dataset, "column_names", None) is None:
         return
-    image_column = getattr(collator, "teacher_image_column", "teacher_image_embeds")
-    text_column = getattr(collator, "teacher_text_column", "teacher_text_embeds")
+    image_column = getattr(collator, "teacher_image_column", TEACHER_IMAGE_COLUMN)
+    text_column = getattr(collator, "teacher_text_column", TEACHER_TEXT_COLUMN)
     for column in (image_column, text_column):
         if not has_feature_column(dataset, column):
             raise ValueError(

@@ -48,16 +48,16 @@ logger = logging.getLogger("run_cusa")
 BUILTIN_CONFIG = Path(__file__).resolve().parent / "configs" / "builtin_default.yaml"
 
 
-def train_one(name, enabled, model_args, data_args, training_args, splits, processor, description, command, sgraf=None):
-    """Train one model (the baseline, or CUSA when ``enabled``), evaluate it on validation and test, save it with its
+def train_one(name, cusa_on, model_args, data_args, training_args, splits, processor, description, command, sgraf=None):
+    """Train one model (CUSA when ``cusa_on``, else the InfoNCE baseline), evaluate it on validation and test, save it with its
     model card and push it; returns its metrics."""
     # 5a. The model: the backbone wrapped with CUSA's heads, towers frozen (and their outputs cached) as asked.
     set_seed(training_args.seed)
-    model = build_model(model_args, sgraf.fresh_config if sgraf else None, **training_args.cusa_config_fields(enabled))
+    model = build_model(model_args, sgraf.fresh_config if sgraf else None, **training_args.cusa_config_fields(cusa_on))
     if model_args.cache_frozen_towers:
         splits = cache_frozen_towers(model, splits, processor, model_args, data_args, not training_args.disable_tqdm)
     run_args = dataclasses.replace(training_args)
-    if not enabled and run_args.learning_rate_mapping:
+    if not cusa_on and run_args.learning_rate_mapping:
         # The InfoNCE model has no USA heads and no CSA temperature: patterns naming only those apply to CUSA runs.
         unused = unmatched_patterns(model, run_args.learning_rate_mapping)
         if unused:
@@ -177,9 +177,9 @@ def run_steps(model_args, data_args, training_args, command) -> dict[str, dict[s
     # 4-7. Train, evaluate and save each run: the baseline and CUSA with identical settings, or the one asked for.
     runs = [("baseline", False), ("cusa", True)] if training_args.compare_with_baseline else [("single", training_args.cusa)]
     results = {}
-    for name, enabled in runs:
-        label = name if name != "single" else ("cusa" if enabled else "baseline")
-        results[label] = train_one(name, enabled, model_args, data_args, training_args, splits, processor, description, command, sgraf)
+    for name, cusa_on in runs:
+        label = name if name != "single" else ("cusa" if cusa_on else "baseline")
+        results[label] = train_one(name, cusa_on, model_args, data_args, training_args, splits, processor, description, command, sgraf)
 
     # 8. Report both runs side by side.
     if training_args.process_index == 0:

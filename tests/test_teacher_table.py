@@ -12,7 +12,7 @@ import torch
 from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
 
 from cusa_hf import CusaDataCollator, CusaTrainer, add_image_tower_features, cusa_training_arguments
-from cusa_hf.eval_view import build_eval_view
+from cusa_hf.evaluation.eval_view import build_eval_view
 from cusa_hf.teachers.checks import check_teacher_features
 from cusa_hf.teachers.feature_cache import FeatureCacheOptions, FeatureSource, add_feature_columns
 from cusa_hf.teachers.image_tables import image_feature_tables, save_with_feature_tables, with_image_features_in_rows
