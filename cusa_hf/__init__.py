@@ -26,7 +26,7 @@ from .evaluation.metrics import retrieval_metrics
 from .evaluation.reranking import pairwise_similarity, rerank_with_itm
 from .evaluation.unimodal import image_retrieval_r1, sts_spearman
 from .export import save_sentence_transformer
-from .factory import builtin_backbone, builtin_processor
+from .models.builtin_student import builtin_backbone, builtin_processor
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
 from .losses import CusaLoss
 from .modeling_cusa import CusaModel, CusaOutput

@@ -24,14 +24,12 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_cusa import RUN, CusaConfig, cusa_field_names
-from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE, SgrafConfig
 from .offline_models import BUILTIN_BACKBONE
 from .optimization import check_learning_rate_mapping
 
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-_SGRAF_DEFAULTS = SgrafConfig()
 
 
 @dataclass
@@ -40,7 +38,7 @@ class ModelArguments:
         default=BUILTIN_BACKBONE,
         metadata={
             "help": "Backbone to fine-tune: a Hub name or local folder of a CLIP / VisionTextDualEncoder / X2VLM / BLIP "
-            f"model, {SGRAF_BACKBONE!r} (a fresh SGR/SAF model) or {BUILTIN_BACKBONE!r} (pretrained EfficientNet-Lite0 "
+            f"model, 'sgraf' (a fresh SGR/SAF model) or {BUILTIN_BACKBONE!r} (pretrained EfficientNet-Lite0 "
             "image tower + all-MiniLM-L6-v2 text tower installed from PyPI, new projections)."
         },
     )
@@ -65,25 +63,25 @@ class ModelArguments:
         metadata={"help": "Evaluate fusion backbones (X2VLM, BLIP) by ITM reranking of the ITC top-k, as their papers do."},
     )
     rerank_k_test: int = field(default=256, metadata={"help": "Candidates reranked per query (256 COCO, 128 Flickr30K)."})
-    sgraf_module_name: str = field(
-        default=_SGRAF_DEFAULTS.module_name,
-        metadata={"help": f"With backbone {SGRAF_BACKBONE!r}: the similarity reasoner, SGR or SAF (SgrafConfig.module_name)."},
+    sgraf_module_name: str | None = field(
+        default=None,
+        metadata={"help": "With backbone 'sgraf': the similarity reasoner, SGR or SAF (default: SgrafConfig.module_name)."},
     )
-    sgraf_img_dim: int = field(
-        default=_SGRAF_DEFAULTS.img_dim,
-        metadata={"help": "With backbone 'sgraf': width of one region feature (2048 BUTD, 1280 EfficientNet-Lite grids)."},
+    sgraf_img_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "With backbone 'sgraf': width of one region feature (2048 BUTD, 1280 EfficientNet-Lite grids; "
+            "default: SgrafConfig.img_dim)."
+        },
     )
-    sgraf_embed_size: int = field(
-        default=_SGRAF_DEFAULTS.embed_size,
-        metadata={"help": "With backbone 'sgraf': joint embedding size (SgrafConfig.embed_size)."},
+    sgraf_embed_size: int | None = field(
+        default=None, metadata={"help": "With backbone 'sgraf': joint embedding size (default: SgrafConfig.embed_size)."}
     )
-    sgraf_word_dim: int = field(
-        default=_SGRAF_DEFAULTS.word_dim,
-        metadata={"help": "With backbone 'sgraf': word embedding size (SgrafConfig.word_dim)."},
+    sgraf_word_dim: int | None = field(
+        default=None, metadata={"help": "With backbone 'sgraf': word embedding size (default: SgrafConfig.word_dim)."}
     )
-    sgraf_sim_dim: int = field(
-        default=_SGRAF_DEFAULTS.sim_dim,
-        metadata={"help": "With backbone 'sgraf': similarity vector size (SgrafConfig.sim_dim)."},
+    sgraf_sim_dim: int | None = field(
+        default=None, metadata={"help": "With backbone 'sgraf': similarity vector size (default: SgrafConfig.sim_dim)."}
     )
     sgraf_vocab_file: str | None = field(
         default=None,
@@ -251,7 +249,9 @@ def parse_arguments(
     # Abbreviated flags (--backb) would slip past _flag_value and pick up the built-in default's settings.
     parser.allow_abbrev = False
     has_config = bool(argv) and argv[0].endswith(CONFIG_SUFFIXES)
-    if default_config is not None and not has_config and _flag_value(argv, "backbone") in (None, BUILTIN_BACKBONE):
+    # The default config is that of the default backbone, so it applies unless another backbone is asked for.
+    backbone = _flag_value(argv, "backbone")
+    if default_config is not None and not has_config and backbone in (None, parser.get_default("backbone")):
         if argv:
             logger.warning(
                 "no config file and no --backbone: starting from %s (built-in frozen towers, its schedule and offline "
