@@ -31,7 +31,7 @@ from .frozen_towers import add_image_tower_features, add_text_tower_features, fr
 from .losses import CusaLoss
 from .modeling_cusa import CusaModel, CusaOutput
 from .search import RetrievalIndex
-from .teachers.checks import check_teacher_features
+from .teachers.training_split import check_teacher_features
 from .teachers.features import add_teacher_features
 from .teachers.provenance import read_feature_provenance
 from .trainer import CusaTrainer, cusa_training_arguments

@@ -19,6 +19,7 @@ import torch
 from ..backbones import RerankConfig
 from .eval_view import RetrievalEvalView, build_eval_view
 from ..frozen_towers import check_tower_columns
+from ..teachers.training_split import open_feature_split
 from ..schema import CAPTION_COLUMN, IMAGE_COLUMN, IMAGE_ID_COLUMN, IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .encoding import evaluate_retrieval
 from .metrics import RETRIEVAL_METRIC_NAMES, retrieval_metrics
@@ -202,5 +203,5 @@ class RetrievalEvaluator:
         if not isinstance(self.eval_data, datasets.Dataset) or model in self._checked_models:
             return
         # The evaluator carries the column attributes of a collator, which is what the check reads.
-        check_tower_columns(model, self.eval_data, self, processor)
+        check_tower_columns(model, open_feature_split(self.eval_data), self, processor)
         self._checked_models.add(model)
