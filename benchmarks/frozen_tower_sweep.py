@@ -49,7 +49,7 @@ def prepare(output_dir: str):
 
     from cusa_hf.arguments import parse_arguments
     from cusa_hf.data import load_splits
-    from cusa_hf.eval_view import build_eval_view
+    from cusa_hf.evaluation.eval_view import build_eval_view
     from cusa_hf.example_data import default_training_data
     from cusa_hf.factory import build_model, build_processor, cache_frozen_towers
     from cusa_hf.schema import stable_image_id

@@ -18,7 +18,7 @@ from .backbones import (
 from .collator import CusaDataCollator
 from .configuration_cusa import CusaConfig
 from .data import load_hub_dataset, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
-from .eval_view import build_eval_view
+from .evaluation.eval_view import build_eval_view
 from .evaluation.eccv import eccv_metrics
 from .evaluation.encoding import encode_images, encode_texts, evaluate_retrieval
 from .evaluation.evaluator import RetrievalEvaluator
@@ -26,12 +26,12 @@ from .evaluation.metrics import retrieval_metrics
 from .evaluation.reranking import pairwise_similarity, rerank_with_itm
 from .evaluation.unimodal import image_retrieval_r1, sts_spearman
 from .export import save_sentence_transformer
-from .factory import builtin_backbone, builtin_processor
+from .models.builtin_student import builtin_backbone, builtin_processor
 from .frozen_towers import add_image_tower_features, add_text_tower_features, freeze_tower
 from .losses import CusaLoss
 from .modeling_cusa import CusaModel, CusaOutput
 from .search import RetrievalIndex
-from .teachers.checks import check_teacher_features
+from .teachers.training_split import check_teacher_features
 from .teachers.features import add_teacher_features
 from .teachers.provenance import read_feature_provenance
 from .trainer import CusaTrainer, cusa_training_arguments

@@ -25,14 +25,12 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_cusa import RUN, CusaConfig, cusa_field_names
-from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE, SgrafConfig
 from .offline_models import BUILTIN_BACKBONE
 from .optimization import check_learning_rate_mapping
 
 logger = logging.getLogger(__name__)
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
-_SGRAF_DEFAULTS = SgrafConfig()
 
 
 @dataclass
@@ -41,7 +39,7 @@ class ModelArguments:
         default=BUILTIN_BACKBONE,
         metadata={
             "help": "Backbone to fine-tune: a Hub name or local folder of a CLIP / VisionTextDualEncoder / X2VLM / BLIP "
-            f"model, {SGRAF_BACKBONE!r} (a fresh SGR/SAF model) or {BUILTIN_BACKBONE!r} (pretrained EfficientNet-Lite0 "
+            f"model, 'sgraf' (a fresh SGR/SAF model) or {BUILTIN_BACKBONE!r} (pretrained EfficientNet-Lite0 "
             "image tower + all-MiniLM-L6-v2 text tower installed from PyPI, new projections)."
         },
     )
@@ -74,25 +72,25 @@ class ModelArguments:
         metadata={"help": "Evaluate fusion backbones (X2VLM, BLIP) by ITM reranking of the ITC top-k, as their papers do."},
     )
     rerank_k_test: int = field(default=256, metadata={"help": "Candidates reranked per query (256 COCO, 128 Flickr30K)."})
-    sgraf_module_name: str = field(
-        default=_SGRAF_DEFAULTS.module_name,
-        metadata={"help": f"With backbone {SGRAF_BACKBONE!r}: the similarity reasoner, SGR or SAF (SgrafConfig.module_name)."},
+    sgraf_module_name: str | None = field(
+        default=None,
+        metadata={"help": "With backbone 'sgraf': the similarity reasoner, SGR or SAF (default: SgrafConfig.module_name)."},
     )
-    sgraf_img_dim: int = field(
-        default=_SGRAF_DEFAULTS.img_dim,
-        metadata={"help": "With backbone 'sgraf': width of one region feature (2048 BUTD, 1280 EfficientNet-Lite grids)."},
+    sgraf_img_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "With backbone 'sgraf': width of one region feature (2048 BUTD, 1280 EfficientNet-Lite grids; "
+            "default: SgrafConfig.img_dim)."
+        },
     )
-    sgraf_embed_size: int = field(
-        default=_SGRAF_DEFAULTS.embed_size,
-        metadata={"help": "With backbone 'sgraf': joint embedding size (SgrafConfig.embed_size)."},
+    sgraf_embed_size: int | None = field(
+        default=None, metadata={"help": "With backbone 'sgraf': joint embedding size (default: SgrafConfig.embed_size)."}
     )
-    sgraf_word_dim: int = field(
-        default=_SGRAF_DEFAULTS.word_dim,
-        metadata={"help": "With backbone 'sgraf': word embedding size (SgrafConfig.word_dim)."},
+    sgraf_word_dim: int | None = field(
+        default=None, metadata={"help": "With backbone 'sgraf': word embedding size (default: SgrafConfig.word_dim)."}
     )
-    sgraf_sim_dim: int = field(
-        default=_SGRAF_DEFAULTS.sim_dim,
-        metadata={"help": "With backbone 'sgraf': similarity vector size (SgrafConfig.sim_dim)."},
+    sgraf_sim_dim: int | None = field(
+        default=None, metadata={"help": "With backbone 'sgraf': similarity vector size (default: SgrafConfig.sim_dim)."}
     )
     sgraf_vocab_file: str | None = field(
         default=None,
@@ -102,11 +100,6 @@ class ModelArguments:
             "(words seen at least 4 times) and written to output_dir."
         },
     )
-
-    @property
-    def is_sgraf(self) -> bool:
-        """The backbone is a fresh SGR/SAF model (a saved SGRAF folder is recognised by its config instead)."""
-        return self.backbone == SGRAF_BACKBONE
 
 
 @dataclass
@@ -163,96 +156,96 @@ class DataArguments:
     )
 
 
-def _training_arguments_class() -> type:
-    config_fields = {f.name: f for f in dataclasses.fields(CusaConfig)}
-    specs: list[tuple[str, Any, Any]] = [
-        ("cusa", bool, field(default=True, metadata={"help": "Train with CUSA; false trains the InfoNCE baseline."})),
-        (
-            "compare_with_baseline",
-            bool,
-            field(default=False, metadata={"help": "Also train the baseline with identical settings and report both."}),
-        ),
-        (
-            "overwrite_output_dir",
-            bool,
-            field(default=False, metadata={"help": "Replace an earlier run in output_dir (deleted first)."}),
-        ),
-        # The collator reads the raw image, caption and teacher columns, which the Trainer would otherwise drop.
-        ("remove_unused_columns", bool, field(default=False, metadata={"help": "Kept False: the collator reads raw columns."})),
-        (
-            "loss_chunk_size",
-            int | None,
-            field(
-                default=None,
-                metadata={
-                    "help": "Gradient-cached CUSA loss: encode each batch in chunks of this many pairs (activations of "
-                    "one chunk at a time), compute InfoNCE, CSA and USA on the whole (gathered) batch, then back-propagate "
-                    "chunk by chunk. Same update as the unchunked step, for contrastive batches larger than the device "
-                    "holds, at the cost of a second forward pass. Default: off."
-                },
-            ),
-        ),
-        (
-            "learning_rate_mapping",
-            dict | str | None,
-            field(
-                default=None,
-                metadata={
-                    "help": "Learning rates of their own for some parameters: a mapping (JSON on the command line) of "
-                    "regular expressions over parameter names to learning rates, e.g. "
-                    '\'{"^usa_|^csa_temperature$": 1e-3}\' for heads that start fresh on a pretrained model; every '
-                    "other parameter uses learning_rate. Each group follows the run's schedule from its own peak."
-                },
-            ),
-        ),
-    ]
-    # The CusaConfig fields a run may set, with CusaConfig's defaults and types.
-    for name in cusa_field_names(RUN):
-        spec = config_fields[name]
-        specs.append((name, spec.type, field(default=spec.default, metadata={"help": f"CusaConfig.{name}"})))
+_CONFIG_FIELDS = {spec.name: spec for spec in dataclasses.fields(CusaConfig)}
 
-    def cusa_config_fields(self, enabled: bool | None = None) -> dict[str, Any]:
-        """The CusaConfig fields of this run; ``enabled=False`` (the baseline) switches CSA and USA off
-        (default: ``self.cusa``)."""
-        fields = {name: getattr(self, name) for name in cusa_field_names(RUN)}
-        if not (self.cusa if enabled is None else enabled):
-            fields.update(use_csa=False, use_usa=False)
-        return fields
+
+def _cusa_field(name: str) -> Any:
+    """The run setting of CusaConfig field ``name``, with CusaConfig's default; its help names the field
+    (``HfArgumentParser`` passes the metadata on to ``argparse``, so it holds nothing else)."""
+    return field(default=_CONFIG_FIELDS[name].default, metadata={"help": f"CusaConfig.{name}"})
+
+
+@dataclass
+class CusaTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus CUSA's run switches and loss settings.
+
+    The loss settings are the CusaConfig fields with the ``RUN`` role (``cusa_field_names(RUN)``), with CusaConfig's
+    types and defaults; ``tests/test_arguments.py`` checks that this class lists exactly those.
+    """
+
+    cusa: bool = field(default=True, metadata={"help": "Train with CUSA; false trains the InfoNCE baseline."})
+    compare_with_baseline: bool = field(
+        default=False, metadata={"help": "Also train the baseline with identical settings and report both."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an earlier run in output_dir (deleted first)."}
+    )
+    # The collator reads the raw image, caption and teacher columns, which the Trainer would otherwise drop.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator reads raw columns."})
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Gradient-cached CUSA loss: encode each batch in chunks of this many pairs (activations of "
+            "one chunk at a time), compute InfoNCE, CSA and USA on the whole (gathered) batch, then back-propagate "
+            "chunk by chunk. Same update as the unchunked step, for contrastive batches larger than the device "
+            "holds, at the cost of a second forward pass. Default: off."
+        },
+    )
+    learning_rate_mapping: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rates of their own for some parameters: a mapping (JSON on the command line) of "
+            "regular expressions over parameter names to learning rates, e.g. "
+            '\'{"^usa_|^csa_temperature$": 1e-3}\' for heads that start fresh on a pretrained model; every '
+            "other parameter uses learning_rate. Each group follows the run's schedule from its own peak."
+        },
+    )
+    # The CusaConfig fields a run may set (cusa_field_names(RUN)), with CusaConfig's types.
+    csa_weight: float = _cusa_field("csa_weight")
+    usa_weight: float = _cusa_field("usa_weight")
+    use_csa: bool = _cusa_field("use_csa")
+    use_usa: bool = _cusa_field("use_usa")
+    itc_temperature: float = _cusa_field("itc_temperature")
+    csa_temperature: float = _cusa_field("csa_temperature")
+    usa_image_temperature: float = _cusa_field("usa_image_temperature")
+    usa_text_temperature: float = _cusa_field("usa_text_temperature")
+    learnable_temperatures: bool = _cusa_field("learnable_temperatures")
+    softlabel_temperature: float = _cusa_field("softlabel_temperature")
+    softlabel_mode: str = _cusa_field("softlabel_mode")
+    softlabel_loss: str = _cusa_field("softlabel_loss")
+    itc_reduction: str = _cusa_field("itc_reduction")
+    cross_projection: bool | None = _cusa_field("cross_projection")
+    tower_dropout: float = _cusa_field("tower_dropout")
+    gather_features: bool = _cusa_field("gather_features")
+
+    # TrainingArguments.__post_init__ reads a JSON string given for these fields into a dict.
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "learning_rate_mapping"]
 
     def __post_init__(self) -> None:
-        TrainingArguments.__post_init__(self)
+        super().__post_init__()
         if not torch.accelerator.is_available():
             # Pinned host memory only speeds up copies to an accelerator, and without one torch warns at every data
             # loader; TrainingArguments itself turns it off for use_cpu.
             self.dataloader_pin_memory = False
 
+    def cusa_config_fields(self, cusa_on: bool | None = None) -> dict[str, Any]:
+        """The CusaConfig fields of this run; ``cusa_on=False`` (the baseline) switches CSA and USA off
+        (default: ``self.cusa``)."""
+        fields = {name: getattr(self, name) for name in cusa_field_names(RUN)}
+        if not (self.cusa if cusa_on is None else cusa_on):
+            fields.update(use_csa=False, use_usa=False)
+        return fields
+
+    @property
     def needs_teachers(self) -> bool:
-        """Some run of these settings trains with a CSA or USA term, so teacher features are needed."""
+        """Some run of these settings trains with a CSA or USA term, so teacher features are needed (a property, as
+        on CusaConfig and CusaLoss)."""
         return CusaConfig(**self.cusa_config_fields(True)).needs_teachers and (self.cusa or self.compare_with_baseline)
-
-    return dataclasses.make_dataclass(
-        "CusaTrainingArguments",
-        specs,
-        bases=(TrainingArguments,),
-        namespace={
-            "__doc__": "``TrainingArguments`` plus CUSA's loss settings (CusaConfig fields) and run switches.",
-            "__module__": __name__,
-            # TrainingArguments.__post_init__ reads a JSON string given for these fields into a dict.
-            "_VALID_DICT_FIELDS": [*TrainingArguments._VALID_DICT_FIELDS, "learning_rate_mapping"],
-            "__post_init__": __post_init__,
-            "cusa_config_fields": cusa_config_fields,
-            # A property, as on CusaConfig and CusaLoss.
-            "needs_teachers": property(needs_teachers),
-        },
-    )
-
-
-CusaTrainingArguments = _training_arguments_class()
 
 
 def parse_arguments(
     argv: Sequence[str], default_config: str | Path | None = None, default_output_dir: str = "outputs/cusa"
-) -> tuple[ModelArguments, DataArguments, Any]:
+) -> tuple[ModelArguments, DataArguments, CusaTrainingArguments]:
     """``(ModelArguments, DataArguments, CusaTrainingArguments)`` from a command line.
 
     The first argument may be a YAML/JSON config file of setting names to values; flags after it override the file.
@@ -265,7 +258,9 @@ def parse_arguments(
     # Abbreviated flags (--backb) would slip past _flag_value and pick up the built-in default's settings.
     parser.allow_abbrev = False
     has_config = bool(argv) and argv[0].endswith(CONFIG_SUFFIXES)
-    if default_config is not None and not has_config and _flag_value(argv, "backbone") in (None, BUILTIN_BACKBONE):
+    # The default config is that of the default backbone, so it applies unless another backbone is asked for.
+    backbone = _flag_value(argv, "backbone")
+    if default_config is not None and not has_config and backbone in (None, parser.get_default("backbone")):
         if argv:
             logger.warning(
                 "no config file and no --backbone: starting from %s (built-in frozen towers, its schedule and offline "

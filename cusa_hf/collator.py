@@ -1,5 +1,7 @@
-"""Turning dataset rows (image, caption, image id, teacher and cached-tower features) into ``CusaModel`` batches,
-with per-image feature tables joined in by image."""
+"""Turning dataset rows (image, caption, image id, teacher and cached-tower features) into ``CusaModel`` batches.
+
+Rows come with their features in them: a training split whose image features sit in per-image tables is joined as
+batches are drawn (``cusa_hf.teachers.training_split``), so the collator knows nothing of how features are stored."""
 
 from __future__ import annotations
 
@@ -9,10 +11,18 @@ import numpy as np
 import torch
 
 from .data import caption_max_length
-from .schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .images import load_image
-from .schema import is_caption, stable_image_id
-from .teachers.image_tables import ImageFeatureTable, image_feature_tables, index_column
+from .schema import (
+    CAPTION_COLUMN,
+    IMAGE_COLUMN,
+    IMAGE_ID_COLUMN,
+    IMAGE_TOWER_COLUMN,
+    TEACHER_IMAGE_COLUMN,
+    TEACHER_TEXT_COLUMN,
+    TEXT_TOWER_COLUMN,
+    is_caption,
+    stable_image_id,
+)
 from .training_checks import NonFiniteTrainingError
 
 
@@ -30,13 +40,10 @@ class CusaDataCollator:
         text_tower_column: cached output of a frozen text tower (``cusa_hf.add_text_tower_features``); when present it
             is batched as ``text_tower_features`` and no caption is tokenised.
         max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
-        feature_tables: ``{column: ImageFeatureTable}``, the per-image tables that rows point into through an index
-            column (``cusa_hf.teachers.image_tables.image_feature_tables(dataset)``); each row is joined to its image's
-            features when the batch is built. ``CusaTrainer`` adds the training set's tables itself.
 
     Example:
-        >>> collator = CusaDataCollator(processor, feature_tables=image_feature_tables(train))
-        >>> batch = collator([train[row] for row in range(4)])
+        >>> split = open_feature_split(train)   # cusa_hf.teachers.training_split: joins per-image features
+        >>> batch = split.collate_with(CusaDataCollator(processor))([train[row] for row in range(4)])
         >>> batch["teacher_image_embeds"].shape
         torch.Size([4, 1280])
     """
@@ -44,16 +51,15 @@ class CusaDataCollator:
     def __init__(
         self,
         processor: Any,
-        image_column: str = "image",
-        caption_column: str = "caption",
-        image_id_column: str = "image_id",
-        teacher_image_column: str = "teacher_image_embeds",
-        teacher_text_column: str = "teacher_text_embeds",
+        image_column: str = IMAGE_COLUMN,
+        caption_column: str = CAPTION_COLUMN,
+        image_id_column: str = IMAGE_ID_COLUMN,
+        teacher_image_column: str = TEACHER_IMAGE_COLUMN,
+        teacher_text_column: str = TEACHER_TEXT_COLUMN,
         image_tower_column: str = IMAGE_TOWER_COLUMN,
         text_tower_column: str = TEXT_TOWER_COLUMN,
         image_root: str | None = None,
         max_length: int | None = None,
-        feature_tables: dict[str, ImageFeatureTable] | None = None,
     ):
         for attribute in ("image_processor", "tokenizer"):
             if getattr(processor, attribute, None) is None:
@@ -71,12 +77,10 @@ class CusaDataCollator:
         self.text_tower_column = text_tower_column
         self.image_root = image_root
         self.max_length = caption_max_length(processor.tokenizer, max_length)
-        self.feature_tables = dict(feature_tables or {})
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("the collator got an empty batch")
-        rows = join_image_features(rows, self.feature_tables, (self.teacher_image_column, self.image_tower_column))
         cached_tower = self.image_tower_column in rows[0]
         for column in (self.caption_column,) if cached_tower else (self.image_column, self.caption_column):
             if column not in rows[0]:
@@ -115,8 +119,8 @@ class CusaDataCollator:
                 [stable_image_id(row[self.image_id_column]) for row in rows], dtype=torch.long
             )
         for column, key in (
-            (self.teacher_image_column, "teacher_image_embeds"),
-            (self.teacher_text_column, "teacher_text_embeds"),
+            (self.teacher_image_column, TEACHER_IMAGE_COLUMN),
+            (self.teacher_text_column, TEACHER_TEXT_COLUMN),
         ):
             if column in rows[0]:
                 batch[key] = self._finite_features(rows, column)
@@ -137,51 +141,6 @@ class CusaDataCollator:
                 "(cusa_hf.teachers.features.add_teacher_features) or leave it out"
             )
         return values
-
-
-def join_image_features(
-    rows: Sequence[dict[str, Any]], feature_tables: dict[str, ImageFeatureTable], columns: Sequence[str] = ()
-) -> Sequence[dict[str, Any]]:
-    """Rows with each per-image column's features joined in through its index column; ``ValueError`` naming an
-    index column of ``columns`` whose table is not in ``feature_tables``."""
-    for table in feature_tables.values():
-        if table.index_column in rows[0]:
-            rows = table.join(rows)
-    for column in columns:
-        if index_column(column) in rows[0]:
-            raise ValueError(
-                f"dataset rows carry {index_column(column)!r}, an index into the per-image table of {column!r}, but the "
-                "collator was not given that table: CusaTrainer gives it the training set's tables; otherwise pass "
-                "feature_tables=cusa_hf.teachers.image_tables.image_feature_tables(dataset)"
-            )
-    return rows
-
-
-class FeatureTableCollator:
-    """Another package's collator, given rows whose per-image features are joined in from their tables first (its
-    other attributes are the wrapped collator's)."""
-
-    def __init__(self, collator: Any, feature_tables: dict[str, ImageFeatureTable]):
-        self.collator = collator
-        self.feature_tables = feature_tables
-
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> Any:
-        return self.collator(join_image_features(rows, self.feature_tables))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["collator"], name)
-
-
-def with_feature_tables(collator: Any, dataset: Any) -> Any:
-    """The collator, able to join the per-image feature tables the dataset's rows point into: a ``CusaDataCollator``
-    is given them, another collator is wrapped in a :class:`FeatureTableCollator`."""
-    tables = image_feature_tables(dataset)
-    if not tables:
-        return collator
-    if isinstance(collator, CusaDataCollator):
-        collator.feature_tables.update(tables)
-        return collator
-    return FeatureTableCollator(collator, tables)
 
 
 def _stack_column(rows: Sequence[dict[str, Any]], column: str) -> torch.Tensor:

@@ -216,13 +216,13 @@ class CusaConfig(PreTrainedConfig):
 
     @property
     def csa_active(self) -> bool:
-        """CSA contributes to the loss (switched on and weighted above 0)."""
-        return bool(self.use_csa) and self.csa_weight > 0
+        """CSA contributes to the loss (:func:`loss_term_active`)."""
+        return loss_term_active(self.use_csa, self.csa_weight)
 
     @property
     def usa_active(self) -> bool:
-        """USA contributes to the loss (switched on and weighted above 0)."""
-        return bool(self.use_usa) and self.usa_weight > 0
+        """USA contributes to the loss (:func:`loss_term_active`)."""
+        return loss_term_active(self.use_usa, self.usa_weight)
 
     @property
     def needs_teachers(self) -> bool:
@@ -242,6 +242,12 @@ class CusaConfig(PreTrainedConfig):
         if isinstance(auto_map, dict) and str(auto_map.get("AutoModel", "")).startswith("modeling_cusa."):
             output["auto_map"] = {**auto_map, "AutoConfig": "modeling_cusa.CusaConfig"}
         return output
+
+
+def loss_term_active(switched_on: bool, weight: float) -> bool:
+    """Whether a CSA or USA term contributes to the loss: switched on (``use_csa`` / ``use_usa``) and weighted above
+    0. ``CusaConfig`` and ``CusaLoss`` both decide it here."""
+    return bool(switched_on) and weight > 0
 
 
 def cusa_field_names(role: str) -> tuple[str, ...]:

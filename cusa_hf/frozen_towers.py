@@ -23,6 +23,7 @@ whose tower is not frozen.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import warnings
@@ -33,10 +34,9 @@ import torch
 
 from .backbones import TOWER_NAMES
 from .data import caption_max_length
-from .schema import IMAGE_TOWER_COLUMN, PROVENANCE_COLUMN, TEXT_TOWER_COLUMN
+from .schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .teachers.feature_cache import FeatureCacheOptions, FeatureColumns, FeatureSource, add_feature_columns
-from .teachers.image_tables import feature_width, has_feature_column
-from .teachers.provenance import read_feature_provenance
+from .teachers.training_split import FeatureSplit
 from .teachers.registry import processor_json, weights_sha256
 
 MODALITIES = tuple(TOWER_NAMES)
@@ -320,23 +320,23 @@ def add_text_tower_features(
 
 def check_tower_features(
     model: Any,
-    dataset: datasets.Dataset | datasets.IterableDataset,
+    split: FeatureSplit,
     modality: str,
     column: str,
     preprocessing: Any = None,
     max_length: int | None = None,
-    provenance_column: str = PROVENANCE_COLUMN,
 ) -> None:
-    """Fail before training or evaluation when a dataset's cached tower features cannot stand in for ``model``'s
+    """Fail before training or evaluation when a split's cached tower features cannot stand in for ``model``'s
     ``modality`` tower: the backbone has no separable tower, the tower is trainable, the width differs, or other
     weights made them, or (when ``preprocessing`` is given: the image processor, or the tokenizer) other
-    preprocessing than the trainer's."""
+    preprocessing than the trainer's. ``split``: the dataset with its provenance
+    (``cusa_hf.teachers.training_split.open_feature_split``)."""
     tower = cacheable_tower(model, modality)
-    width = feature_width(dataset, column)
+    width = split.feature_width(column)
     expected = getattr(model.adapter, f"{modality}_tower_dim")
     if width != expected:
         raise ValueError(f"column {column!r} holds {width}-d features; this model's {TOWER_NAMES[modality]} gives {expected}-d")
-    recorded = read_feature_provenance(dataset, provenance_column).get("teachers", {}).get(column, {})
+    recorded = split.recorded(column)
     made_with = recorded.get("weights_sha256")
     add = f"add_{modality}_tower_features"
     if made_with is None:
@@ -362,9 +362,10 @@ def check_tower_features(
         )
 
 
-def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any) -> Any:
-    """Check the cached frozen-tower columns of a dataset against ``model`` (weights, width, preprocessing) and
-    return the dataset without the raw column a cached tower replaces (so images are not decoded at every step)."""
+def check_tower_columns(model: Any, split: FeatureSplit, collator: Any, processor: Any) -> FeatureSplit:
+    """Check the cached frozen-tower columns of a split against ``model`` (weights, width, preprocessing) and
+    return the split without the raw column a cached tower replaces (so images are not decoded at every step)."""
+    dataset = split.dataset
     columns = getattr(dataset, "column_names", None) or []
     checks = (
         ("image", getattr(collator, "image_tower_column", None), getattr(processor, "image_processor", None),
@@ -372,10 +373,10 @@ def check_tower_columns(model: Any, dataset: Any, collator: Any, processor: Any)
         ("text", getattr(collator, "text_tower_column", None), getattr(processor, "tokenizer", None), None),
     )  # fmt: skip
     for modality, column, preprocessing, replaced in checks:
-        if column is not None and has_feature_column(dataset, column):
+        if column is not None and split.has_feature_column(column):
             check_tower_features(
-                model, dataset, modality, column, preprocessing, max_length=getattr(collator, "max_length", None)
+                model, split, modality, column, preprocessing, max_length=getattr(collator, "max_length", None)
             )
             if replaced in columns:
                 dataset = dataset.remove_columns([replaced])
-    return dataset
+    return dataclasses.replace(split, dataset=dataset)

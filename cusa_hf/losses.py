@@ -23,15 +23,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_cusa import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES, CusaConfig
+from .configuration_cusa import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES, CusaConfig, loss_term_active
 from .distributed import gather_with_grad, is_distributed
 
 
-class DirectionalLoss(NamedTuple):
-    """A two-direction loss: both terms and their mean (the value that enters the total loss)."""
+class CsaTerms(NamedTuple):
+    """CSA's two cross-modal terms and their mean (the value that enters the total loss)."""
 
-    first: torch.Tensor
-    second: torch.Tensor
+    image_to_text: torch.Tensor
+    text_to_image: torch.Tensor
+    mean: torch.Tensor
+
+
+class UsaTerms(NamedTuple):
+    """USA's two uni-modal terms (the image head's and the text head's) and their mean (the value that enters the
+    total loss)."""
+
+    image: torch.Tensor
+    text: torch.Tensor
     mean: torch.Tensor
 
 
@@ -189,7 +198,7 @@ def csa_loss(
     temperature: torch.Tensor | float,
     loss: str = "kl",
     reduction: str = "all_entries_mean",
-) -> DirectionalLoss:
+) -> CsaTerms:
     """Cross-modal soft-label alignment.
 
     Args:
@@ -198,11 +207,11 @@ def csa_loss(
         temperature: CSA temperature ``tau_c`` (shared by both directions).
 
     Returns:
-        ``DirectionalLoss(image_to_text, text_to_image, mean)``.
+        ``CsaTerms(image_to_text, text_to_image, mean)``.
     """
     image_to_text = soft_label_loss(similarity / temperature, soft_labels.image_to_text, loss, reduction)
     text_to_image = soft_label_loss(similarity.t() / temperature, soft_labels.text_to_image, loss, reduction)
-    return DirectionalLoss(image_to_text, text_to_image, (image_to_text + text_to_image) / 2)
+    return CsaTerms(image_to_text, text_to_image, (image_to_text + text_to_image) / 2)
 
 
 def usa_loss(
@@ -213,7 +222,7 @@ def usa_loss(
     text_temperature: torch.Tensor | float,
     loss: str = "kl",
     reduction: str = "all_entries_mean",
-) -> DirectionalLoss:
+) -> UsaTerms:
     """Uni-modal soft-label alignment of the USA heads' image-image and text-text distributions.
 
     Args:
@@ -221,13 +230,13 @@ def usa_loss(
         uni_text_embeds: `(batch_size, dim)` L2-normalised outputs of the text USA head.
 
     Returns:
-        ``DirectionalLoss(image, text, mean)``.
+        ``UsaTerms(image, text, mean)``.
     """
     image_logits = uni_image_embeds @ uni_image_embeds.t() / image_temperature
     text_logits = uni_text_embeds @ uni_text_embeds.t() / text_temperature
     image_term = soft_label_loss(image_logits, soft_labels.image, loss, reduction)
     text_term = soft_label_loss(text_logits, soft_labels.text, loss, reduction)
-    return DirectionalLoss(image_term, text_term, (image_term + text_term) / 2)
+    return UsaTerms(image_term, text_term, (image_term + text_term) / 2)
 
 
 @dataclass
@@ -283,8 +292,8 @@ class CusaLoss(nn.Module):
         _check_choice("softlabel_loss", softlabel_loss, SOFTLABEL_LOSSES)
         _check_choice("itc_reduction", reduction, REDUCTIONS)
         self.csa_weight, self.usa_weight = float(csa_weight), float(usa_weight)
-        self.csa_active = bool(use_csa) and self.csa_weight > 0
-        self.usa_active = bool(use_usa) and self.usa_weight > 0
+        self.csa_active = loss_term_active(use_csa, self.csa_weight)
+        self.usa_active = loss_term_active(use_usa, self.usa_weight)
         self.softlabel_mode, self.softlabel_temperature = softlabel_mode, softlabel_temperature
         self.softlabel_loss, self.reduction = softlabel_loss, reduction
         self.gather_features = gather_features

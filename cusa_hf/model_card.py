@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -36,11 +36,10 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainerCallback
 
+from .backbone_recipes import named_backbone_recipe
 from .configuration_cusa import LOSS, cusa_field_names
 from .evaluation.metrics import RETRIEVAL_METRIC_NAMES as METRIC_COLUMNS
 from .modeling_cusa import is_cusa_checkpoint
-from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE
-from .offline_models import BUILTIN_BACKBONE
 
 #: The card's text, a Jinja template (``huggingface_hub.ModelCard.from_template``); installed with the package.
 TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"
@@ -99,8 +98,9 @@ def hub_repo_name(name: str | None) -> str | None:
 
 
 def base_model_id(backbone: str) -> str | None:
-    """The card's ``base_model``: the backbone's Hub name; ``None`` for a local folder or a built-in / new backbone."""
-    return None if backbone in (BUILTIN_BACKBONE, SGRAF_BACKBONE) else hub_repo_name(backbone)
+    """The card's ``base_model``: the backbone's Hub name; ``None`` for a local folder or a name a backbone recipe
+    registered (the built-in student, a new SGR/SAF model)."""
+    return None if named_backbone_recipe(backbone) is not None else hub_repo_name(backbone)
 
 
 def comparison_hub_model_id(hub_model_id: str | None, output_dir: str, run: str) -> str:
@@ -224,13 +224,9 @@ def _backbone_text(backbone: str | None, model_type: str, fresh_heads: bool = Fa
         )
     if not backbone:
         return f"a `{model_type}` backbone"
-    if backbone == BUILTIN_BACKBONE:
-        return (
-            f"the built-in dual encoder (`{backbone}`: pretrained EfficientNet-Lite0 image tower and all-MiniLM-L6-v2 "
-            "text tower, installed from PyPI, with new projections)"
-        )
-    if backbone == SGRAF_BACKBONE:
-        return "a new SGR/SAF model (`sgraf`, trained from scratch on region features)"
+    recipe = named_backbone_recipe(backbone)
+    if recipe is not None and recipe.card_text:
+        return recipe.card_text
     if base_model_id(backbone):
         return f"[`{backbone}`](https://huggingface.co/{backbone}) (`{model_type}`)"
     if os.path.isdir(backbone) and is_cusa_checkpoint(backbone):

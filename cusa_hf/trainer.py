@@ -26,19 +26,16 @@ from .checkpoints import (
     last_complete_checkpoint,
     named_save_errors,
 )
-from .collator import CusaDataCollator, with_feature_tables
+from .collator import CusaDataCollator
 from .evaluation.evaluator import RetrievalEvaluator
 from .frozen_towers import check_tower_columns
 from .fsdp import fsdp_unsharded, vectorize_scalar_parameters
 from .gradient_cache import cached_gradient_step, check_loss_chunking
 from .model_card import CusaModelCardCallback, CusaModelCardData
 from .optimization import parameter_groups
-from .training_checks import (
-    NonFiniteTrainingError,
-    check_contrastive_batches,
-    check_teacher_columns,
-    with_numpy_feature_columns,
-)
+from .schema import TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
+from .teachers.training_split import TrainingSplit, prepare_training_split
+from .training_checks import NonFiniteTrainingError, check_contrastive_batches
 
 logger = logging.getLogger(__name__)
 
@@ -145,11 +142,10 @@ class CusaTrainer(Trainer):
             check_loss_chunking(model, args)
             _copy_tokenizer_special_tokens(model.config, processing_class)
         if model is not None and train_dataset is not None:
-            check_contrastive_batches(args, train_dataset, getattr(model.config, "gather_features", False))
-            check_teacher_columns(model.config, train_dataset, data_collator)
-            train_dataset = check_tower_columns(model, train_dataset, data_collator, processing_class)
-            train_dataset = with_numpy_feature_columns(train_dataset, data_collator)
-            data_collator = with_feature_tables(data_collator, train_dataset)
+            split = _prepare_training_split(model.config, train_dataset, data_collator)
+            split = check_tower_columns(model, split, data_collator, processing_class)
+            check_contrastive_batches(args, split.dataset, getattr(model.config, "gather_features", False))
+            train_dataset, data_collator = split.dataset, split.collate_with(data_collator)
         if evaluator is None and eval_dataset is not None:
             evaluator = _evaluator_for(eval_dataset, None, data_collator, args)
         _select_on_primary_metric(args, evaluator)
@@ -383,6 +379,25 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def _prepare_training_split(config: Any, dataset: Any, collator: Any) -> TrainingSplit:
+    """The training split prepared once (``cusa_hf.teachers.training_split``): with CSA or USA on, its teacher columns
+    (the collator's names) are checked against the widths the model was trained with, and their widths and
+    provenance recorded in the model config."""
+    feature_columns = {name: getattr(collator, name, None) for name in ("image_tower_column", "text_tower_column")}
+    split = prepare_training_split(
+        dataset,
+        needs_teachers=getattr(config, "needs_teachers", False),
+        teacher_image_column=getattr(collator, "teacher_image_column", TEACHER_IMAGE_COLUMN),
+        teacher_text_column=getattr(collator, "teacher_text_column", TEACHER_TEXT_COLUMN),
+        expected_dims={"image": config.teacher_image_dim, "text": config.teacher_text_dim},
+        numpy_columns=[column for column in feature_columns.values() if column is not None],
+    )
+    if split.teacher_dims is not None:
+        config.teacher_image_dim, config.teacher_text_dim = split.teacher_dims["image"], split.teacher_dims["text"]
+        config.teacher_info = split.teacher_info
+    return split
 
 
 def _copy_tokenizer_special_tokens(config: Any, processing_class: Any) -> None:

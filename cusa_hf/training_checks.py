@@ -1,6 +1,7 @@
 """Checks that ``CusaTrainer`` runs once, when it is built, over the whole training set (instead of at every step):
-contrastive batches of at least two pairs, teacher columns present and finite, and the feature columns read as numpy.
-(Cached tower columns are checked against the model's towers by ``cusa_hf.frozen_towers.check_tower_columns``.)
+contrastive batches of at least two pairs. (Teacher columns are checked with the training split's preparation,
+``cusa_hf.teachers.training_split.prepare_training_split``; cached tower columns against the model's towers by
+``cusa_hf.frozen_towers.check_tower_columns``.)
 Rows that no check can see before training (a stream's) are checked as batches are built, and a step whose gradients
 are not finite is stopped: both raise :class:`NonFiniteTrainingError`."""
 
@@ -11,8 +12,6 @@ from typing import Any
 import datasets
 from transformers import TrainingArguments
 
-from .teachers.checks import check_teacher_features
-from .teachers.image_tables import feature_width, has_feature_column
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -61,41 +60,3 @@ def check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gath
                 "and which the model refuses; pass dataloader_drop_last=True or change the batch size"
             )
 
-
-def with_numpy_feature_columns(dataset: Any, collator: Any) -> Any:
-    """The dataset with its feature columns (teacher and cached tower features) read as numpy arrays: the collator
-    stacks them, and turning every float of a batch into a Python object first costs more than a cached-tower step."""
-    if not isinstance(dataset, datasets.Dataset):
-        return dataset
-    names = ("teacher_image_column", "teacher_text_column", "image_tower_column", "text_tower_column")
-    columns = [getattr(collator, name, None) for name in names]
-    columns = [column for column in columns if column in dataset.column_names]
-    if not columns or dataset.format["type"] is not None:
-        return dataset
-    return dataset.with_format("numpy", columns=columns, output_all_columns=True)
-
-
-def check_teacher_columns(config: Any, dataset: Any, collator: Any) -> None:
-    """Fail before training when CSA/USA are active but the teacher columns are missing, malformed (NaN, ragged) or
-    of another teacher than the model was trained with; record their provenance and widths in the model config."""
-    if not getattr(config, "needs_teachers", False) or getattr(dataset, "column_names", None) is None:
-        return
-    image_column = getattr(collator, "teacher_image_column", "teacher_image_embeds")
-    text_column = getattr(collator, "teacher_text_column", "teacher_text_embeds")
-    for column in (image_column, text_column):
-        if not has_feature_column(dataset, column):
-            raise ValueError(
-                f"CSA/USA are on but the training dataset has no {column!r} column (columns: {dataset.column_names}). "
-                "Compute the teacher features once with cusa_hf.add_teacher_features(dataset, image_teacher=..., "
-                "text_teacher=...) or the cusa-extract-teachers CLI, or train the baseline with use_csa=False, "
-                "use_usa=False."
-            )
-    expected = {
-        modality: {"dim": dim}
-        for modality, dim in (("image", config.teacher_image_dim), ("text", config.teacher_text_dim))
-        if dim is not None
-    }
-    provenance = check_teacher_features(dataset, image_column, text_column, expected=expected or None)
-    config.teacher_image_dim = feature_width(dataset, image_column)
-    config.teacher_text_dim = feature_width(dataset, text_column)
-    config.teacher_info = {column: info for column, info in provenance.items() if info} or None

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from cusa_hf.data import load_retrieval_dataset
 from cusa_hf.modeling_cusa import check_model_folder
 from cusa_hf.schema import InvalidRecordError
-from cusa_hf.eval_view import build_eval_view
+from cusa_hf.evaluation.eval_view import build_eval_view
 from cusa_hf.images import load_image
 from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_image_retrieval, evaluate_sts
 from cusa_hf.evaluation.loaders import load_labelled_images, load_sts

@@ -27,19 +27,16 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from cusa_hf.arguments import parse_arguments
+from cusa_hf.arguments import CusaTrainingArguments, DataArguments, ModelArguments, parse_arguments
+from cusa_hf.backbone_recipes import RunData, backbone_recipe
 from cusa_hf.backbones import rerank_factory
 from cusa_hf.cpu_threads import use_every_cpu_core
-from cusa_hf.data import load_splits
 from cusa_hf.streaming import load_training_stream
 from cusa_hf.evaluation.evaluator import RetrievalEvaluator
 from cusa_hf.evaluation.metrics import format_retrieval_table
-from cusa_hf.example_data import default_training_data
-from cusa_hf.factory import build_model, build_processor, cache_frozen_towers, check_backbone, load_sgraf_data
+from cusa_hf.factory import build_model, cache_frozen_towers
 from cusa_hf.model_card import CusaModelCardData, comparison_hub_model_id
 from cusa_hf.optimization import unmatched_patterns
-from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig
-from cusa_hf.models.sgraf.training_data import with_image_paths
 from cusa_hf.teachers.features import reuse_or_add_teacher_features
 from cusa_hf.checkpoints import RESUME_LATEST, claim_output_dir, last_complete_checkpoint
 from cusa_hf.trainer import CusaTrainer
@@ -48,16 +45,29 @@ logger = logging.getLogger("run_cusa")
 BUILTIN_CONFIG = Path(__file__).resolve().parent / "configs" / "builtin_default.yaml"
 
 
-def train_one(name, enabled, model_args, data_args, training_args, splits, processor, description, command, sgraf=None):
-    """Train one model (the baseline, or CUSA when ``enabled``), evaluate it on validation and test, save it with its
-    model card and push it; returns its metrics."""
+@dataclasses.dataclass
+class Run:
+    """What every trained model of a run shares: its settings, its backbone's data and the command that started it."""
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    training_args: CusaTrainingArguments
+    data: RunData
+    command: str
+
+
+def train_one(name: str, cusa_on: bool, run: Run) -> dict[str, float]:
+    """Train one model (CUSA when ``cusa_on``, else the InfoNCE baseline), evaluate it on validation and test, save it
+    with its model card and push it; returns its metrics."""
+    model_args, data_args, training_args, splits = run.model_args, run.data_args, run.training_args, run.data.splits
+    processor = run.data.processor
     # 5a. The model: the backbone wrapped with CUSA's heads, towers frozen (and their outputs cached) as asked.
     set_seed(training_args.seed)
-    model = build_model(model_args, sgraf.fresh_config if sgraf else None, **training_args.cusa_config_fields(enabled))
+    model = build_model(model_args, run.data, **training_args.cusa_config_fields(cusa_on))
     if model_args.cache_frozen_towers:
         splits = cache_frozen_towers(model, splits, processor, model_args, data_args, not training_args.disable_tqdm)
     run_args = dataclasses.replace(training_args)
-    if not enabled and run_args.learning_rate_mapping:
+    if not cusa_on and run_args.learning_rate_mapping:
         # The InfoNCE model has no USA heads and no CSA temperature: patterns naming only those apply to CUSA runs.
         unused = unmatched_patterns(model, run_args.learning_rate_mapping)
         if unused:
@@ -77,21 +87,21 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
             batch_size=run_args.per_device_eval_batch_size,
             text_batch_size=max(run_args.per_device_eval_batch_size, 64),
             rerank=rerank_factory(model, k_test=model_args.rerank_k_test) if model_args.rerank else None,
-            pairwise_scorer=sgraf.validation_scorer if sgraf else None,
             image_root=data_args.image_root,
             max_length=data_args.max_text_length,
             show_progress=not run_args.disable_tqdm,
+            **run.data.evaluator_settings,
         )
     trainer = CusaTrainer(
         model=model,
         args=run_args,
         train_dataset=splits["train"],
         processing_class=processor,
-        data_collator=sgraf.collator if sgraf else None,
+        data_collator=run.data.collator,
         collator_kwargs={"image_root": data_args.image_root, "max_length": data_args.max_text_length},
         evaluator=evaluator,
         model_card_data=CusaModelCardData(
-            backbone=model_args.backbone, training_data=description, command=command, data_args=data_args,
+            backbone=model_args.backbone, training_data=run.data.description, command=run.command, data_args=data_args,
             fresh_heads=model_args.fresh_heads,
         ),
     )
@@ -101,11 +111,8 @@ def train_one(name, enabled, model_args, data_args, training_args, splits, proce
 
     # 6. Evaluate: validation (the split the run was selected on) and the test split, once.
     metrics = trainer.evaluate(metric_key_prefix="validation") if evaluator is not None else {}
-    if "test" in splits and sgraf is not None:
-        metrics.update(sgraf.evaluate_test(trainer.accelerator.unwrap_model(trainer.model), not run_args.disable_tqdm))
-        trainer.log({key: value for key, value in metrics.items() if key.startswith("test_")})
-    elif "test" in splits:
-        metrics.update(trainer.evaluate(splits["test"], metric_key_prefix="test"))
+    if "test" in splits:
+        metrics.update(run.data.test_metrics(trainer, splits["test"]))
 
     # 7. Save the model with its processor and model card (the validation and test metrics logged above); push_to_hub
     #    saves them and uploads the folder.
@@ -152,32 +159,16 @@ def run_inputs(model_args, data_args) -> dict[str, str | None]:
 def run_steps(model_args, data_args, training_args, command) -> dict[str, dict[str, float]]:
     """Steps 2 to 8 of :func:`main`, in the output folder it claimed."""
 
-    # 2. Data: region features for SGRAF backbones, else the image-caption splits (the built-in data by default).
-    if check_backbone(model_args) == SgrafConfig.model_type:
-        if data_args.streaming:
-            raise ValueError("streaming is for image-caption data; SGRAF backbones read precomputed region features")
-        sgraf = load_sgraf_data(model_args, data_args, training_args)
-        splits, processor, description = sgraf.splits, sgraf.tokenizer, sgraf.description
-    else:
-        if data_args.features_dir is not None:
-            raise ValueError(f"--features_dir is for SGRAF backbones; {model_args.backbone!r} reads images")
-        sgraf, processor = None, build_processor(model_args)
-        description = data_args.train_file
-        if data_args.train_file is None:
-            folder, description = default_training_data(training_args.output_dir)
-            data_args.train_file = str(folder / "train.json")
-            data_args.test_file = data_args.test_file or str(folder / "test.json")
-        splits = load_splits(data_args)
+    # 2. Data: what the backbone's recipe reads (image-caption splits, the built-in data by default; region features
+    #    for SGR/SAF) and its processor.
+    data = backbone_recipe(model_args.backbone).load_run_data(model_args, data_args, training_args)
+    splits = data.splits
 
     # 3. Teacher features, computed once per image and caption (cached; reused when the data already has them).
     if training_args.needs_teachers:
-        image_column = "image"
-        if sgraf is not None:
-            image_column, ids_file = "image_path", f"{data_args.features_dir}/{data_args.train_split}_image_ids.txt"
-            splits["train"] = with_image_paths(splits["train"], data_args.image_root, ids_file)
         splits["train"] = reuse_or_add_teacher_features(
             splits["train"],
-            image_column=image_column,
+            image_column=data.teacher_image_column,
             image_teacher=data_args.image_teacher,
             text_teacher=data_args.text_teacher,
             batch_size=data_args.teacher_batch_size,
@@ -190,9 +181,10 @@ def run_steps(model_args, data_args, training_args, command) -> dict[str, dict[s
     # 4-7. Train, evaluate and save each run: the baseline and CUSA with identical settings, or the one asked for.
     runs = [("baseline", False), ("cusa", True)] if training_args.compare_with_baseline else [("single", training_args.cusa)]
     results = {}
-    for name, enabled in runs:
-        label = name if name != "single" else ("cusa" if enabled else "baseline")
-        results[label] = train_one(name, enabled, model_args, data_args, training_args, splits, processor, description, command, sgraf)
+    run = Run(model_args, data_args, training_args, data, command)
+    for name, cusa_on in runs:
+        label = name if name != "single" else ("cusa" if cusa_on else "baseline")
+        results[label] = train_one(name, cusa_on, run)
 
     # 8. Report both runs side by side.
     if training_args.process_index == 0:

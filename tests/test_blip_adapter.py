@@ -121,7 +121,7 @@ def tiny_blip_eval_view():
     """Four random pictures with two captions each."""
     from PIL import Image
 
-    from cusa_hf.eval_view import RetrievalEvalView
+    from cusa_hf.evaluation.eval_view import RetrievalEvalView
 
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(4)]

@@ -1,4 +1,4 @@
-"""The built-in student from Python: ``cusa_hf.factory.builtin_backbone`` and ``builtin_processor`` give what
+"""The built-in student from Python: ``cusa_hf.models.builtin_student.builtin_backbone`` and ``builtin_processor`` give what
 ``examples/run_cusa.py`` builds for ``backbone="builtin:efficientnet-lite0+minilm"``; ``CusaModel.from_backbone``
 refuses that name with a pointer to them."""
 
@@ -9,7 +9,8 @@ import torch
 
 from cusa_hf import CusaModel
 from cusa_hf.arguments import ModelArguments
-from cusa_hf.factory import build_model, builtin_backbone, builtin_processor
+from cusa_hf.factory import build_model
+from cusa_hf.models.builtin_student import builtin_backbone, builtin_processor
 from cusa_hf.offline_models import BUILTIN_BACKBONE, efficientnet_lite_student_image_processor, minilm_path
 
 
@@ -48,5 +49,5 @@ def test_the_built_in_processor_tokenizes_as_minilm_and_crops_as_efficientnet_li
 
 
 def test_from_backbone_refuses_the_run_setting_name_and_says_what_to_call():
-    with pytest.raises(ValueError, match=r"names run_cusa's built-in student.*CusaModel.from_backbone\(cusa_hf.factory.builtin_backbone\(\)\)"):
+    with pytest.raises(ValueError, match=r"names run_cusa's built-in student.*CusaModel.from_backbone\(cusa_hf.models.builtin_student.builtin_backbone\(\)\)"):
         CusaModel.from_backbone(BUILTIN_BACKBONE)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cusa_hf.data import flatten_captions, load_imagefolder_dataset, load_json_dataset, load_retrieval_dataset
-from cusa_hf.eval_view import build_eval_view
+from cusa_hf.evaluation.eval_view import build_eval_view
 from cusa_hf.schema import InvalidRecordError, normalize_image_ids
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cusa_hf.eval_view import RetrievalEvalView
+from cusa_hf.evaluation.eval_view import RetrievalEvalView
 from cusa_hf.backbones import RerankConfig
 from cusa_hf.evaluation.encoding import (
     encode_images,

@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def test_retrieval_recall_module_equals_retrieval_metrics():
     evaluate = pytest.importorskip("evaluate")
-    from cusa_hf.evaluate_modules import RETRIEVAL_RECALL_PATH
+    from cusa_hf.evaluation.evaluate_modules import RETRIEVAL_RECALL_PATH
 
     rng = np.random.default_rng(0)
     text_to_image = rng.permutation(np.repeat(np.arange(12), rng.integers(1, 5, 12)))

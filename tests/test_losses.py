@@ -103,9 +103,9 @@ def test_csa_directions_use_rows_then_columns():
     result = csa_loss(similarity, labels, temperature=0.45)
     i2t = soft_label_loss(similarity / 0.45, labels.image_to_text)
     t2i = soft_label_loss(similarity.t() / 0.45, labels.text_to_image)
-    assert torch.allclose(result.first, i2t) and torch.allclose(result.second, t2i)
+    assert torch.allclose(result.image_to_text, i2t) and torch.allclose(result.text_to_image, t2i)
     assert torch.allclose(result.mean, (i2t + t2i) / 2)
-    assert not torch.allclose(result.first, soft_label_loss(similarity.t() / 0.45, labels.image_to_text))
+    assert not torch.allclose(result.image_to_text, soft_label_loss(similarity.t() / 0.45, labels.image_to_text))
 
 
 def test_usa_uses_uni_modal_similarities():
@@ -116,7 +116,7 @@ def test_usa_uses_uni_modal_similarities():
     result = usa_loss(uni_image, uni_text, labels, 0.3, 0.6)
     image_term = soft_label_loss(uni_image @ uni_image.t() / 0.3, labels.image)
     text_term = soft_label_loss(uni_text @ uni_text.t() / 0.6, labels.text)
-    assert torch.allclose(result.first, image_term) and torch.allclose(result.second, text_term)
+    assert torch.allclose(result.image, image_term) and torch.allclose(result.text, text_term)
     assert torch.allclose(result.mean, (image_term + text_term) / 2)
 
 

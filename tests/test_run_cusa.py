@@ -16,7 +16,8 @@ import run_cusa  # noqa: E402
 from cusa_hf import CusaModel  # noqa: E402
 from cusa_hf.offline_models import BUILTIN_BACKBONE  # noqa: E402
 from cusa_hf.backbones import rerank_factory  # noqa: E402
-from cusa_hf.factory import build_model, check_backbone  # noqa: E402
+from cusa_hf.backbone_recipes import backbone_recipe  # noqa: E402
+from cusa_hf.factory import build_model  # noqa: E402
 from cusa_hf.synthetic_data import write_shapes_dataset  # noqa: E402
 
 
@@ -81,7 +82,7 @@ def test_paper_configs_parse_with_the_authors_settings(config, tiny_backbone, tm
     assert (training_args.csa_weight, training_args.usa_weight, training_args.itc_temperature) == (0.1, 0.5, 0.05)
     assert training_args.cusa == config.stem.endswith("_cusa")
     assert training_args.metric_for_best_model == "rsum"
-    check_backbone(model_args)
+    backbone_recipe(model_args.backbone)
     model = build_model(model_args, **training_args.cusa_config_fields())
     assert model.config.use_csa == training_args.cusa
 
@@ -217,7 +218,7 @@ def test_x2vlm_configs_parse_and_build(config, tiny_x2vlm, tmp_path):
          "--use_cpu", "true"]
     )  # fmt: skip
     assert model_args.rerank and model_args.rerank_k_test == (256 if "coco" in config.stem else 128)
-    check_backbone(model_args)
+    backbone_recipe(model_args.backbone)
     model = build_model(model_args, **training_args.cusa_config_fields())
     assert model.config.backbone_config.model_type == "x2vlm" and not model.uses_cross_projection
     assert rerank_factory(model, k_test=model_args.rerank_k_test) is not None
@@ -414,7 +415,9 @@ def test_a_run_starts_from_a_saved_cusa_checkpoint(tiny_backbone, shapes, tmp_pa
               "--load_best_model_at_end", "false", "--num_train_epochs", "1"]  # fmt: skip
     stage1 = tmp_path / "stage1"
     run_cusa.main(tiny_run_args(tiny_backbone, shapes, stage1, *frozen, "--cusa", "false"))
-    assert check_backbone(parse_arguments(["--backbone", str(stage1), "--output_dir", str(tmp_path)])[0]) == "clip"
+    # The CUSA checkpoint is resolved through the backbone it wraps: a CLIP backbone's recipe.
+    stage1_args = parse_arguments(["--backbone", str(stage1), "--output_dir", str(tmp_path)])[0]
+    assert backbone_recipe(stage1_args.backbone) is backbone_recipe(str(tiny_backbone))
     with caplog.at_level(logging.INFO):
         run_cusa.main(tiny_run_args(stage1, shapes, tmp_path / "stage2", *frozen, "--cusa", "true"))
     messages = [record.getMessage() for record in caplog.records]

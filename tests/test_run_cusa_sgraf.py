@@ -18,7 +18,9 @@ import run_cusa  # noqa: E402
 from cusa_hf import CusaModel  # noqa: E402
 from cusa_hf.arguments import parse_arguments  # noqa: E402
 from cusa_hf.offline_models import BUILTIN_BACKBONE  # noqa: E402
-from cusa_hf.factory import build_model, check_backbone, load_sgraf_data  # noqa: E402
+from cusa_hf.backbone_recipes import backbone_recipe  # noqa: E402
+from cusa_hf.factory import build_model  # noqa: E402
+from cusa_hf.models.sgraf.recipe import SgrafRecipe, fresh_model_fields  # noqa: E402
 from cusa_hf.models.sgraf.configuration_sgraf import SgrafConfig  # noqa: E402
 from cusa_hf.models.sgraf.modeling_sgraf import SgrafModel  # noqa: E402
 from cusa_hf.models.sgraf.tokenization_sgraf import SgrafTokenizer  # noqa: E402
@@ -102,7 +104,7 @@ def test_sgraf_configs_parse_and_their_schedules_build(config, tmp_path):
     )  # fmt: skip
     module, dataset, recipe = config.stem.split("_", 2)
     assert model_args.backbone == "sgraf" and model_args.sgraf_module_name == module.upper()
-    assert check_backbone(model_args) == "sgraf"
+    assert isinstance(backbone_recipe(model_args.backbone), SgrafRecipe)
     assert data_args.eval_protocol in PROTOCOLS and data_args.features_dir == str(tmp_path)
     assert training_args.cusa == (recipe != "original")
     assert training_args.metric_for_best_model == "rsum" and training_args.max_grad_norm == 2.0
@@ -110,9 +112,7 @@ def test_sgraf_configs_parse_and_their_schedules_build(config, tmp_path):
         assert data_args.validation_split == "dev" and training_args.per_device_train_batch_size == 128
     if training_args.cusa:
         assert training_args.csa_weight == (0.6 if module == "sgr" else 1.0) and training_args.usa_weight == 0.75
-    SgrafConfig(module_name=model_args.sgraf_module_name, img_dim=model_args.sgraf_img_dim,
-                embed_size=model_args.sgraf_embed_size, word_dim=model_args.sgraf_word_dim,
-                sim_dim=model_args.sgraf_sim_dim)  # fmt: skip
+    assert SgrafConfig(**fresh_model_fields(model_args)).module_name == module.upper()
 
     # The schedule Trainer would build: the original recipes' x0.1 step right after num_stable_steps.
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=training_args.learning_rate)
@@ -179,16 +179,18 @@ def test_validation_split_files_and_saved_folders(scan_data, tmp_path):
     tokenizer.save_pretrained(tmp_path / "saf")
 
     args = parse_arguments(["--backbone", str(tmp_path / "saf"), "--features_dir", str(data), "--validation_split",
-                                     "dev", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"])  # fmt: skip
+                                     "dev", "--output_dir", str(tmp_path / "out"), "--use_cpu", "true", "--cusa", "false"])  # fmt: skip
     model_args, data_args, training_args = args
-    assert check_backbone(model_args) == "sgraf"
-    sgraf = load_sgraf_data(model_args, data_args, training_args)
-    splits = sgraf.splits
-    assert len(splits["validation"]) == 15 and len(splits["train"]) == 60 and sgraf.fresh_config is None
-    model = build_model(model_args, sgraf.fresh_config, use_csa=False, use_usa=False)
+    recipe = backbone_recipe(model_args.backbone)
+    assert isinstance(recipe, SgrafRecipe)
+    run_data = recipe.load_run_data(model_args, data_args, training_args)
+    splits = run_data.splits
+    assert len(splits["validation"]) == 15 and len(splits["train"]) == 60
+    assert run_data.new_backbone() == str(tmp_path / "saf")  # a saved model is loaded, not built fresh
+    model = build_model(model_args, run_data, use_csa=False, use_usa=False)
     for name, tensor in saved.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[name], tensor), name
-    scorer = sgraf.validation_scorer(model, dev.eval_view())
+    scorer = run_data.evaluator_settings["pairwise_scorer"](model, dev.eval_view())
     assert scorer.num_images == 3 and scorer.num_texts == 15
     expected = evaluate_sgraf(saved, dev.features, dev.captions, dev.text_to_image, tokenizer, "f30k")
     from cusa_hf.evaluation.metrics import retrieval_metrics
@@ -218,5 +220,5 @@ def test_bad_sgraf_input_stops_before_training(scan_data, tmp_path):
         run("--sgraf_vocab_file", str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="eval_protocol='coco'"):
         run("--eval_protocol", "coco")
-    with pytest.raises(ValueError, match="--features_dir is for SGRAF backbones"):
+    with pytest.raises(ValueError, match="features_dir is for backbones that read region features"):
         run("--backbone", BUILTIN_BACKBONE)

@@ -20,7 +20,7 @@ pytest.importorskip("faiss")
 
 from cusa_hf import CusaConfig, CusaModel  # noqa: E402
 from cusa_hf.data import load_retrieval_dataset  # noqa: E402
-from cusa_hf.eval_view import build_eval_view  # noqa: E402
+from cusa_hf.evaluation.eval_view import build_eval_view  # noqa: E402
 from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_retrieval  # noqa: E402
 from cusa_hf.search import RetrievalIndex  # noqa: E402
 from cusa_hf.search_cli import main as search_cli  # noqa: E402

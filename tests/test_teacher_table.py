@@ -12,10 +12,11 @@ import torch
 from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
 
 from cusa_hf import CusaDataCollator, CusaTrainer, add_image_tower_features, cusa_training_arguments
-from cusa_hf.eval_view import build_eval_view
-from cusa_hf.teachers.checks import check_teacher_features
+from cusa_hf.evaluation.eval_view import build_eval_view
+from cusa_hf.teachers.training_split import check_teacher_features
 from cusa_hf.teachers.feature_cache import FeatureCacheOptions, FeatureSource, add_feature_columns
 from cusa_hf.teachers.image_tables import image_feature_tables, save_with_feature_tables, with_image_features_in_rows
+from cusa_hf.teachers.training_split import open_feature_split
 
 
 def seeded_vectors(inputs, dim, salt):
@@ -46,7 +47,7 @@ def with_tables(tmp_path):
                                                                                show_progress=False))  # fmt: skip
 
 
-def test_image_features_are_stored_once_per_image_and_joined_by_the_collator(with_tables):
+def test_image_features_are_stored_once_per_image_and_joined_as_batches_are_drawn(with_tables):
     table = image_feature_tables(with_tables)["teacher_image_embeds"]
     assert len(table.table) == 6 and len(with_tables) == 18
     assert "teacher_image_embeds" not in with_tables.column_names and table.index_column in with_tables.column_names
@@ -55,9 +56,9 @@ def test_image_features_are_stored_once_per_image_and_joined_by_the_collator(wit
     assert in_rows.features["teacher_image_embeds"] == datasets.List(datasets.Value("float32"), length=12)
     processor = tiny_clip_processor()
     rows = [with_tables[row] for row in (0, 4, 17)]
-    with pytest.raises(ValueError, match="rows carry 'teacher_image_embeds_index'.*feature_tables="):
-        CusaDataCollator(processor)(rows)
-    joined = CusaDataCollator(processor, feature_tables=image_feature_tables(with_tables))(rows)
+    # The collator turns rows into tensors; the split joins its rows to their images' features first.
+    assert "teacher_image_embeds" not in CusaDataCollator(processor)(rows)
+    joined = open_feature_split(with_tables).collate_with(CusaDataCollator(processor))(rows)
     expected = CusaDataCollator(processor)([in_rows[row] for row in (0, 4, 17)])
     assert torch.equal(joined["teacher_image_embeds"], expected["teacher_image_embeds"])
     assert not torch.equal(joined["teacher_image_embeds"][0], joined["teacher_image_embeds"][1])  # other images

@@ -16,7 +16,7 @@ from cusa_hf import teachers_cli
 from cusa_hf.data import load_json_dataset
 from cusa_hf.images import BadImageError
 from cusa_hf.teachers import feature_cache
-from cusa_hf.teachers.checks import check_teacher_features
+from cusa_hf.teachers.training_split import check_teacher_features
 from cusa_hf.teachers.feature_cache import shard_batches
 from cusa_hf.teachers.features import add_teacher_features
 from cusa_hf.teachers.image_tables import image_feature_tables

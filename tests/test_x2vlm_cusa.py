@@ -11,7 +11,7 @@ from tiny_models import train_steps
 
 import cusa_hf.models  # noqa: F401  (registers the adapters)
 from cusa_hf.configuration_cusa import CusaConfig
-from cusa_hf.eval_view import RetrievalEvalView
+from cusa_hf.evaluation.eval_view import RetrievalEvalView
 from cusa_hf.modeling_cusa import CusaModel
 from cusa_hf.models.x2vlm.adapter import x2vlm_rerank_config
 from cusa_hf.models.x2vlm.configuration_x2vlm import X2VlmConfig

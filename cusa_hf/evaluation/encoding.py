@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..backbones import RerankConfig
-from ..eval_view import RetrievalEvalView
+from .eval_view import RetrievalEvalView
 from ..images import load_image
 from .loaders import LabelledImages, StsData
 from .metrics import retrieval_metrics

@@ -1,7 +1,7 @@
 """``RetrievalEvaluator``: image-text retrieval metrics of one evaluation split, as a reusable callable object.
 
 Built once with the split, called with a model at every evaluation (by ``CusaTrainer.evaluate`` or directly), in the
-spirit of sentence-transformers' evaluators. It builds the split's :class:`~cusa_hf.eval_view.RetrievalEvalView` on first
+spirit of sentence-transformers' evaluators. It builds the split's :class:`~cusa_hf.evaluation.eval_view.RetrievalEvalView` on first
 use and keeps it, checks cached frozen-tower columns against each model it is called with, and picks the scoring:
 a pairwise scorer (backbones that score pairs themselves, e.g. SGRAF), dual-encoder similarity, or dual-encoder
 top-k reranked by a fusion encoder's ITM head (X2VLM, BLIP).
@@ -17,8 +17,9 @@ import datasets
 import torch
 
 from ..backbones import RerankConfig
-from ..eval_view import RetrievalEvalView, build_eval_view
+from .eval_view import RetrievalEvalView, build_eval_view
 from ..frozen_towers import check_tower_columns
+from ..teachers.training_split import open_feature_split
 from ..schema import CAPTION_COLUMN, IMAGE_COLUMN, IMAGE_ID_COLUMN, IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .encoding import evaluate_retrieval
 from .metrics import RETRIEVAL_METRIC_NAMES, retrieval_metrics
@@ -44,7 +45,7 @@ class RetrievalEvaluator:
 
     Args:
         eval_data: a ``datasets.Dataset`` (one row per caption, or one row per image with a caption list) or a
-            ready :class:`~cusa_hf.eval_view.RetrievalEvalView`.
+            ready :class:`~cusa_hf.evaluation.eval_view.RetrievalEvalView`.
         metric_key_prefix: prefix of the returned metric names (``"eval"`` gives ``eval_i2t_r1`` ... ``eval_rsum``).
         batch_size: images per encoding batch; text_batch_size: captions per batch.
         rerank: fusion-encoder ITM reranking: a :class:`RerankConfig` (its ``itm_score`` takes indices into the
@@ -202,5 +203,5 @@ class RetrievalEvaluator:
         if not isinstance(self.eval_data, datasets.Dataset) or model in self._checked_models:
             return
         # The evaluator carries the column attributes of a collator, which is what the check reads.
-        check_tower_columns(model, self.eval_data, self, processor)
+        check_tower_columns(model, open_feature_split(self.eval_data), self, processor)
         self._checked_models.add(model)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from transformers import BlipForImageTextRetrieval, PreTrainedConfig, PreTrainedModel
 
 from ..backbones import BackboneFeatures, backbone_of, register_backbone_adapter
-from ..eval_view import RetrievalEvalView, encode_eval_view_images
+from ..evaluation.eval_view import RetrievalEvalView, encode_eval_view_images
 from .fusion_adapter import FusionAdapter, ItmScorer
 from .fusion_losses import hard_negative_itm_loss, itc_loss, sample_hard_negatives
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..backbones import BackboneAdapter, RerankConfig, backbone_of
-from ..eval_view import RetrievalEvalView
+from ..evaluation.eval_view import RetrievalEvalView
 
 
 class ItmScorer:

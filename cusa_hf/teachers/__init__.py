@@ -14,7 +14,8 @@ Modules (import each name from its module; the package itself defines nothing):
       with :mod:`cusa_hf.frozen_towers`);
     * :mod:`.image_tables`: image features once per image (``ImageFeatureTable``, ``image_feature_tables``);
     * :mod:`.provenance`: what made each feature column (``read_feature_provenance``);
-    * :mod:`.checks`: ``check_teacher_features``;
+    * :mod:`.training_split`: ``check_teacher_features``, and a split as training reads it
+      (``open_feature_split``, ``prepare_training_split``);
     * :mod:`.features`: ``add_teacher_features`` and ``reuse_or_add_teacher_features``.
 
 The ``cusa-extract-teachers`` console script that drives them is :mod:`cusa_hf.teachers_cli`.

@@ -10,7 +10,6 @@ from typing import Any, Sequence
 
 import datasets
 import numpy as np
-import pyarrow.compute as pc
 
 from ..schema import PROVENANCE_COLUMN
 from .provenance import PER_IMAGE_LAYOUT, read_feature_provenance
@@ -78,7 +77,12 @@ def image_feature_tables(
     Raises:
         FileNotFoundError: a table is in neither place (the message says how to make the folder complete).
     """
-    recorded = read_feature_provenance(dataset, provenance_column).get("teachers", {})
+    return open_image_tables(dataset, read_feature_provenance(dataset, provenance_column))
+
+
+def open_image_tables(dataset: Any, provenance: dict[str, Any]) -> dict[str, ImageFeatureTable]:
+    """:func:`image_feature_tables` of a dataset whose provenance the caller has read."""
+    recorded = provenance.get("teachers", {})
     names = dataset.column_names or []
     return {
         column: ImageFeatureTable(column, meta["index_column"], _open_image_table(dataset, column, meta))
@@ -202,15 +206,6 @@ def join_feature_tables(
     return stream.map(add_features, batched=True, features=joined_features)
 
 
-def feature_width(dataset: datasets.Dataset | datasets.IterableDataset, column: str) -> int:
-    """The width of a feature column: of its per-image table, else of the first row."""
-    tables = image_feature_tables(dataset)
-    if column in tables:
-        return tables[column].dim
-    first_row = dataset[0] if isinstance(dataset, datasets.Dataset) else next(iter(dataset))
-    return len(first_row[column])
-
-
 def has_feature_column(dataset: datasets.Dataset | datasets.IterableDataset, column: str) -> bool:
     """Whether rows carry ``column``'s features, in the row or through an index into its per-image table."""
     names = dataset.column_names or []
@@ -218,16 +213,3 @@ def has_feature_column(dataset: datasets.Dataset | datasets.IterableDataset, col
         return True
     meta = read_feature_provenance(dataset).get("teachers", {}).get(column, {})
     return meta.get("layout") == PER_IMAGE_LAYOUT and meta["index_column"] in names
-
-
-def _check_table_indices(dataset: Any, table: ImageFeatureTable) -> None:
-    """``ValueError`` when a row of a map-style dataset points outside its per-image table (streams are not read)."""
-    if not isinstance(dataset, datasets.Dataset) or len(dataset) == 0:
-        return
-    indices = dataset.with_format("arrow").select_columns([table.index_column])[table.index_column]
-    low, high = pc.min_max(indices).values()
-    if indices.null_count or low.as_py() < 0 or high.as_py() >= len(table.table):
-        raise ValueError(
-            f"column {table.index_column!r} points outside the per-image table of {table.column!r} ({len(table.table)} "
-            f"images): its values run from {low.as_py()} to {high.as_py()}"
-        )

@@ -2,10 +2,11 @@
 :class:`TeacherEncoder`, a frozen network that maps a batch of images or captions to one vector each.
 
 Example:
-    >>> from cusa_hf.teachers import load_image_teacher, load_text_teacher
+    >>> from PIL import Image
+    >>> from cusa_hf.teachers.registry import load_image_teacher, load_text_teacher
     >>> image_teacher = load_image_teacher("offline:efficientnet-lite0")
-    >>> image_teacher.encode(images).shape  # images: a list of n PIL images
-    torch.Size([n, 1280])
+    >>> image_teacher.encode([Image.new("RGB", (64, 48)), Image.new("RGB", (32, 32))]).shape
+    torch.Size([2, 1280])
     >>> load_text_teacher("offline:all-MiniLM-L6-v2").encode(["a cat on a mat"]).shape
     torch.Size([1, 384])
 """

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from ...data import load_json_dataset
-from ...eval_view import RetrievalEvalView
+from ...evaluation.eval_view import RetrievalEvalView
 from ...images import load_image
 from ...offline_models import efficientnet_lite_timm
-from ...schema import stable_image_id
+from ...schema import TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN, stable_image_id
 
 SCAN_CAPTIONS_PER_IMAGE = 5
 
@@ -219,15 +219,15 @@ class SgrafDataCollator:
         image_column: str = "image",
         caption_column: str = "caption",
         image_id_column: str = "image_id",
-        teacher_image_column: str = "teacher_image_embeds",
-        teacher_text_column: str = "teacher_text_embeds",
+        teacher_image_column: str = TEACHER_IMAGE_COLUMN,
+        teacher_text_column: str = TEACHER_TEXT_COLUMN,
     ):
         self.tokenizer = tokenizer
         self.features = features
         self.image_column = image_column
         self.caption_column = caption_column
         self.image_id_column = image_id_column
-        self.teacher_columns = ((teacher_image_column, "teacher_image_embeds"), (teacher_text_column, "teacher_text_embeds"))
+        self.teacher_columns = ((teacher_image_column, TEACHER_IMAGE_COLUMN), (teacher_text_column, TEACHER_TEXT_COLUMN))
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:

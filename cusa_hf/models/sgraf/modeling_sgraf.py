@@ -407,21 +407,6 @@ class SgrafModel(SgrafPreTrainedModel):
         """Text self-attention globals `(n, embed_size)` of word embeddings."""
         return self.sim_enc.t_global_w(text_embeds, text_mask)
 
-    def similarity_logits(
-        self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
-        text_mask: torch.Tensor,
-        image_global: torch.Tensor | None = None,
-        text_global: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Pre-sigmoid scores `(n_images, n_captions)` from encoded inputs (globals computed when not given)."""
-        if image_global is None:
-            image_global = self.image_global(image_embeds)
-        if text_global is None:
-            text_global = self.text_global(text_embeds, text_mask)
-        return self.sim_enc(image_embeds, image_global, text_embeds, text_mask, text_global)
-
     def forward(
         self,
         region_features: torch.Tensor,

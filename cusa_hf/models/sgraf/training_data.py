@@ -20,6 +20,9 @@ from .tokenization_sgraf import SgrafTokenizer
 
 logger = logging.getLogger(__name__)
 
+#: The column of raw image paths that CUSA's image teacher reads (region features are no images).
+IMAGE_PATH_COLUMN = "image_path"
+
 
 @dataclass
 class SgrafTrainingData:
@@ -177,7 +180,7 @@ def load_sgraf_training_data(
 
 
 def with_image_paths(dataset: datasets.Dataset, image_root: str | None, where: str) -> datasets.Dataset:
-    """Add ``image_path`` = ``image_root / image_id``, the raw image of each region-feature row, which CUSA's image
+    """Add ``image_path`` (:data:`IMAGE_PATH_COLUMN`) = ``image_root / image_id``, the raw image of each region-feature row, which CUSA's image
     teacher reads (``where`` names the file the image ids came from, for the error messages)."""
     if image_root is None:
         raise ValueError(
@@ -192,4 +195,4 @@ def with_image_paths(dataset: datasets.Dataset, image_root: str | None, where: s
             f"(first: {Path(image_root) / str(missing[0])}); the ids must be image file names relative to image_root"
         )
     root = Path(image_root).resolve()
-    return dataset.add_column("image_path", [str(root / str(image_id)) for image_id in dataset["image_id"]])
+    return dataset.add_column(IMAGE_PATH_COLUMN, [str(root / str(image_id)) for image_id in dataset["image_id"]])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ...backbones import BackboneFeatures, backbone_of, register_backbone_adapter
-from ...eval_view import RetrievalEvalView, encode_eval_view_images
+from ...evaluation.eval_view import RetrievalEvalView, encode_eval_view_images
 from ..fusion_adapter import FusionAdapter, ItmScorer
 from .modeling_x2vlm import X2VlmModel
 

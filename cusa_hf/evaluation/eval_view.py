@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .images import load_image
-from .schema import first_row_per_image, is_caption, normalize_image_ids
-from .teachers.image_tables import image_feature_tables
+from ..images import load_image
+from ..schema import first_row_per_image, is_caption, normalize_image_ids
+from ..teachers.image_tables import image_feature_tables
 
 
 @dataclass

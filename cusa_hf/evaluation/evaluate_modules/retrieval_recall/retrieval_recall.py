@@ -26,7 +26,7 @@ Returns:
     i2t_r1, i2t_r5, i2t_r10, t2i_r1, t2i_r5, t2i_r10, rsum (floats, percent).
 Example:
     >>> import evaluate
-    >>> from cusa_hf.evaluate_modules import RETRIEVAL_RECALL_PATH
+    >>> from cusa_hf.evaluation.evaluate_modules import RETRIEVAL_RECALL_PATH
     >>> recall = evaluate.load(RETRIEVAL_RECALL_PATH)
     >>> recall.compute(predictions=[[0.9, 0.2], [0.8, 0.3], [0.1, 0.7]], references=[0, 0, 1])["rsum"]
     600.0
