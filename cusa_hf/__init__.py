@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .arguments import CusaTrainingArguments
+from .backbone_recipes import BackboneRecipe, backbone_recipe, register_backbone_recipe
 from .backbones import (
     BackboneAdapter,
     BackboneFeatures,
@@ -21,7 +22,7 @@ from .data import load_hub_dataset, load_imagefolder_dataset, load_json_dataset,
 from .evaluation.eval_view import build_eval_view
 from .evaluation.eccv import eccv_metrics
 from .evaluation.encoding import encode_images, encode_texts, evaluate_retrieval
-from .evaluation.evaluator import RetrievalEvaluator
+from .evaluation.evaluator import Evaluator, RetrievalEvaluator, SequentialEvaluator
 from .evaluation.metrics import retrieval_metrics
 from .evaluation.reranking import pairwise_similarity, rerank_with_itm
 from .evaluation.unimodal import image_retrieval_r1, sts_spearman
@@ -47,6 +48,7 @@ CusaModel.register_for_auto_class("AutoModel")
 __all__ = [
     "BackboneAdapter",
     "BackboneFeatures",
+    "BackboneRecipe",
     "CusaConfig",
     "CusaDataCollator",
     "CusaLoss",
@@ -54,13 +56,16 @@ __all__ = [
     "CusaOutput",
     "CusaTrainer",
     "CusaTrainingArguments",
+    "Evaluator",
     "RerankConfig",
     "RetrievalEvaluator",
     "RetrievalIndex",
+    "SequentialEvaluator",
     "adapter_class_for",
     "add_image_tower_features",
     "add_text_tower_features",
     "add_teacher_features",
+    "backbone_recipe",
     "build_eval_view",
     "builtin_backbone",
     "builtin_processor",
@@ -81,6 +86,7 @@ __all__ = [
     "pairwise_similarity",
     "read_feature_provenance",
     "register_backbone_adapter",
+    "register_backbone_recipe",
     "rerank_factory",
     "rerank_with_itm",
     "sentence_transformer_text_tower",

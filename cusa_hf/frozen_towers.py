@@ -242,7 +242,7 @@ def add_image_tower_features(
         image_processor: the backbone's image processor (e.g. ``processor.image_processor``).
         column: the output column; ``CusaDataCollator`` batches it as ``image_tower_features``.
         image_table: store the features once per image, in a per-image table that rows point into through
-            ``index_column(column)`` (joined by ``CusaTrainer``'s collator and the evaluation view), as teacher
+            ``index_column(column)`` (joined by ``CusaTrainer``'s training split and the evaluation view), as teacher
             features are; by default every row holds its image's features, which ``dataset[i]`` shows.
 
     The other arguments, the caching (by dataset fingerprint and tower weights), the sharding across processes and

@@ -38,7 +38,7 @@ from transformers import TrainerCallback
 
 from .backbone_recipes import named_backbone_recipe
 from .configuration_cusa import LOSS, cusa_field_names
-from .evaluation.metrics import RETRIEVAL_METRIC_NAMES as METRIC_COLUMNS
+from .evaluation.metric_registry import MetricInfo, metric_info, registered_metrics
 from .modeling_cusa import is_cusa_checkpoint
 
 #: The card's text, a Jinja template (``huggingface_hub.ModelCard.from_template``); installed with the package.
@@ -47,18 +47,14 @@ TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"
 CARD_TAG = "cusa-hf"
 #: The run's evaluated splits, as its metric keys are prefixed: validation (model selection) and test (once).
 EVAL_SPLITS = ("validation", "test")
-#: Metric-key infixes: the main (possibly ITM-reranked) metrics, and the ITC-only ones reported beside a reranking.
-METRIC_VARIANTS = {"": "", "itc_": " (ITC, before ITM reranking)"}
-#: model-index task of each metric family: (task_type, task_name).
-TASKS = {
-    "i2t": ("image-to-text-retrieval", "Image-to-Text Retrieval"),
-    "t2i": ("text-to-image-retrieval", "Text-to-Image Retrieval"),
-    "rsum": ("cross-modal-retrieval", "Image-Text Retrieval"),
-}
-#: Every metric key a card reports (``test_i2t_r1``, ``validation_itc_rsum``, ...).
-CARD_METRIC_KEYS = frozenset(
-    f"{split}_{variant}{metric}" for split in EVAL_SPLITS for variant in METRIC_VARIANTS for metric in METRIC_COLUMNS
-)
+
+
+def card_metric(key: str) -> tuple[str, MetricInfo] | None:
+    """``(split, metric)`` of a logged key the card reports (``test_i2t_r1``: a split of :data:`EVAL_SPLITS` and a
+    metric of ``cusa_hf.evaluation.metric_registry``), else ``None``."""
+    split, _, name = key.partition("_")
+    info = metric_info(name) if split in EVAL_SPLITS else None
+    return None if info is None else (split, info)
 
 
 @dataclass
@@ -156,24 +152,18 @@ def hub_datasets(data_args: Any) -> list[str]:
     return list(dict.fromkeys(name for name in map(hub_repo_name, names) if name))
 
 
-def _metric_name(metric: str, variant: str) -> str:
-    if metric == "rsum":
-        return "RSUM" + METRIC_VARIANTS[variant]
-    direction, k = metric.split("_r")
-    return f"{TASKS[direction][1].removesuffix(' Retrieval')} R@{k}{METRIC_VARIANTS[variant]}"
-
-
-def retrieval_eval_results(
+def card_eval_results(
     metrics: dict[str, float], datasets: dict[str, tuple[str, str]] | None = None
 ) -> list[EvalResult]:
-    """One ``EvalResult`` per retrieval metric in ``metrics`` (keys like ``test_i2t_r1``, values in percent).
+    """One ``EvalResult`` per registered metric in ``metrics`` (keys like ``test_i2t_r1``, values in percent), with
+    the label and task the registry gives it.
 
     ``dataset_split`` is the run's split (``validation`` or ``test``), ``metric_type`` the metric's key without it
     (``i2t_r1``, ``rsum``, ``itc_i2t_r1``), so :func:`metrics_from_eval_results` gives the keys back. ``datasets``
     maps a split to ``(dataset_type, dataset_name)`` (see :func:`eval_datasets`); a split without one is ``custom``.
     A NaN or infinite metric is left out, with a warning naming it.
     """
-    non_finite = [key for key in sorted(CARD_METRIC_KEYS & set(metrics)) if not math.isfinite(metrics[key])]
+    non_finite = [key for key in sorted(metrics) if card_metric(key) and not math.isfinite(metrics[key])]
     if non_finite:
         warnings.warn(
             f"{', '.join(f'{key} = {metrics[key]}' for key in non_finite)}: not finite numbers (the model or its "
@@ -184,29 +174,27 @@ def retrieval_eval_results(
     results = []
     for split in EVAL_SPLITS:
         dataset_type, dataset_name = (datasets or {}).get(split, ("custom", f"custom data ({split} split)"))
-        for variant in METRIC_VARIANTS:
-            for metric in METRIC_COLUMNS:
-                key = f"{split}_{variant}{metric}"
-                if key not in metrics or key in non_finite:
-                    continue
-                task_type, task_name = TASKS[metric.split("_")[0]]
-                results.append(
-                    EvalResult(
-                        task_type=task_type,
-                        task_name=task_name,
-                        dataset_type=dataset_type,
-                        dataset_name=dataset_name,
-                        dataset_split=split,
-                        metric_type=f"{variant}{metric}",
-                        metric_name=_metric_name(metric, variant),
-                        metric_value=float(metrics[key]),
-                    )
+        for info in registered_metrics():
+            key = f"{split}_{info.name}"
+            if key not in metrics or key in non_finite:
+                continue
+            results.append(
+                EvalResult(
+                    task_type=info.task_type,
+                    task_name=info.task_name,
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_split=split,
+                    metric_type=info.name,
+                    metric_name=info.label,
+                    metric_value=float(metrics[key]),
                 )
+            )
     return results
 
 
 def metrics_from_eval_results(eval_results: Iterable[EvalResult]) -> dict[str, float]:
-    """The metric dict that :func:`retrieval_eval_results` was built from (``{"test_rsum": ..., ...}``)."""
+    """The metric dict that :func:`card_eval_results` was built from (``{"test_rsum": ..., ...}``)."""
     return {f"{result.dataset_split}_{result.metric_type}": result.metric_value for result in eval_results}
 
 
@@ -234,15 +222,25 @@ def _backbone_text(backbone: str | None, model_type: str, fresh_heads: bool = Fa
     return f"a local `{model_type}` checkpoint (`{backbone}`)"
 
 
-def _results(metrics: dict[str, float]) -> list[tuple[str, list[str]]]:
-    """The results table's rows: ``(split label, formatted values)`` of each split and variant that has metrics."""
-    rows = []
-    for split in EVAL_SPLITS:
-        for variant, label in METRIC_VARIANTS.items():
-            keys = [f"{split}_{variant}{metric}" for metric in METRIC_COLUMNS]
-            if any(key in metrics for key in keys):
-                rows.append((f"{split}{label}", [f"{metrics[key]:.2f}" if key in metrics else "" for key in keys]))
-    return rows
+def _results_tables(metrics: dict[str, float]) -> list[tuple[str, list[str], list[tuple[str, list[str]]]]]:
+    """The card's results tables, one per registry table that has metrics: ``(table, columns, rows)``, a row
+    ``(split and variant label, formatted values)`` for each split and variant that has metrics."""
+    layout: dict[str, dict[str, dict[str, str]]] = {}  # table -> variant -> column -> metric name
+    for info in registered_metrics():
+        layout.setdefault(info.table, {}).setdefault(info.variant, {})[info.column] = info.name
+    tables = []
+    for table, variants in layout.items():
+        columns = list(dict.fromkeys(column for names in variants.values() for column in names))
+        rows = []
+        for split in EVAL_SPLITS:
+            for variant, names in variants.items():
+                keys = [f"{split}_{names[column]}" if column in names else None for column in columns]
+                if any(key in metrics for key in keys):
+                    values = [f"{metrics[key]:.2f}" if key in metrics else "" for key in keys]
+                    rows.append((f"{split}{variant}", values))
+        if rows:
+            tables.append((table, columns, rows))
+    return tables
 
 
 def render_model_card(
@@ -282,7 +280,7 @@ def render_model_card(
               "cross-modal-retrieval", model_type],  # fmt: skip
         metrics=["recall"],
         model_name=name,
-        eval_results=retrieval_eval_results(metrics, None if data_args is None else eval_datasets(data_args)) or None,
+        eval_results=card_eval_results(metrics, None if data_args is None else eval_datasets(data_args)) or None,
     )
     return ModelCard.from_template(
         hub_metadata,
@@ -298,8 +296,7 @@ def render_model_card(
         repo_id=repo_id,
         has_usa_heads=config.use_usa,
         training_data=card_data.training_data or "Not recorded.",
-        metric_columns=METRIC_COLUMNS,
-        results=_results(metrics),
+        results_tables=_results_tables(metrics),
         loss_settings=[(name, getattr(config, name)) for name in cusa_field_names(LOSS)],
         teachers=list((config.teacher_info or {}).items()),
         command=card_data.command,
@@ -316,7 +313,7 @@ class CusaModelCardCallback(TrainerCallback):
         self.metrics: dict[str, float] = {}
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        self.metrics.update({key: value for key, value in (logs or {}).items() if key in CARD_METRIC_KEYS})
+        self.metrics.update({key: value for key, value in (logs or {}).items() if card_metric(key)})
 
     def write(self, output_dir: str, config: Any, repo_id: str | None = None) -> str:
         """Write the card as ``README.md`` into ``output_dir`` and return its path. Without ``repo_id`` (a model not

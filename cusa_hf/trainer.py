@@ -1,8 +1,9 @@
 """CusaTrainer: ``transformers.Trainer`` that feeds teacher-feature columns to ``CusaModel``, logs CUSA's terms,
-evaluates through a ``RetrievalEvaluator`` and, with ``loss_chunk_size``, caches gradients over large batches.
+evaluates through evaluator objects (a ``RetrievalEvaluator`` by default) and, with ``loss_chunk_size``, caches
+gradients over large batches.
 
-The collator lives in ``cusa_hf.collator``, the once-only checks in ``cusa_hf.training_checks`` and
-``cusa_hf.frozen_towers``, output folders and checkpoints in ``cusa_hf.checkpoints``, the gradient-cache pieces in
+The collator lives in ``cusa_hf.collator``, the training split's preparation in ``cusa_hf.teachers.training_split``,
+the once-only checks in ``cusa_hf.training_checks`` and ``cusa_hf.frozen_towers``, output folders and checkpoints in ``cusa_hf.checkpoints``, the gradient-cache pieces in
 ``cusa_hf.gradient_cache``."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from .checkpoints import (
     named_save_errors,
 )
 from .collator import CusaDataCollator
-from .evaluation.evaluator import RetrievalEvaluator
+from .evaluation.evaluator import Evaluator, RetrievalEvaluator, SequentialEvaluator
 from .frozen_towers import check_tower_columns
 from .fsdp import fsdp_unsharded, vectorize_scalar_parameters
 from .gradient_cache import cached_gradient_step, check_loss_chunking
@@ -92,23 +93,27 @@ class CusaTrainer(Trainer):
     When ``data_collator`` is not given, a [`CusaDataCollator`] is built from ``processing_class`` and
     ``collator_kwargs`` (column names, ``image_root``, ``max_length``).
 
-    ``evaluate()`` calls a [`~cusa_hf.evaluation.evaluator.RetrievalEvaluator`] and reports ``eval_i2t_r1`` ...
-    ``eval_t2i_r10`` and ``eval_rsum``:
+    ``evaluate()`` calls an evaluator object ([`~cusa_hf.evaluation.evaluator.Evaluator`]: a dict of metrics, a
+    ``primary_metric`` and ``greater_is_better``), by default a [`~cusa_hf.evaluation.evaluator.RetrievalEvaluator`]
+    reporting ``eval_i2t_r1`` ... ``eval_t2i_r10`` and ``eval_rsum``:
 
-    * ``evaluator``: the one given, built for the evaluation split with its settings (reranking, pairwise scorer,
-      batch sizes), e.g. ``evaluator=RetrievalEvaluator(splits["validation"], rerank=x2vlm_rerank_config)``;
+    * ``evaluator``: the one given, or a list of them (a ``SequentialEvaluator``), e.g.
+      ``evaluator=RetrievalEvaluator(splits["validation"], rerank=x2vlm_rerank_config)`` or
+      ``evaluator=[RetrievalEvaluator(validation), StsEvaluator(sts)]`` (``cusa_hf.evaluation.unimodal_evaluators``;
+      ECCV Caption: ``cusa_hf.evaluation.eccv_evaluator``);
     * otherwise one built for ``eval_dataset`` (a one-row-per-caption ``datasets.Dataset`` or a ``RetrievalEvalView``;
       a dict of them is evaluated split by split as ``eval_{name}_*``) with the collator's column names and
       ``image_root`` and ``args.per_device_eval_batch_size``. Either is kept (with its view of the split) for every
       evaluation of training;
-    * ``evaluate(dataset, metric_key_prefix="test")`` evaluates another split once, with the same settings.
+    * ``evaluate(dataset, metric_key_prefix="test")`` evaluates another split once, with the same settings (the
+      evaluator's ``for_data``; a ``RetrievalEvaluator`` when it has none).
 
     Wherever the model is saved (``save_model``, checkpoints, ``push_to_hub``) a model card is written beside it as
     ``README.md`` (``cusa_hf.model_card``): the run's facts from ``model_card_data`` (backbone, data, command), the
     loss settings and teachers from the model's config, and the retrieval metrics logged for the ``validation`` and
     ``test`` splits (``evaluate(split, metric_key_prefix="test")``).
 
-    The checkpoint a run keeps is chosen on the evaluator's ``primary_metric`` (RSUM) with its ``greater_is_better``,
+    The checkpoint a run keeps is chosen on the evaluator's ``primary_metric`` (RSUM by default) with its ``greater_is_better``,
     unless ``metric_for_best_model`` names another metric: ``TrainingArguments`` falls back to ``"loss"``, which a
     retrieval evaluation does not compute.
     """
@@ -122,12 +127,14 @@ class CusaTrainer(Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         collator_kwargs: dict[str, Any] | None = None,
-        evaluator: RetrievalEvaluator | None = None,
+        evaluator: Evaluator | Sequence[Evaluator] | None = None,
         model_card_data: CusaModelCardData | None = None,
         **kwargs: Any,
     ):
         if args is None:
             args = CusaTrainingArguments(output_dir="tmp_trainer")  # the Trainer's default folder, CUSA's columns kept
+        if isinstance(evaluator, (list, tuple)):
+            evaluator = SequentialEvaluator(evaluator)
         if evaluator is not None and eval_dataset is None:
             eval_dataset = evaluator.eval_data  # the stock Trainer refuses an eval_strategy without an eval_dataset
         if args.remove_unused_columns:
@@ -358,7 +365,7 @@ class CusaTrainer(Trainer):
             return metrics
         return self._evaluate_with(evaluator, metric_key_prefix)
 
-    def _evaluate_with(self, evaluator: RetrievalEvaluator, metric_key_prefix: str) -> dict[str, float]:
+    def _evaluate_with(self, evaluator: Evaluator, metric_key_prefix: str) -> dict[str, float]:
         start = time.time()
         with fsdp_unsharded(self.model if self.is_fsdp_enabled else None):  # the evaluator calls get_*_features
             metrics = evaluator(
@@ -410,14 +417,18 @@ def _copy_tokenizer_special_tokens(config: Any, processing_class: Any) -> None:
             setattr(config, name, getattr(tokenizer, name))
 
 
-def _evaluator_for(data: Any, given: Any, collator: Any, args: TrainingArguments) -> Any:
+def _evaluator_for(data: Any, given: Evaluator | None, collator: Any, args: TrainingArguments) -> Any:
     """The evaluator of a split (a dict of splits: one per split): the given evaluator if it holds that split, else
-    one with its settings, else one reading the split as ``collator`` reads training rows, with ``args``'s evaluation
-    batch size and progress bars."""
+    one with its settings (``for_data``), else a ``RetrievalEvaluator`` reading the split as ``collator`` reads
+    training rows, with ``args``'s evaluation batch size and progress bars."""
     if isinstance(data, dict):
         return {name: _evaluator_for(split, given, collator, args) for name, split in data.items()}
-    if isinstance(given, RetrievalEvaluator):
-        return given if data is given.eval_data else given.for_data(data)
+    if given is not None:
+        if data is given.eval_data:
+            return given
+        with_settings = given.for_data(data)
+        if with_settings is not None:
+            return with_settings
     return RetrievalEvaluator.from_collator(
         data,
         collator,
@@ -431,7 +442,7 @@ def _select_on_primary_metric(args: TrainingArguments, evaluator: Any) -> None:
     """Choose the kept checkpoint on the evaluator's ``primary_metric`` when the run needs a metric and names none:
     ``TrainingArguments`` then holds ``"loss"`` (its fallback for ``load_best_model_at_end``), or nothing with
     ``save_strategy="best"``. A dict of evaluators has no single metric: name it (``"validation_rsum"``)."""
-    if not isinstance(evaluator, RetrievalEvaluator):
+    if not isinstance(evaluator, Evaluator):  # a dict of evaluators has no one primary metric
         return
     unnamed = args.metric_for_best_model is None and args.save_strategy == SaveStrategy.BEST
     if args.metric_for_best_model == "loss" or unnamed:

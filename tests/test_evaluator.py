@@ -1,7 +1,11 @@
 """RetrievalEvaluator: standalone on a tiny model, and as CusaTrainer's evaluator (same metrics as the trainer's own
-evaluation, views built once)."""
+evaluation, views built once). The evaluator contract: CusaTrainer with any Evaluator and with a list of them; ECCV
+Caption and uni-modal metrics as evaluators during training; the model card labels their metrics from the metric
+registry."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,7 +15,14 @@ import cusa_hf.evaluation.evaluator as evaluator_module
 from cusa_hf import RetrievalEvaluator
 from cusa_hf.evaluation.eval_view import build_eval_view
 from cusa_hf.backbones import RerankConfig
-from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_retrieval
+from cusa_hf.evaluation.eccv import eccv_metrics
+from cusa_hf.evaluation.eccv_evaluator import EccvEvaluator
+from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_retrieval, split_similarity
+from cusa_hf.evaluation.evaluator import Evaluator, SequentialEvaluator
+from cusa_hf.evaluation.loaders import StsData
+from cusa_hf.evaluation.unimodal import sts_spearman
+from cusa_hf.evaluation.unimodal_evaluators import StsEvaluator
+from cusa_hf.model_card import metrics_from_eval_results, render_model_card
 from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
 
 RETRIEVAL_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -196,3 +207,73 @@ def test_cached_tower_columns_are_checked_against_each_model(tmp_path):
     assert evaluator(model, processor) == pytest.approx(RetrievalEvaluator(dataset, show_progress=False)(model, processor))
     with pytest.raises(ValueError, match="computed with other vision tower weights"):
         evaluator(frozen(5), processor)
+
+
+@dataclasses.dataclass(eq=False)
+class MeanTextNorm(Evaluator):
+    """A metric that is better when lower, of no retrieval kind: the mean norm of the USA text features."""
+
+    eval_data: list
+    primary_metric: str = "text_norm"
+    greater_is_better: bool = False
+
+    def __call__(self, model, processor=None, *, accelerator=None, metric_key_prefix=None):
+        features = encode_texts(model, self.eval_data, processor.tokenizer, 8, "uni", show_progress=False)
+        return self.prefixed({"text_norm": float(features.norm(dim=1).mean()) + 1.0}, metric_key_prefix)
+
+
+def sts_data():
+    return StsData(["a red car", "a blue dog", "the cat", "a green bus"], ["the red car", "a cat", "a dog", "a bus"],
+                   [5.0, 1.0, 2.0, 4.0])  # fmt: skip
+
+
+def test_any_evaluator_and_a_list_of_them_drive_training_and_checkpoint_selection(setup, tmp_path):
+    _, processor, dataset = setup
+    torch.manual_seed(0)
+    model = tiny_cusa_model()
+    args = training_args(tmp_path, num_train_epochs=2, per_device_train_batch_size=6, eval_strategy="epoch",
+                         save_strategy="epoch", load_best_model_at_end=True, learning_rate=1e-3)  # fmt: skip
+    custom = MeanTextNorm(list(dataset["caption"]))
+    trainer = CusaTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                          evaluator=[custom, RetrievalEvaluator(dataset, show_progress=False), StsEvaluator(sts_data())])
+    assert isinstance(trainer.evaluator, SequentialEvaluator)
+    assert (args.metric_for_best_model, args.greater_is_better) == ("text_norm", False)
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_text_norm" in entry]
+    assert len(evaluations) == 2 and {"eval_rsum", "eval_sts_spearman"} <= set(evaluations[-1])
+    assert trainer.state.best_metric == min(entry["eval_text_norm"] for entry in evaluations)
+    # evaluate(split) uses the settings of the first evaluator that has some for other data (here: none, so a
+    # RetrievalEvaluator reading the split as the collator does).
+    assert "test_rsum" in trainer.evaluate(dataset, metric_key_prefix="test")
+
+
+def test_sts_and_eccv_evaluators_compute_their_metrics(setup):
+    model, processor, dataset = setup
+    data = sts_data()
+    features = encode_texts(model, data.sentences1 + data.sentences2, processor.tokenizer, 8, "uni", show_progress=False)
+    expected = sts_spearman(features[:4], features[4:], data.scores)
+    assert StsEvaluator(data, show_progress=False)(model, processor) == {"eval_sts_spearman": pytest.approx(expected)}
+
+    # COCO ids are integers.
+    coco_ids = [int(image_id.removeprefix("img")) for image_id in dataset["image_id"]]
+    dataset = dataset.remove_columns("image_id").add_column("image_id", coco_ids)
+    view = build_eval_view(dataset)
+    caption_ids = [100 + index for index in range(len(view.captions))]
+    i2t = {image_id: [caption_ids[t] for t in texts] for image_id, texts in zip(view.image_ids, view.image_to_texts)}
+    t2i = {caption_ids[t]: [view.image_ids[int(image)]] for t, image in enumerate(view.text_to_image)}
+    eccv = EccvEvaluator(dataset, caption_ids, i2t, t2i, show_progress=False)
+    similarity = split_similarity(model, processor, view, show_progress=False)
+    expected = eccv_metrics(similarity, view.image_ids, caption_ids, i2t, t2i)
+    assert eccv(model, processor, metric_key_prefix="test") == {f"test_{key}": value for key, value in expected.items()}
+
+
+def test_the_model_card_labels_every_registered_metric(setup):
+    model, processor, dataset = setup
+    metrics = {"test_rsum": 300.0, "test_sts_spearman": 71.5, "test_eccv_r1_t2i": 40.0, "test_unknown": 1.0}
+    card = render_model_card(model.config, metrics, "me/x")
+    assert metrics_from_eval_results(card.data.eval_results) == {key: value for key, value in metrics.items()
+                                                                 if key != "test_unknown"}  # fmt: skip
+    labels = {result.metric_type: result.metric_name for result in card.data.eval_results}
+    assert labels == {"rsum": "RSUM", "sts_spearman": "STS Spearman x100", "eccv_r1_t2i": "ECCV Caption t2i R@1"}
+    text = str(card)
+    assert "### uni-modal" in text and "| test | 71.50 |" in text and "### ECCV Caption" in text

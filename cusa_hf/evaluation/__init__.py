@@ -13,8 +13,11 @@ Protocols (each matches the definition the CUSA paper reports; see ``docs/evalua
   query -> gallery nearest neighbour, and STS Spearman (:func:`sts_spearman`); their data loaders are in ``loaders``.
 
 ``encoding`` runs a model over a split (:func:`encode_images`, :func:`encode_texts`, :func:`evaluate_retrieval`,
-:func:`evaluate_sts`, :func:`evaluate_image_retrieval`), and ``evaluator`` holds :class:`RetrievalEvaluator`, the
-reusable per-split object that ``CusaTrainer.evaluate`` calls.
+:func:`evaluate_sts`, :func:`evaluate_image_retrieval`). Evaluators are objects (``evaluator``: the
+:class:`Evaluator` contract, :class:`SequentialEvaluator`, :class:`RetrievalEvaluator`, the reusable per-split object
+that ``CusaTrainer.evaluate`` calls by default; ``eccv_evaluator``, ``unimodal_evaluators``); ``metric_registry`` says
+what each metric key means, ``eval_view`` holds a split's unique images and captions, and ``evaluate_modules`` the
+``evaluate`` module.
 
 Import each name from its module (``from cusa_hf.evaluation.metrics import retrieval_metrics``); the package itself
 defines nothing. The reranking configuration the adapters return, ``RerankConfig``, lives in ``cusa_hf.backbones``.

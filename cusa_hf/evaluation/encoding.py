@@ -207,6 +207,33 @@ def _unwrap(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     return accelerator.unwrap_model(model) if accelerator is not None else model
 
 
+def split_similarity(
+    model: torch.nn.Module,
+    processor: Any,
+    eval_view: RetrievalEvalView,
+    batch_size: int = 64,
+    text_batch_size: int = 256,
+    accelerator: Any = None,
+    head: str | None = "cross",
+    device: torch.device | str | None = None,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """`(n_images, n_texts)` similarities of an evaluation split: every image and caption encoded once (cached
+    frozen-tower columns projected instead), then the dot products of their features."""
+    model = _unwrap(model, accelerator)
+    if eval_view.image_tower_features is not None:
+        image_features = _project_tower_features(model, "image", eval_view.image_tower_features, head, accelerator, device)
+    else:
+        image_features = encode_images(model, eval_view.images, processor.image_processor, batch_size, head,
+                                       eval_view.image_root, accelerator, device, show_progress)
+    if eval_view.text_tower_features is not None:
+        text_features = _project_tower_features(model, "text", eval_view.text_tower_features, head, accelerator, device)
+    else:
+        text_features = encode_texts(model, eval_view.captions, processor.tokenizer, text_batch_size, head,
+                                     accelerator=accelerator, device=device, show_progress=show_progress)
+    return image_features @ text_features.T
+
+
 def evaluate_retrieval(
     model: torch.nn.Module,
     processor: Any,
@@ -232,18 +259,9 @@ def evaluate_retrieval(
         ``{"i2t_r1", ..., "t2i_r10", "rsum"}`` (percent); with ``rerank`` these are the reranked numbers and the
         dual-encoder ones are added with an ``itc_`` prefix. ``CusaTrainer`` reports them as ``eval_*``.
     """
-    model = _unwrap(model, accelerator)
-    if eval_view.image_tower_features is not None:
-        image_features = _project_tower_features(model, "image", eval_view.image_tower_features, head, accelerator, device)
-    else:
-        image_features = encode_images(model, eval_view.images, processor.image_processor, batch_size, head,
-                                       eval_view.image_root, accelerator, device, show_progress)
-    if eval_view.text_tower_features is not None:
-        text_features = _project_tower_features(model, "text", eval_view.text_tower_features, head, accelerator, device)
-    else:
-        text_features = encode_texts(model, eval_view.captions, processor.tokenizer, text_batch_size, head,
-                                     accelerator=accelerator, device=device, show_progress=show_progress)
-    similarity = image_features @ text_features.T
+    similarity = split_similarity(
+        model, processor, eval_view, batch_size, text_batch_size, accelerator, head, device, show_progress
+    )
     metrics = retrieval_metrics(similarity, eval_view.text_to_image)
     if rerank is None:
         return metrics

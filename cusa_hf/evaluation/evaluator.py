@@ -1,6 +1,13 @@
-"""``RetrievalEvaluator``: image-text retrieval metrics of one evaluation split, as a reusable callable object.
+"""Evaluators: objects that compute a model's metrics, as sentence-transformers' ``SentenceEvaluator``.
 
-Built once with the split, called with a model at every evaluation (by ``CusaTrainer.evaluate`` or directly), in the
+* :class:`Evaluator`: the contract ``CusaTrainer`` relies on: ``evaluator(model, processor, accelerator=...,
+  metric_key_prefix=...)`` returns a dict of metrics named ``{prefix}_{metric}``, and ``primary_metric`` (without
+  prefix) with ``greater_is_better`` says which metric ranks checkpoints;
+* :class:`SequentialEvaluator`: several evaluators as one (``CusaTrainer(evaluator=[...])``);
+* :class:`RetrievalEvaluator`: image-text retrieval metrics of one evaluation split. ECCV Caption and uni-modal
+  evaluators are in ``eccv_evaluator`` and ``unimodal_evaluators``.
+
+A ``RetrievalEvaluator`` is built once with the split, called with a model at every evaluation (by ``CusaTrainer.evaluate`` or directly), in the
 spirit of sentence-transformers' evaluators. It builds the split's :class:`~cusa_hf.evaluation.eval_view.RetrievalEvalView` on first
 use and keeps it, checks cached frozen-tower columns against each model it is called with, and picks the scoring:
 a pairwise scorer (backbones that score pairs themselves, e.g. SGRAF), dual-encoder similarity, or dual-encoder
@@ -11,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import datasets
 import torch
@@ -22,7 +29,7 @@ from ..frozen_towers import check_tower_columns
 from ..teachers.training_split import open_feature_split
 from ..schema import CAPTION_COLUMN, IMAGE_COLUMN, IMAGE_ID_COLUMN, IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .encoding import evaluate_retrieval
-from .metrics import RETRIEVAL_METRIC_NAMES, retrieval_metrics
+from .metrics import RETRIEVAL_METRIC_NAMES, RETRIEVAL_VARIANTS, retrieval_metrics
 from .reranking import BlockScoreFn, pairwise_similarity
 
 #: ``rerank(model, processor, eval_view) -> RerankConfig``, called at every evaluation (the ITM scorer encodes the
@@ -33,6 +40,83 @@ RerankFactory = Callable[[torch.nn.Module, Any, RetrievalEvalView], RerankConfig
 PairwiseScorerFactory = Callable[[torch.nn.Module, RetrievalEvalView], BlockScoreFn]
 
 
+class Evaluator:
+    """The evaluator contract: a callable object that computes metrics of a model.
+
+    Attributes:
+        primary_metric: the metric (without prefix) that ranks checkpoints; ``CusaTrainer`` keeps the checkpoint best
+            on it unless ``metric_for_best_model`` says otherwise.
+        greater_is_better: whether a higher ``primary_metric`` is better.
+        metric_key_prefix: the default prefix of the returned names (``"eval"`` gives ``eval_rsum``).
+        eval_data: the data it evaluates (``CusaTrainer``'s ``eval_dataset`` when none is given), or ``None``.
+
+    A subclass implements ``__call__`` (and, if it evaluates a split whose settings apply to others, ``for_data``).
+    Metrics it adds are registered in ``cusa_hf.evaluation.metric_registry`` (the model card reads their labels there).
+    """
+
+    primary_metric: str
+    greater_is_better: bool = True
+    metric_key_prefix: str = "eval"
+    eval_data: Any = None
+
+    def __call__(
+        self, model: torch.nn.Module, processor: Any = None, *, accelerator: Any = None, metric_key_prefix: str | None = None
+    ) -> dict[str, float]:
+        """``{f"{prefix}_{metric}": value}`` of ``model`` (wrapped by ``accelerator`` or not); ``metric_key_prefix``
+        overrides the evaluator's prefix (``CusaTrainer.evaluate`` passes its own)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement __call__")
+
+    def for_data(self, eval_data: Any) -> Evaluator | None:
+        """An evaluator with these settings for other data (``CusaTrainer.evaluate(dataset)``), or ``None`` when the
+        settings do not carry over (the trainer then builds a ``RetrievalEvaluator`` for the data)."""
+        return None
+
+    def prefixed(self, metrics: dict[str, float], metric_key_prefix: str | None = None) -> dict[str, float]:
+        """``metrics`` named ``{prefix}_{name}``, the prefix given or the evaluator's."""
+        prefix = self.metric_key_prefix if metric_key_prefix is None else metric_key_prefix
+        return {f"{prefix}_{name}": value for name, value in metrics.items()}
+
+
+class SequentialEvaluator(Evaluator):
+    """Several evaluators called one after the other, their metrics merged; the first one's ``primary_metric``,
+    ``greater_is_better``, prefix and (with ``for_data``) settings for other splits stand for all.
+
+    Example::
+
+        >>> evaluator = SequentialEvaluator([RetrievalEvaluator(validation), StsEvaluator(load_sts("stsb.csv"))])
+        >>> evaluator(model, processor)  # {"eval_i2t_r1": ..., "eval_rsum": ..., "eval_sts_spearman": ...}
+    """
+
+    def __init__(self, evaluators: Sequence[Evaluator]):
+        evaluators = list(evaluators)
+        if not evaluators:
+            raise ValueError("SequentialEvaluator needs at least one evaluator")
+        for evaluator in evaluators:
+            if not isinstance(evaluator, Evaluator):
+                raise TypeError(f"expected Evaluator objects, got {type(evaluator).__name__}")
+        self.evaluators = evaluators
+        first = evaluators[0]
+        self.primary_metric, self.greater_is_better = first.primary_metric, first.greater_is_better
+        self.metric_key_prefix = first.metric_key_prefix
+        self.eval_data = next((evaluator.eval_data for evaluator in evaluators if evaluator.eval_data is not None), None)
+
+    def __call__(
+        self, model: torch.nn.Module, processor: Any = None, *, accelerator: Any = None, metric_key_prefix: str | None = None
+    ) -> dict[str, float]:
+        prefix = self.metric_key_prefix if metric_key_prefix is None else metric_key_prefix
+        metrics: dict[str, float] = {}
+        for evaluator in self.evaluators:
+            computed = evaluator(model, processor, accelerator=accelerator, metric_key_prefix=prefix)
+            repeated = sorted(set(computed) & set(metrics))
+            if repeated:
+                raise ValueError(f"two evaluators of a SequentialEvaluator return {repeated}; give them other metrics")
+            metrics.update(computed)
+        return metrics
+
+    def for_data(self, eval_data: Any) -> Evaluator | None:
+        return self.evaluators[0].for_data(eval_data)
+
+
 def _row_setting(default: Any) -> Any:
     """An evaluator field that says how rows are read, as the data collator attribute of the same name does
     (``CusaDataCollator`` and the backbones' collators): :meth:`RetrievalEvaluator.from_collator` copies it."""
@@ -40,7 +124,7 @@ def _row_setting(default: Any) -> Any:
 
 
 @dataclasses.dataclass(eq=False)
-class RetrievalEvaluator:
+class RetrievalEvaluator(Evaluator):
     """COCO/Flickr R@1/5/10 and RSUM of a model on one evaluation split.
 
     Args:
@@ -101,7 +185,7 @@ class RetrievalEvaluator:
         for name in ("batch_size", "text_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        metric_names = (*RETRIEVAL_METRIC_NAMES, *(f"itc_{name}" for name in RETRIEVAL_METRIC_NAMES))
+        metric_names = tuple(f"{variant}{name}" for variant in RETRIEVAL_VARIANTS for name in RETRIEVAL_METRIC_NAMES)
         if self.primary_metric not in metric_names:
             raise ValueError(f"primary_metric={self.primary_metric!r} is not a retrieval metric; one of {list(metric_names)}")
         if self.rerank is not None and self.pairwise_scorer is not None:
@@ -194,8 +278,7 @@ class RetrievalEvaluator:
                 rerank=rerank,
                 show_progress=self.show_progress,
             )
-        prefix = self.metric_key_prefix if metric_key_prefix is None else metric_key_prefix
-        return {f"{prefix}_{name}": value for name, value in retrieval.items()}
+        return self.prefixed(retrieval, metric_key_prefix)
 
     def _check_tower_columns(self, model: torch.nn.Module, processor: Any) -> None:
         """Refuse cached frozen-tower columns that another tower or preprocessing made; once per model (the check

@@ -49,7 +49,7 @@ def add_teacher_features(
 
     Each unique image (grouped by ``image_id_column``, else by image path) and each unique caption is encoded once.
     Image features are stored once per image, in a per-image table that every row points into through
-    ``<image_feature_column>_index`` (``CusaTrainer``'s collator and :func:`image_feature_tables` join them); every
+    ``<image_feature_column>_index`` (the training split joins them as batches are drawn, ``training_split``); every
     row gets its caption's feature. Features are L2-normalised by default (CUSA only uses their cosine similarities)
     and stored as fixed-length float32 (or float16) lists.
 
