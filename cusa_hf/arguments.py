@@ -299,7 +299,10 @@ def read_config_file(path: Path, parser: HfArgumentParser) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save the config file as UTF-8") from None
     try:
-        values = _load_json_without_duplicate_keys(path, text) if path.suffix == ".json" else yaml.load(text, _UniqueKeyLoader)
+        if path.suffix == ".json":
+            values = _load_json_without_duplicate_keys(path, text)
+        else:
+            values = yaml.load(text, _UniqueKeyLoader)  # a SafeLoader that also refuses duplicate keys
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     except yaml.YAMLError as error:
@@ -331,9 +334,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:
                 continue  # an unhashable key: the SafeLoader names it
             if seen is not None:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given at line {seen + 1}; only one may stay)", key_node.start_mark
-                )
+                problem = f"duplicate key {key!r} (first given at line {seen + 1}; only one may stay)"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
             first_line[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 

@@ -139,7 +139,8 @@ def _check_no_live_lock_above(folder: str) -> None:
         if os.path.isfile(path):
             holder = _read_lock(path)
             if not _is_stale(path, holder):
-                raise ValueError(f"{folder} lies inside a live run's output folder: {_held_message(parent, path, holder)}")
+                held = _held_message(parent, path, holder)
+                raise ValueError(f"{folder} lies inside a live run's output folder: {held}")
         child, parent = parent, os.path.dirname(parent)
 
 
@@ -171,7 +172,9 @@ def _check_claim(folder: str, overwrite: bool, resume: str | os.PathLike | bool 
             "resume_from_checkpoint to continue it, or another output_dir"
         )
     recorded = set(run_outputs(folder))
-    foreign = [name + ("/" if os.path.isdir(os.path.join(folder, name)) else "") for name in held if name not in recorded]
+    foreign = [
+        name + ("/" if os.path.isdir(os.path.join(folder, name)) else "") for name in held if name not in recorded
+    ]
     if foreign:
         shown_foreign = ", ".join(foreign[:8]) + (", ..." if len(foreign) > 8 else "")
         raise ValueError(

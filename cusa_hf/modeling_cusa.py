@@ -371,7 +371,7 @@ class CusaModel(CusaPreTrainedModel):
         projector_fields = cusa_field_names(PROJECTOR)  # the checkpoint's, kept
         for name in projector_fields:
             wanted, kept = cusa_fields.get(name), getattr(saved, name)
-            if name == "projection_dim" and kept is None and checkpoint.uses_cross_projection:  # None: the backbone's width
+            if name == "projection_dim" and kept is None and checkpoint.uses_cross_projection:  # the backbone's width
                 kept = checkpoint.cross_image_projection.linear.out_features
             if wanted is not None and wanted != kept:
                 raise ValueError(

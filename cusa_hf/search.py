@@ -29,7 +29,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import numbers
 import os
@@ -43,6 +42,13 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
+from .index_identity import (
+    check_recorded_folder,
+    describe_model,
+    describe_processor,
+    model_label,
+    processor_differences,
+)
 from .schema import first_row_per_image, is_caption, normalize_image_ids
 from .evaluation.encoding import encode_images, encode_texts
 from .version import __version__
@@ -106,98 +112,10 @@ def _set_search_parameters(dataset: datasets.Dataset, search_parameters: str | N
         ) from None
 
 
-# --------------------------------------------------------------------------------------------------- model identity
-def describe_model(model: torch.nn.Module) -> dict[str, Any]:
-    """What a saved index records about the model that embedded it.
-
-    Returns:
-        ``{"name_or_path", "revision", "class", "weights_sha256"}``: the Hub name or the absolute path of a local
-        checkpoint (``None`` for a model built in code), the Hub commit hash when transformers knows it, the model
-        class, and a SHA-256 digest of the parameters and buffers (names, dtypes, shapes and values), which is what
-        decides whether two models give the same embeddings.
-    """
-    config = getattr(model, "config", None)
-    name = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
-    if name is not None and os.path.isdir(name):
-        name = os.path.abspath(name)
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        values = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}|{values.dtype}|{tuple(values.shape)};".encode())
-        digest.update(values.reshape(-1).view(torch.uint8).numpy())
-    return {
-        "name_or_path": name,
-        "revision": getattr(config, "_commit_hash", None),
-        "class": type(model).__name__,
-        "weights_sha256": digest.hexdigest(),
-    }
-
-
-#: The image processor settings that decide the pixels a model sees, recorded in a saved index.
-PIXEL_SETTINGS = (
-    "do_convert_rgb", "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-    "do_normalize", "image_mean", "image_std", "do_pad",
-)  # fmt: skip
-#: Text whose tokens show how a tokenizer normalises and splits (case, accents, punctuation, digits).
-TOKENIZER_PROBE = "A Dog, CATCHING a frisbee! 1234 Ünïcode café's"
-
-
-def describe_processor(processor: Any) -> dict[str, Any]:
-    """What a saved index records about the processor that prepared its inputs, since a changed processor changes
-    every embedding as changed weights do.
-
-    Returns:
-        ``{"image": {setting: value}, "tokenizer_sha256": str}``: the image processor's :data:`PIXEL_SETTINGS` it
-        has, and a SHA-256 digest of the tokenizer's vocabulary, its maximum length and its tokens of
-        :data:`TOKENIZER_PROBE`; a part the processor lacks is ``None``.
-    """
-    image_processor = getattr(processor, "image_processor", None)
-    image = None
-    if image_processor is not None:
-        image = {}
-        for name in PIXEL_SETTINGS:
-            value = getattr(image_processor, name, None)
-            if value is not None:
-                image[name] = json.loads(json.dumps(value, default=lambda item: getattr(item, "value", str(item))))
-    tokenizer = getattr(processor, "tokenizer", None)
-    tokenizer_sha256 = None
-    if tokenizer is not None:
-        described = [sorted(tokenizer.get_vocab().items()), tokenizer.model_max_length, tokenizer(TOKENIZER_PROBE)["input_ids"]]
-        tokenizer_sha256 = hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()
-    return {"image": image, "tokenizer_sha256": tokenizer_sha256}
-
-
-def _processor_differences(recorded: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    differences = []
-    recorded_image, actual_image = recorded.get("image") or {}, actual.get("image") or {}
-    for name in sorted(set(recorded_image) | set(actual_image)):
-        if recorded_image.get(name) != actual_image.get(name):
-            differences.append(f"image processor {name}: index {recorded_image.get(name)!r}, now {actual_image.get(name)!r}")
-    if recorded.get("tokenizer_sha256") != actual.get("tokenizer_sha256"):
-        differences.append("the tokenizer (vocabulary, maximum length or how it splits text)")
-    return differences
-
-
 def _checked_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"k must be a positive whole number of results, got {k!r}")
     return int(k)
-
-
-def _check_recorded_folder(name: str, info: dict[str, Any]) -> None:
-    """A recorded local checkpoint folder (an absolute path) that is gone is named as such, rather than being tried
-    as a Hub id."""
-    if os.path.isabs(name) and not os.path.isdir(name):
-        raise FileNotFoundError(
-            f"the index was built with {_model_label(info)}, but the folder {name} no longer exists: restore it, pass "
-            "model= and processor= to RetrievalIndex.load, or rebuild the index"
-        )
-
-
-def _model_label(info: dict[str, Any]) -> str:
-    name = info.get("name_or_path") or "<a model built in code>"
-    revision = f"@{info['revision']}" if info.get("revision") else ""
-    return f"{info.get('class', 'model')} {name}{revision} (weights sha256 {info['weights_sha256'][:12]})"
 
 
 # ------------------------------------------------------------------------------------------------------ collections
@@ -422,7 +340,7 @@ class RetrievalIndex:
             f"{name}={len(collection)}" for name, collection in (("images", self.images), ("texts", self.texts))
             if collection is not None
         )
-        return f"RetrievalIndex({sizes}, head={self.head!r}, model={_model_label(self.model_info)})"
+        return f"RetrievalIndex({sizes}, head={self.head!r}, model={model_label(self.model_info)})"
 
     # ------------------------------------------------------------------------------------------------------ build
     @classmethod
@@ -486,7 +404,8 @@ class RetrievalIndex:
                 columns["image_id"] = caption_image_ids
             text_dataset = add_embedding_index(_embedding_dataset(columns, embeddings), index_factory, search_parameters)
         return cls(image_dataset, text_dataset, head, describe_model(model), index_factory, search_parameters,
-                   model=model, processor=processor, device=device, processor_info=describe_processor(processor))  # fmt: skip
+                   model=model, processor=processor, device=device,
+                   processor_info=describe_processor(processor))  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------------- search
     def default_target(self, query_modality: str) -> str:
@@ -576,10 +495,10 @@ class RetrievalIndex:
             name = self.model_info.get("name_or_path")
             if name is None:
                 raise ValueError(
-                    f"this index records no checkpoint to encode queries with ({_model_label(self.model_info)}); "
+                    f"this index records no checkpoint to encode queries with ({model_label(self.model_info)}); "
                     "pass model= and processor= to RetrievalIndex.load"
                 )
-            _check_recorded_folder(name, self.model_info)
+            check_recorded_folder(name, self.model_info)
             from transformers import AutoModel
 
             model = AutoModel.from_pretrained(name, revision=self.model_info.get("revision"))
@@ -592,7 +511,7 @@ class RetrievalIndex:
 
             self.processor = AutoProcessor.from_pretrained(name, revision=self.model_info.get("revision"))
         if not self._processor_checked and self.processor_info is not None:
-            differences = _processor_differences(self.processor_info, describe_processor(self.processor))
+            differences = processor_differences(self.processor_info, describe_processor(self.processor))
             if differences:
                 raise ValueError(
                     f"this index was built with another processor than the one that would encode the queries "
@@ -606,8 +525,8 @@ class RetrievalIndex:
         actual = describe_model(model)
         if actual["weights_sha256"] != self.model_info["weights_sha256"]:
             raise ValueError(
-                f"this index was built with {_model_label(self.model_info)}, head {self.head!r}, but the query model "
-                f"is {_model_label(actual)}: their embeddings are not comparable. Query with the model the index was "
+                f"this index was built with {model_label(self.model_info)}, head {self.head!r}, but the query model "
+                f"is {model_label(actual)}: their embeddings are not comparable. Query with the model the index was "
                 "built with, or rebuild the index with this one"
             )
         return model
@@ -620,7 +539,8 @@ class RetrievalIndex:
         if (folder / MANIFEST_FILE).exists() and not overwrite:
             raise FileExistsError(f"{folder} already holds an index ({MANIFEST_FILE}); pass overwrite=True to replace it")
         if not (folder / MANIFEST_FILE).exists():
-            in_the_way = [name for name in (*TARGETS, *(f"{target}.faiss" for target in TARGETS)) if (folder / name).exists()]
+            written = (*TARGETS, *(f"{target}.faiss" for target in TARGETS))
+            in_the_way = [name for name in written if (folder / name).exists()]
             if in_the_way:
                 raise FileExistsError(
                     f"{folder} holds {', '.join(in_the_way)}, which no index wrote (it has no {MANIFEST_FILE}): saving "
@@ -684,7 +604,7 @@ class RetrievalIndex:
         manifest = _read_manifest(manifest_path)
         if head is not None and head != manifest["head"]:
             raise ValueError(
-                f"{folder} was built with head {manifest['head']!r} of {_model_label(manifest['model'])}; "
+                f"{folder} was built with head {manifest['head']!r} of {model_label(manifest['model'])}; "
                 f"head={head!r} embeddings are not comparable with it. Build an index with head={head!r}"
             )
         loaded = {}

@@ -87,7 +87,9 @@ def _is_image_folder(path: Path) -> bool:
 def _check_out_outside_data(out: Path, data: Path, image_root: str | None) -> None:
     """Refuse an index folder that is the data's folder (a JSON file's, a dataset folder, the image root) or lies
     inside a plain folder of images being indexed: the index's files would go among the user's data."""
-    folders = [("--data", data if data.is_dir() else data.parent)] + ([("--image-root", Path(image_root))] if image_root else [])
+    folders = [("--data", data if data.is_dir() else data.parent)]
+    if image_root:
+        folders.append(("--image-root", Path(image_root)))
     for flag, folder in folders:
         images_folder = flag == "--data" and _is_image_folder(data)
         if out.resolve() == folder.resolve() or (images_folder and folder.resolve() in out.resolve().parents):

@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dataset = load_retrieval_dataset(args.data, split=args.split, image_root=args.image_root,
                                          skip_invalid=args.skip_invalid)  # fmt: skip
     except InvalidRecordError as error:
-        raise InvalidRecordError(f"{error}; here that is --skip-invalid (those records are left out of the metrics)") from None
+        raise InvalidRecordError(
+            f"{error}; here that is --skip-invalid (those records are left out of the metrics)"
+        ) from None
     dataset = limit_images(dataset, args.image_id_column, args.image_column, args.max_images)
     view = build_eval_view(dataset, args.image_column, args.caption_column, args.image_id_column, args.image_root)
     image_features = encode_images(model, view.images, processor.image_processor, args.batch_size, head,

@@ -96,7 +96,8 @@ def test_the_projector_layout_of_a_checkpoint_cannot_change(cusa_folder):
     with pytest.raises(ValueError, match=f"projection_dim=8 differs from the checkpoint's projection_dim={width}"):
         CusaModel.from_backbone(str(cusa_folder), projection_dim=8)
     # The checkpoint's own width (its config says None: the backbone's) is accepted.
-    assert CusaModel.from_backbone(str(cusa_folder), projection_dim=width).cross_image_projection.linear.out_features == width
+    same = CusaModel.from_backbone(str(cusa_folder), projection_dim=width)
+    assert same.cross_image_projection.linear.out_features == width
     with pytest.raises(ValueError, match="cross_projection=False differs"):
         CusaModel.from_backbone(str(cusa_folder), cross_projection=False)
 
@@ -197,7 +198,8 @@ def test_a_learning_rate_pattern_shadowed_by_an_earlier_one_is_named(caplog):
     with caplog.at_level(logging.WARNING, logger="cusa_hf.optimization"):
         groups = parameter_groups(model, {r"^usa_": 1e-3, r"^usa_text_head": 1e-2}, 5e-5, 0.1, decay)
     assert 1e-2 not in {group["lr"] for group in groups}
-    assert "pattern '^usa_text_head' (rate 0.01) never applies: every parameter it matches is matched first by '^usa_'" in caplog.text
+    assert ("pattern '^usa_text_head' (rate 0.01) never applies: every parameter it matches is matched first by "
+            "'^usa_'") in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cusa_hf.optimization"):
         parameter_groups(model, {r"^usa_text_head": 1e-2, r"^usa_": 1e-3}, 5e-5, 0.1, decay)  # the narrow one first

@@ -128,5 +128,5 @@ def test_under_a_real_accelerate_launch(tmp_path):
 def test_a_thread_count_that_is_no_count_is_named(launched_by_accelerate, monkeypatch, value):
     monkeypatch.setenv("OMP_NUM_THREADS", value)
     for device in ("cpu", "cuda"):
-        with pytest.raises(ValueError, match=rf"environment variable OMP_NUM_THREADS={value!r} is not a positive whole"):
+        with pytest.raises(ValueError, match=rf"variable OMP_NUM_THREADS={value!r} is not a positive whole"):
             use_every_cpu_core(device, 1)

@@ -179,7 +179,7 @@ def test_the_export_never_replaces_the_users_files_or_its_source_model(tmp_path)
     mine.mkdir()
     for name, text in (("README.md", "my notes"), ("config.json", "{}")):
         (mine / name).write_text(text)
-    with pytest.raises(FileExistsError, match=r"folder='.*mine' is not empty \(README.md, config.json\).*overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"'.*mine' is not empty \(README.md, config.json\).*overwrite=True"):
         save_sentence_transformer(model, tiny_clip_processor(), mine)
     assert (mine / "README.md").read_text() == "my notes" and sorted(os.listdir(mine)) == ["README.md", "config.json"]
     (mine / "keep.txt").write_text("kept")

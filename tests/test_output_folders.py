@@ -119,7 +119,8 @@ def test_no_input_of_a_run_is_ever_inside_the_folder_it_replaces(tmp_path):
     (comparison / "results.json").write_text("{}")
     lock.release()
     with pytest.raises(ValueError, match=r"backbone='.*out/baseline' is, or lies inside, output_dir='.*out'"):
-        claim_output_dir(comparison, overwrite=True, inputs={"backbone": str(comparison / "baseline"), "test_file": None})
+        inputs = {"backbone": str(comparison / "baseline"), "test_file": None}
+        claim_output_dir(comparison, overwrite=True, inputs=inputs)
     assert (comparison / "baseline" / "model.safetensors").read_text() == "weights"
 
 

@@ -347,7 +347,8 @@ def test_a_changed_processor_is_refused_like_changed_weights(tiny, saved_model, 
     index.save(tmp_path / "index")
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert manifest["processor"]["image"]["do_normalize"] is True and manifest["processor"]["tokenizer_sha256"]
-    assert RetrievalIndex.load(tmp_path / "index").search(texts="a dog", target="texts", k=1)[0][0]["caption"] == "a dog"
+    hits = RetrievalIndex.load(tmp_path / "index").search(texts="a dog", target="texts", k=1)
+    assert hits[0][0]["caption"] == "a dog"
     config_path = folder / "processor_config.json"
     config = json.loads(config_path.read_text())
     config["image_processor"]["do_normalize"] = False
