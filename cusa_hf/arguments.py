@@ -24,6 +24,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_cusa import RUN, CusaConfig, cusa_field_names
+from .contrastive_terms import contrastive_term_class
 from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE, SgrafConfig
 from .offline_models import BUILTIN_BACKBONE
 from .optimization import check_learning_rate_mapping
@@ -270,6 +271,8 @@ def parse_arguments(
         parser.set_defaults(output_dir=default_output_dir)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     CusaConfig(**training_args.cusa_config_fields(True))  # invalid CUSA settings stop here, before teacher extraction
+    if training_args.itc_loss is not None:
+        contrastive_term_class(training_args.itc_loss)
     training_args.learning_rate_mapping = check_learning_rate_mapping(training_args.learning_rate_mapping)
     return model_args, data_args, training_args
 

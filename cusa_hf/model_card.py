@@ -36,7 +36,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainerCallback
 
+from .backbones import BackboneAdapter, adapter_class_for
 from .configuration_cusa import LOSS, cusa_field_names
+from .contrastive_terms import contrastive_term_class
 from .evaluation.metrics import RETRIEVAL_METRIC_NAMES as METRIC_COLUMNS
 from .modeling_cusa import is_cusa_checkpoint
 from .models.sgraf.configuration_sgraf import SGRAF_BACKBONE
@@ -208,9 +210,17 @@ def metrics_from_eval_results(eval_results: Iterable[EvalResult]) -> dict[str, f
 
 
 def _objective(config: Any) -> str:
-    """What the model was trained with: ``CUSA``, ``CSA``, ``USA`` or the InfoNCE ``baseline``."""
+    """What the model was trained with: ``CUSA``, ``CSA``, ``USA`` or the contrastive term alone, ``baseline``."""
     terms = [name for name, active in (("CSA", config.csa_active), ("USA", config.usa_active)) if active]
     return "CUSA" if len(terms) == 2 else terms[0] if terms else "baseline"
+
+
+def _tokenizer_options(adapter_class: type[BackboneAdapter]) -> str:
+    """The usage snippet's tokenizer keywords: the backbone's padding (and its fixed caption length, SigLIP's 64)."""
+    options = f'padding="{adapter_class.text_padding}", truncation=True'
+    if adapter_class.trained_caption_length is not None:
+        options += f", max_length={adapter_class.trained_caption_length}"
+    return options
 
 
 def _backbone_text(backbone: str | None, model_type: str) -> str:
@@ -267,6 +277,8 @@ def render_model_card(
     backbone = card_data.backbone or getattr(backbone_config, "_name_or_path", None) or None
     objective = _objective(config)
     model_type = backbone_config.model_type
+    adapter_class = adapter_class_for(model_type)
+    itc_label = contrastive_term_class(config.itc_loss or adapter_class.default_itc_loss).label
     data_args = card_data.data_args
     name = model_name or Path(repo_id).name
     hub_metadata = ModelCardData(
@@ -274,7 +286,7 @@ def render_model_card(
         datasets=(hub_datasets(data_args) or None) if data_args is not None else None,
         license=card_data.license,
         library_name="transformers",
-        tags=[CARD_TAG, "cusa" if objective != "baseline" else "infonce-baseline", "image-text-retrieval",
+        tags=[CARD_TAG, "cusa" if objective != "baseline" else f"{itc_label.lower()}-baseline", "image-text-retrieval",
               "cross-modal-retrieval", model_type],  # fmt: skip
         metrics=["recall"],
         model_name=name,
@@ -285,6 +297,8 @@ def render_model_card(
         template_path=TEMPLATE_PATH,
         model_name=name,  # the card data keeps it only inside the model-index
         objective=objective,
+        itc_label=itc_label,
+        tokenizer_options=_tokenizer_options(adapter_class),
         backbone_text=_backbone_text(backbone, model_type),
         csa_active=config.csa_active,
         usa_active=config.usa_active,

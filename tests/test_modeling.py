@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from tiny_models import tiny_clip_config, tiny_cusa_model
 
 from cusa_hf import CusaConfig, CusaModel
-from cusa_hf.losses import csa_loss, info_nce, teacher_soft_labels, usa_loss
+from cusa_hf.contrastive_terms import info_nce
+from cusa_hf.losses import csa_loss, teacher_soft_labels, usa_loss
 from cusa_hf.trainer import TemperatureClampCallback
 
 
