@@ -416,6 +416,8 @@ class CusaModel(CusaPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         head: str = "cross",
         image_tower_features: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """L2-normalised image embeddings, `(batch_size, dim)`.
@@ -426,9 +428,13 @@ class CusaModel(CusaPreTrainedModel):
                 without USA heads returns its backbone's normalised pooled features).
             image_tower_features: `(batch_size, image_tower_dim)` cached output of the frozen vision tower
                 (``cusa_hf.add_image_tower_features``), given instead of ``pixel_values``.
+            pixel_attention_mask, spatial_shapes: SigLIP 2's NaFlex inputs, as its image processor gives them (named
+                here so that callers that pass only named inputs, as sentence-transformers does, can give them).
         """
         if (pixel_values is None) == (image_tower_features is None):
             raise ValueError("get_image_features needs exactly one of pixel_values or image_tower_features")
+        naflex = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
+        kwargs.update({name: value for name, value in naflex.items() if value is not None})
         features = self._image_features(pixel_values, image_tower_features, **kwargs)
         return self._select_head(head, features, "cross_image_projection", "usa_image_head")
 

@@ -152,3 +152,46 @@ def test_run_cusa_trains_compares_evaluates_saves_and_reloads(tiny_siglip_folder
         again = CusaModel.from_pretrained(run_folder).eval()
         texts = encode_texts(model, CAPTIONS, processor.tokenizer, show_progress=False)
         torch.testing.assert_close(encode_texts(again, CAPTIONS, processor.tokenizer, show_progress=False), texts)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_sentence_transformers_export_encodes_as_the_model(version, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from cusa_hf.export import save_sentence_transformer
+
+    model = CusaModel.from_backbone(tiny_siglip(version)).eval()
+    processor = tiny_siglip_processor(version)
+    save_sentence_transformer(model, processor, tmp_path / "st")
+    exported = SentenceTransformer(str(tmp_path / "st"), trust_remote_code=True, device="cpu")
+    with torch.no_grad():
+        texts = model.get_text_features(**SiglipAdapter.tokenize_captions(processor.tokenizer, CAPTIONS))
+        pictures = model.get_image_features(**processor.image_processor(images(), return_tensors="pt"))
+    torch.testing.assert_close(torch.as_tensor(exported.encode(CAPTIONS)), texts, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(exported.encode(images())), pictures, rtol=0, atol=1e-5)
+
+
+def test_cusa_search_builds_and_queries_a_siglip2_checkpoint(tmp_path):
+    from cusa_hf.search import RetrievalIndex
+    from cusa_hf.search_cli import main as search_cli
+
+    model = CusaModel.from_backbone(tiny_siglip(2)).eval()
+    processor = tiny_siglip_processor(2)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    paths = []
+    for position, picture in enumerate(images()):
+        paths.append(str(tmp_path / f"{position}.png"))
+        picture.save(paths[-1])
+    records = [{"image": path, "caption": caption, "image_id": position}
+               for position, (path, caption) in enumerate(zip(paths, CAPTIONS))]  # fmt: skip
+    (tmp_path / "data.json").write_text(__import__("json").dumps(records))
+    assert search_cli(["build", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.json"),
+                       "--out", str(tmp_path / "index")]) == 0  # fmt: skip
+    index = RetrievalIndex.load(tmp_path / "index", model=CusaModel.from_pretrained(tmp_path / "model"))
+    hits = index.search(texts=CAPTIONS[1], k=3)[0]
+    with torch.no_grad():
+        query = model.get_text_features(**SiglipAdapter.tokenize_captions(processor.tokenizer, [CAPTIONS[1]]))
+        pictures = model.get_image_features(**processor.image_processor(images(), return_tensors="pt"))
+    expected = (query @ pictures.T)[0].sort(descending=True)
+    assert [hit["score"] for hit in hits] == pytest.approx(expected.values.tolist(), abs=1e-5)
