@@ -195,3 +195,34 @@ def test_cusa_search_builds_and_queries_a_siglip2_checkpoint(tmp_path):
         pictures = model.get_image_features(**processor.image_processor(images(), return_tensors="pt"))
     expected = (query @ pictures.T)[0].sort(descending=True)
     assert [hit["score"] for hit in hits] == pytest.approx(expected.values.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("run", ["cusa", "sigmoid"])
+def test_the_siglip2_configs_parse_and_build_with_the_papers_cusa_settings(run, tmp_path):
+    from test_run_cusa import REPO, parse_arguments
+
+    from cusa_hf.factory import build_model, check_backbone
+
+    folder = tmp_path / "tiny_siglip2"
+    tiny_siglip(2).save_pretrained(folder)
+    tiny_siglip_processor(2).save_pretrained(folder)
+    config = REPO / "examples" / "configs" / f"siglip2_base_coco_{run}.yaml"
+    model_args, _, training_args = parse_arguments(
+        [str(config), "--backbone", str(folder), "--output_dir", str(tmp_path / "out"), "--use_cpu", "true"]
+    )
+    assert training_args.itc_loss == "sigmoid" and training_args.cusa == (run == "cusa")
+    assert (training_args.csa_weight, training_args.usa_weight, training_args.csa_temperature) == (0.1, 0.5, 0.45)
+    assert (training_args.learning_rate, training_args.num_train_epochs, training_args.per_device_train_batch_size) == (
+        1e-5, 30, 128
+    )
+    check_backbone(model_args)
+    model = build_model(model_args, **training_args.cusa_config_fields())
+    assert model.config.itc_loss == "sigmoid" and model.config.use_csa == (run == "cusa")
+    assert type(model.adapter) is Siglip2Adapter and model.backbone.logit_bias.requires_grad
+
+
+def test_itc_loss_flag_is_checked_before_anything_slow(tmp_path):
+    from test_run_cusa import parse_arguments
+
+    with pytest.raises(ValueError, match=r"itc_loss='softmax' is not supported; choose one of \['infonce', 'sigmoid'\]"):
+        parse_arguments(["--itc_loss", "softmax", "--output_dir", str(tmp_path)])
