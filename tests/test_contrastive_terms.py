@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_distributed import GLOBAL_BATCH, free_port, global_batch
+from test_distributed import GLOBAL_BATCH, free_port, global_batch, worker
 from tiny_models import tiny_clip_config, tiny_cusa_model, tiny_siglip_config, tiny_siglip_processor
 
 from cusa_hf import CusaConfig, CusaModel
@@ -114,34 +112,16 @@ def test_unknown_itc_loss_is_refused_with_the_choices():
         CusaModel(CusaConfig(backbone_config=tiny_clip_config(), itc_loss="hinge"))
 
 
-def _sigmoid_worker(rank, world_size, port, split, result_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    model = tiny_cusa_model(seed=0, gather_features=True, itc_loss="sigmoid")
-    model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    start = sum(split[:rank])
-    local = {key: value[start : start + split[rank]] for key, value in global_batch().items()}
-    output = ddp(**local, return_loss=True)
-    output.loss.backward()
-    if rank == 0:
-        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-        torch.save({"loss": output.loss.detach(), "loss_itc": output.loss_itc.detach(), "grads": grads}, result_path)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def test_two_processes_with_gathered_features_equal_one_process_over_the_global_batch(tmp_path):
     result_path = tmp_path / "rank0.pt"
-    mp.spawn(_sigmoid_worker, args=(2, free_port(), (3, 5), str(result_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), (3, 5), str(result_path), {"itc_loss": "sigmoid"}), nprocs=2, join=True)
     distributed = torch.load(result_path)
 
     model = tiny_cusa_model(seed=0, itc_loss="sigmoid")
     model.train()
     output = model(**global_batch(), return_loss=True)
     output.loss.backward()
-    assert output.logits_per_image.shape == (GLOBAL_BATCH, GLOBAL_BATCH)
+    assert distributed["logits_shape"] == output.logits_per_image.shape == (GLOBAL_BATCH, GLOBAL_BATCH)
     torch.testing.assert_close(distributed["loss_itc"], output.loss_itc.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(distributed["loss"], output.loss.detach(), rtol=0, atol=1e-6)
     single_grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}

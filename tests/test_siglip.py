@@ -5,16 +5,13 @@ runs through examples/run_cusa.py."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from test_run_cusa import run_cusa, shapes, tiny_run_args  # noqa: F401  (the shapes fixture)
 from tiny_models import synthetic_dataset, tiny_siglip_config, tiny_siglip_processor
+from without_package import run_without_cusa_hf
 
 from cusa_hf import CusaModel
 from cusa_hf.collator import CusaDataCollator
@@ -102,14 +99,7 @@ def test_a_saved_checkpoint_loads_with_and_without_the_package(version, tmp_path
         torch.testing.assert_close(reloaded.get_image_features(**image_inputs), model.get_image_features(**image_inputs))
         assert torch.equal(reloaded.backbone.logit_bias, model.backbone.logit_bias)
     torch.save(dict(image_inputs), tmp_path / "inputs.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        class BlockCusa:
-            def find_spec(self, name, path=None, target=None):
-                if name == "cusa_hf" or name.startswith("cusa_hf."):
-                    raise ImportError("cusa_hf is blocked in this test")
-        sys.meta_path.insert(0, BlockCusa())
+    script = f"""
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True).eval()
@@ -118,9 +108,7 @@ def test_a_saved_checkpoint_loads_with_and_without_the_package(version, tmp_path
             features = model.get_image_features(**torch.load({str(tmp_path / "inputs.pt")!r}))
         torch.save(features, {str(tmp_path / "features.pt")!r})
         """
-    )
-    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = run_without_cusa_hf(script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "features.pt"), model.get_image_features(**image_inputs))
