@@ -150,3 +150,17 @@ def test_chunked_embeddings_give_the_same_sigmoid_loss_and_scalar_gradients():
     torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-6, atol=1e-6)
     for mine, reference in zip(torch.autograd.grad(chunked.loss, list(model.loss_parameters().values())), scalar_grads):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_chunked_trainer_step_with_the_sigmoid_term_equals_the_unchunked_step(tmp_path):
+    """``loss_chunk_size`` with the sigmoid term: CusaTrainer's gradient-cached step takes the gradients of the
+    term's scale and bias from the loss itself, and gives the unchunked update."""
+    from test_chunked_loss import TRAINED_PARTS, assert_same_step, train_one_step
+    from tiny_models import synthetic_dataset
+
+    dataset = synthetic_dataset(num_images=8, captions_per_image=2)
+    fields = {"itc_loss": "sigmoid"}
+    chunked = train_one_step(tmp_path / "chunked", dataset, fields, per_device_train_batch_size=16, loss_chunk_size=5)
+    whole = train_one_step(tmp_path / "whole", dataset, fields, per_device_train_batch_size=16)
+    parts = [part for part in TRAINED_PARTS if part != "itc_temperature"] + ["itc_logit_scale", "itc_logit_bias"]
+    assert_same_step(chunked, whole, parts)
