@@ -462,7 +462,8 @@ class CusaModel(CusaPreTrainedModel):
         if image_tower_features is not None:
             return self._project_cached_tower("image", image_tower_features)
         if self.tower_dropout is not None:
-            tower_features = self.adapter.encode_image_tower(pixel_values)
+            image_inputs = {name: kwargs[name] for name in self.adapter.image_input_names if name in kwargs}
+            tower_features = self.adapter.encode_image_tower(pixel_values, **image_inputs)
             return self.adapter.project_image_tower(self.tower_dropout(tower_features))
         return self.adapter.encode_image(pixel_values, **kwargs)
 

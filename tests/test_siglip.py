@@ -214,3 +214,14 @@ def test_itc_loss_flag_is_checked_before_anything_slow(tmp_path):
 
     with pytest.raises(ValueError, match=r"itc_loss='softmax' is not supported; choose one of \['infonce', 'sigmoid'\]"):
         parse_arguments(["--itc_loss", "softmax", "--output_dir", str(tmp_path)])
+
+
+def test_tower_dropout_keeps_siglip2s_naflex_inputs():
+    """With ``tower_dropout`` the image features are computed as tower then projection; SigLIP 2's tower still gets
+    its patch mask and shapes (in evaluation mode the dropout is off and the features are the backbone's)."""
+    backbone = tiny_siglip(2)
+    model = CusaModel.from_backbone(backbone, cross_projection=False, tower_dropout=0.5).eval()
+    image_inputs = tiny_siglip_processor(2).image_processor(images(), return_tensors="pt")
+    with torch.no_grad():
+        expected = F.normalize(backbone.get_image_features(**image_inputs).pooler_output, dim=-1)
+        torch.testing.assert_close(model.get_image_features(**image_inputs), expected, rtol=0, atol=1e-6)
