@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .arguments import CusaTrainingArguments
+from .backbones import adapter_class_of
 from .checkpoints import (
     RunOutputsCallback,
     check_resumable,
@@ -145,6 +146,9 @@ class CusaTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("CusaTrainer needs a data_collator or a processing_class (the backbone's processor)")
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
+        if isinstance(data_collator, CusaDataCollator) and data_collator.backbone_adapter is None:
+            # Captions are tokenized as the model's backbone expects (SigLIP: padded to 64 tokens).
+            data_collator.backbone_adapter = adapter_class_of(model) if model is not None else None
         if model is not None:
             check_loss_chunking(model, args)
             _copy_tokenizer_special_tokens(model.config, processing_class)

@@ -119,3 +119,16 @@ def test_finetune_ablation_quick(tmp_path):
     assert finetune_ablation.main(argv) == table
     swapped = finetune_ablation.main([*argv, "--reference", '{"infonce": "cusa-headlr", "cusa-headlr": "cusa-headlr"}'])
     assert f"({-gain:+.1f})" in swapped and f"| cusa-headlr | 1 | {runs['cusa-headlr']['validation_rsum']:.1f} |" in swapped
+
+
+@pytest.mark.slow  # two tiny fine-tuning runs of the built-in student (frozen, cached towers) with the sigmoid term
+def test_cusa_gain_quick_with_the_sigmoid_term(tmp_path):
+    summary = cusa_gain.main(["--quick", "--itc_loss", "sigmoid", "--rows", "infonce", "cusa", "--references",
+                              "--output_dir", str(tmp_path)])  # fmt: skip
+    assert [entry["row"] for entry in summary.values()] == ["sigmoid", "CUSA"]
+    runs = json.loads((tmp_path / "gain_runs.json").read_text())
+    assert all("--itc_loss sigmoid" in run["command"] for run in runs.values())
+    for row in ("infonce", "cusa"):
+        config = json.loads((tmp_path / f"{row}-seed0" / "config.json").read_text())
+        assert config["itc_loss"] == "sigmoid" and config["use_csa"] == (row == "cusa")
+        assert 0 <= summary[row]["test_rsum"] <= 600
