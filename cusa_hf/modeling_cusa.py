@@ -79,6 +79,12 @@ def is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | 
     return (_saved_config_dict(name_or_path, backbone_kwargs) or {}).get("model_type") == CusaConfig.model_type
 
 
+def _scalar_value(parameter: torch.Tensor) -> float:
+    """The value of a one-element parameter; under FSDP2 a sharded DTensor, gathered first (a collective)."""
+    parameter = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+    return float(parameter.detach().reshape(()))
+
+
 @dataclass
 class CusaOutput(ModelOutput):
     """Output of [`CusaModel.forward`].
@@ -439,13 +445,14 @@ class CusaModel(CusaPreTrainedModel):
     def temperatures(self) -> dict[str, float]:
         """Current values of the temperatures this model has, by config field name. Under FSDP2 a temperature is a
         sharded one-element DTensor whose value is gathered first (a collective: every process must call this)."""
-        values = {}
-        for name, _, _ in TEMPERATURE_FIELDS:
-            parameter = getattr(self, name, None)
-            if parameter is not None:
-                parameter = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
-                values[name] = float(parameter.detach().reshape(()))
-        return values
+        parameters = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        return {name: _scalar_value(parameter) for name, parameter in parameters.items() if parameter is not None}
+
+    def itc_scalar_values(self) -> dict[str, float]:
+        """Current values of the contrastive term's learnable scalars (:meth:`itc_scalars`: ``itc_temperature``, or
+        the sigmoid term's ``itc_logit_scale`` and ``itc_logit_bias``, the backbone's own where it brings them), by
+        name; gathered under FSDP2 as :meth:`temperatures` (every process must call this)."""
+        return {name: _scalar_value(parameter) for name, parameter in self.itc_scalars().items() if parameter is not None}
 
     def itc_scalars(self) -> dict[str, torch.Tensor | None]:
         """The contrastive term's learnable scalars by name (``itc_temperature``, or ``itc_logit_scale`` and

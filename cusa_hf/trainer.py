@@ -88,7 +88,7 @@ def _largest_weight(model: nn.Module) -> tuple[str, float]:
 
 
 class CusaTrainer(Trainer):
-    """``Trainer`` for [`CusaModel`]: batches carry teacher features, logs carry CUSA's terms and temperatures.
+    """``Trainer`` for [`CusaModel`]: batches carry teacher features, logs carry CUSA's terms, temperatures and the contrastive term's scalars.
 
     Everything else (optimiser, schedule, accelerate/DDP, checkpointing, ``push_to_hub``) is the stock Trainer.
     When ``data_collator`` is not given, a [`CusaDataCollator`] is built from ``processing_class`` and
@@ -340,9 +340,10 @@ class CusaTrainer(Trainer):
             for name in sorted(self._component_sums):
                 mean = (self._component_sums[name] / steps).to(self.args.device)
                 logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
-            logs.update(
-                {name: round(value, 6) for name, value in self.accelerator.unwrap_model(self.model).temperatures().items()}
-            )
+            model = self.accelerator.unwrap_model(self.model)
+            # The temperatures and the contrastive term's scalars (the sigmoid term's log-scale and bias).
+            scalars = {**model.temperatures(), **model.itc_scalar_values()}
+            logs.update({name: round(value, 6) for name, value in scalars.items()})
             self._component_sums.clear()
             self._component_steps = 0
         super().log(logs, start_time)
