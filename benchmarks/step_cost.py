@@ -1,13 +1,16 @@
-"""Cost of CUSA per training step: time and peak memory against the plain InfoNCE baseline, in one process.
+"""Cost of CUSA per training step: time and peak memory against the plain contrastive baseline, in one process.
 
 Three variants of one optimiser step (forward, backward, AdamW step, temperature clamp) on the same batch:
 
-* ``infonce``: the baseline (``use_csa=False, use_usa=False``), no teacher features;
+* the baseline, named by its contrastive term (``--itc_loss``: ``infonce``, the default, or SigLIP's ``sigmoid``):
+  ``use_csa=False, use_usa=False``, no teacher features;
 * ``cusa``: CUSA with offline teacher columns; the step includes turning the batch's teacher rows (Python lists,
   as a ``datasets`` table yields them) into tensors, which is the collator's only extra work;
 * ``cusa_online_text``: the authors' design, CUSA whose text-teacher features come from running the teacher
   (all-mpnet-base-v2, the same model the offline column holds) on the batch's captions every step; the image
   column stays offline.
+
+All variants train with the contrastive term ``--itc_loss`` (``CusaConfig.itc_loss``).
 
 Students:
 
@@ -26,6 +29,7 @@ growth of the peak resident set (``VmHWM``, reset just before the step) over the
     python benchmarks/step_cost.py                       # full tables (2 CPUs: ~10 min)
     python benchmarks/step_cost.py --quick               # tiny CLIP only, small batches (seconds, used by the tests)
     python benchmarks/step_cost.py --json out.json
+    python benchmarks/step_cost.py --itc_loss sigmoid     # the same tables with SigLIP's sigmoid term
 """
 
 from __future__ import annotations
@@ -45,17 +49,19 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from cusa_hf.contrastive_terms import contrastive_term_names
 
-VARIANTS = ("infonce", "cusa", "cusa_online_text")
+
+CUSA_VARIANTS = ("cusa", "cusa_online_text")
 TEACHER_IMAGE_DIM, TEACHER_TEXT_DIM = 1280, 768
 
 
 # ----------------------------------------------------------------------------------------------------- students
-def build_student(student: str, use_cusa: bool):
-    """A ``CusaModel`` in training mode and its tokenizer."""
+def build_student(student: str, use_cusa: bool, itc_loss: str = "infonce"):
+    """A ``CusaModel`` in training mode, with the contrastive term ``itc_loss``, and its tokenizer."""
     from cusa_hf import CusaModel
 
-    cusa_fields = {} if use_cusa else {"use_csa": False, "use_usa": False}
+    cusa_fields = {"itc_loss": itc_loss} if use_cusa else {"itc_loss": itc_loss, "use_csa": False, "use_usa": False}
     if student == "builtin":
         from cusa_hf.arguments import ModelArguments
         from cusa_hf.factory import build_model, build_processor
@@ -127,7 +133,7 @@ class StepRunner:
 
     def step(self, batch: dict) -> float:
         inputs = {key: batch[key] for key in ("pixel_values", "input_ids", "attention_mask", "image_ids")}
-        if self.variant != "infonce":
+        if self.variant in CUSA_VARIANTS:
             inputs["teacher_image_embeds"] = torch.tensor(batch["teacher_image_rows"], dtype=torch.float32)
             if self.variant == "cusa":
                 inputs["teacher_text_embeds"] = torch.tensor(batch["teacher_text_rows"], dtype=torch.float32)
@@ -141,23 +147,25 @@ class StepRunner:
         return float(loss.detach())
 
 
-def build_runners(student: str, variants: tuple[str, ...]) -> tuple[dict[str, StepRunner], object]:
-    baseline, tokenizer = build_student(student, use_cusa=False)
-    runners = {"infonce": StepRunner("infonce", baseline)}
+def build_runners(student: str, variants: tuple[str, ...], itc_loss: str) -> tuple[dict[str, StepRunner], object]:
+    """The runners of ``variants``: the baseline (named ``itc_loss``) and CUSA variants, all with that term."""
+    baseline, tokenizer = build_student(student, use_cusa=False, itc_loss=itc_loss)
+    runners = {itc_loss: StepRunner(itc_loss, baseline)}
     if "cusa" in variants or "cusa_online_text" in variants:
-        cusa_model, _ = build_student(student, use_cusa=True)
+        cusa_model, _ = build_student(student, use_cusa=True, itc_loss=itc_loss)
         # Same starting weights for the shared parts, so both variants do the same backbone work.
         cusa_model.load_state_dict(baseline.state_dict(), strict=False)
         teacher = load_online_text_teacher() if "cusa_online_text" in variants else None
         for variant in variants:
-            if variant != "infonce":
+            if variant in CUSA_VARIANTS:
                 runners[variant] = StepRunner(variant, cusa_model, teacher)
     return {variant: runners[variant] for variant in variants}, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------- timing
 def time_interleaved(runners: dict[str, StepRunner], batch: dict, warmup: int, repeats: int) -> dict[str, dict]:
-    """Median and spread of the step time (ms) per variant, rounds interleaving the variants in rotating order."""
+    """Median and spread of the step time (ms) per variant, rounds interleaving the variants in rotating order; the
+    first runner is the baseline the ratios divide by."""
     names = list(runners)
     for _ in range(warmup):
         for name in names:
@@ -169,24 +177,26 @@ def time_interleaved(runners: dict[str, StepRunner], batch: dict, warmup: int, r
             start = time.perf_counter()
             runners[name].step(batch)
             times[name].append(1000 * (time.perf_counter() - start))
-    baseline = statistics.median(times["infonce"])
+    baseline = statistics.median(times[names[0]])
     return {
         name: {
             "median_ms": statistics.median(values),
             "min_ms": min(values),
             "max_ms": max(values),
-            "ratio_to_infonce": statistics.median(values) / baseline,
+            "ratio_to_baseline": statistics.median(values) / baseline,
             "steps": len(values),
         }
         for name, values in times.items()
     }
 
 
-def timing_table(student: str, batch_sizes: list[int], variants: tuple[str, ...], warmup: int, repeats: int) -> list:
-    runners, tokenizer = build_runners(student, variants)
+def timing_table(
+    student: str, batch_sizes: list[int], variants: tuple[str, ...], warmup: int, repeats: int, itc_loss: str
+) -> list:
+    runners, tokenizer = build_runners(student, variants, itc_loss)
     rows = []
     for batch_size in batch_sizes:
-        batch = make_batch(student, runners["infonce"].model, tokenizer, batch_size)
+        batch = make_batch(student, runners[itc_loss].model, tokenizer, batch_size)
         load_before = os.getloadavg()[0]
         results = time_interleaved(runners, batch, warmup, repeats)
         for variant, result in results.items():
@@ -244,12 +254,12 @@ def reset_peak_rss() -> None:
         handle.write("5")
 
 
-def memory_probe(student: str, variant: str, batch_size: int) -> dict:
+def memory_probe(student: str, variant: str, batch_size: int, itc_loss: str = "infonce") -> dict:
     """Run in a fresh process: build the variant, one warm-up step at batch 2 (allocates the optimiser state and
     imports lazily loaded code), then one step at ``batch_size`` measured two ways: the peak of live tensor memory
     created during the step, and the growth of the process's peak resident set (reset just before the step) over
     its resident set before it."""
-    runners, tokenizer = build_runners(student, (variant,) if variant == "infonce" else ("infonce", variant))
+    runners, tokenizer = build_runners(student, (variant,) if variant == itc_loss else (itc_loss, variant), itc_loss)
     runner = runners[variant]
     runner.step(make_batch(student, runner.model, tokenizer, 2))
     batch = make_batch(student, runner.model, tokenizer, batch_size)
@@ -263,12 +273,12 @@ def memory_probe(student: str, variant: str, batch_size: int) -> dict:
             "step_peak_rss_growth_mib": max(peak_kib - before_kib, 0) / 1024, "rss_before_mib": before_kib / 1024}
 
 
-def memory_table(cases: list[tuple[str, int]], variants: tuple[str, ...], threads: int) -> list:
+def memory_table(cases: list[tuple[str, int]], variants: tuple[str, ...], threads: int, itc_loss: str) -> list:
     rows = []
     for student, batch_size in cases:
         for variant in variants:
             command = [sys.executable, __file__, "--memory_probe", student, variant, str(batch_size),
-                       "--threads", str(threads)]
+                       "--threads", str(threads), "--itc_loss", itc_loss]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(output.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
@@ -277,11 +287,11 @@ def memory_table(cases: list[tuple[str, int]], variants: tuple[str, ...], thread
 
 # ----------------------------------------------------------------------------------------------------- report
 def markdown(report: dict) -> str:
-    lines = ["| student | batch | variant | median ms/step | min-max ms | ratio to InfoNCE | load avg |",
+    lines = ["| student | batch | variant | median ms/step | min-max ms | ratio to baseline | load avg |",
              "|---|---|---|---|---|---|---|"]
     for row in report["timing"]:
         lines.append(f"| {row['student']} | {row['batch_size']} | {row['variant']} | {row['median_ms']:.1f} | "
-                     f"{row['min_ms']:.1f}-{row['max_ms']:.1f} | {row['ratio_to_infonce']:.3f} | {row['load_average']} |")
+                     f"{row['min_ms']:.1f}-{row['max_ms']:.1f} | {row['ratio_to_baseline']:.3f} | {row['load_average']} |")
     lines += ["", "| student | batch | variant | peak tensor memory of the step (MiB) | peak RSS growth (MiB) |",
               "|---|---|---|---|---|"]
     for row in report["memory"]:
@@ -302,12 +312,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for every measurement")
     parser.add_argument("--parts", nargs="+", choices=("timing", "memory"), default=["timing", "memory"])
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--itc_loss", choices=contrastive_term_names(), default="infonce",
+                        help="the contrastive term of every variant (CusaConfig.itc_loss); the baseline is named by it")
     parser.add_argument("--memory_probe", nargs=3, metavar=("STUDENT", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_probe:
         student, variant, batch_size = args.memory_probe
-        result = memory_probe(student, variant, int(batch_size))
+        result = memory_probe(student, variant, int(batch_size), args.itc_loss)
         print(json.dumps(result))
         return result
     if args.quick:
@@ -320,18 +332,20 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "load_average_start": os.getloadavg(),
         "command": "python benchmarks/step_cost.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "itc_loss": args.itc_loss,
         "timing": [],
         "memory": [],
     }
     if "timing" in args.parts:
         if args.student_batch_sizes:
-            report["timing"] += timing_table("builtin", args.student_batch_sizes, VARIANTS, args.warmup, args.repeats)
+            report["timing"] += timing_table("builtin", args.student_batch_sizes, (args.itc_loss, *CUSA_VARIANTS),
+                                             args.warmup, args.repeats, args.itc_loss)
         # The online text teacher would dominate a tiny CLIP step; the scaling table compares the offline variants.
-        report["timing"] += timing_table("tiny_clip", args.scaling_batch_sizes, ("infonce", "cusa"), args.warmup,
-                                         args.repeats)
+        report["timing"] += timing_table("tiny_clip", args.scaling_batch_sizes, (args.itc_loss, "cusa"), args.warmup,
+                                         args.repeats, args.itc_loss)
     if "memory" in args.parts:
         cases = [(case.split(":")[0], int(case.split(":")[1])) for case in args.memory_cases]
-        report["memory"] = memory_table(cases, ("infonce", "cusa"), args.threads)
+        report["memory"] = memory_table(cases, (args.itc_loss, "cusa"), args.threads, args.itc_loss)
     report["load_average_end"] = os.getloadavg()
     print(markdown(report))
     if args.json:

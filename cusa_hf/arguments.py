@@ -25,6 +25,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_cusa import RUN, CusaConfig, cusa_field_names
+from .contrastive_terms import contrastive_term_class
 from .offline_models import BUILTIN_BACKBONE
 from .optimization import check_learning_rate_mapping
 
@@ -205,6 +206,7 @@ class CusaTrainingArguments(TrainingArguments):
     usa_weight: float = _cusa_field("usa_weight")
     use_csa: bool = _cusa_field("use_csa")
     use_usa: bool = _cusa_field("use_usa")
+    itc_loss: str | None = _cusa_field("itc_loss")
     itc_temperature: float = _cusa_field("itc_temperature")
     csa_temperature: float = _cusa_field("csa_temperature")
     usa_image_temperature: float = _cusa_field("usa_image_temperature")
@@ -275,6 +277,8 @@ def parse_arguments(
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     _check_builtin_only_flags(argv, model_args)
     CusaConfig(**training_args.cusa_config_fields(True))  # invalid CUSA settings stop here, before teacher extraction
+    if training_args.itc_loss is not None:
+        contrastive_term_class(training_args.itc_loss)
     training_args.learning_rate_mapping = check_learning_rate_mapping(training_args.learning_rate_mapping)
     return model_args, data_args, training_args
 

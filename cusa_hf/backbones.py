@@ -88,6 +88,16 @@ class BackboneAdapter:
     has_separable_text_tower: bool = False
     #: The backbone config attribute that holds the width of the features it hands to CUSA (``image_feature_dim``).
     feature_dim_attribute: str | None = None
+    #: Image-processor outputs that ``encode_image`` / ``encode_image_tower`` take besides ``pixel_values`` (SigLIP 2's
+    #: NaFlex ``pixel_attention_mask`` and ``spatial_shapes``); batches and evaluation carry them.
+    image_input_names: tuple[str, ...] = ()
+    #: The contrastive term (``CusaConfig.itc_loss``) of a model that does not name one: the backbone's own loss.
+    default_itc_loss: str = "infonce"
+    #: How the backbone's processor pads a batch of captions (:meth:`tokenize_captions`).
+    text_padding: str = "longest"
+    #: The caption length the backbone was trained with, when its processor always uses it (SigLIP: 64); ``None``:
+    #: the tokenizer's own limit.
+    trained_caption_length: int | None = None
 
     def __init__(self, backbone: PreTrainedModel):
         self.backbone = backbone
@@ -113,6 +123,33 @@ class BackboneAdapter:
     def text_feature_dim(self) -> int:
         """Width of the text features; the image width unless the backbone projects the towers differently."""
         return self.image_feature_dim
+
+    @classmethod
+    def caption_length(cls, tokenizer: Any, max_length: int | None = None) -> int:
+        """How many tokens a caption keeps: ``max_length`` when given, else :attr:`trained_caption_length`, else the
+        tokenizer's own limit, else 77 (CLIP's; tokenizers without a real limit report a huge ``model_max_length``)."""
+        if max_length is not None:
+            return max_length
+        if cls.trained_caption_length is not None:
+            return cls.trained_caption_length
+        limit = getattr(tokenizer, "model_max_length", None)
+        return limit if limit and limit < 100_000 else 77
+
+    @classmethod
+    def tokenize_captions(cls, tokenizer: Any, captions: list[str], max_length: int | None = None) -> Any:
+        """A batch of captions tokenized as the backbone's processor does (``input_ids``, and ``attention_mask``
+        when the tokenizer gives one; `(batch_size, sequence_length)` tensors), truncated to
+        :meth:`caption_length`. The one tokenization of training batches (``CusaDataCollator``), frozen text towers'
+        caches and evaluation encoding."""
+        return tokenizer(
+            list(captions), padding=cls.text_padding, truncation=True,
+            max_length=cls.caption_length(tokenizer, max_length), return_tensors="pt",
+        )  # fmt: skip
+
+    def own_contrastive_scalars(self, itc_loss: str) -> dict[str, torch.nn.Parameter]:
+        """The backbone's trained parameters that the contrastive term ``itc_loss`` uses instead of fresh ones, by the
+        term's scalar names (SigLIP's ``logit_scale`` / ``logit_bias`` for the sigmoid term); none by default."""
+        return {}
 
     def encode_image(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
         """`(batch_size, image_feature_dim)` pooled projected image features."""
@@ -227,6 +264,16 @@ def adapter_class_for(model_type: str) -> type[BackboneAdapter]:
 
 def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
+
+
+def adapter_class_of(model: torch.nn.Module) -> type[BackboneAdapter]:
+    """The adapter class that says how ``model``'s inputs are made (:meth:`~BackboneAdapter.tokenize_captions`,
+    :attr:`~BackboneAdapter.image_input_names`): a ``CusaModel``'s adapter, a bare backbone's registered adapter,
+    else :class:`BackboneAdapter`."""
+    adapter = getattr(model, "adapter", None)
+    if isinstance(adapter, BackboneAdapter):
+        return type(adapter)
+    return _ADAPTERS.get(getattr(getattr(model, "config", None), "model_type", None), BackboneAdapter)
 
 
 def backbone_of(model: torch.nn.Module, backbone_class: type) -> Any:

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .data import caption_max_length
+from .backbones import BackboneAdapter
 from .images import load_image
 from .schema import (
     CAPTION_COLUMN,
@@ -39,7 +39,11 @@ class CusaDataCollator:
             present it is batched as ``image_tower_features`` and no image is loaded.
         text_tower_column: cached output of a frozen text tower (``cusa_hf.add_text_tower_features``); when present it
             is batched as ``text_tower_features`` and no caption is tokenised.
-        max_length: captions are truncated to this many tokens (defaults to the tokenizer's limit, 77 for CLIP).
+        max_length: captions are truncated to this many tokens (defaults to the backbone's caption length: the
+            tokenizer's limit, 77 for CLIP; 64 for SigLIP).
+        backbone_adapter: the adapter class whose ``tokenize_captions`` tokenizes captions as the backbone's processor
+            does (SigLIP pads them to 64 tokens); ``CusaTrainer`` sets its model's when this is ``None``, otherwise
+            captions are padded to the batch's longest.
 
     Example:
         >>> split = open_feature_split(train)   # cusa_hf.teachers.training_split: joins per-image features
@@ -60,6 +64,7 @@ class CusaDataCollator:
         text_tower_column: str = TEXT_TOWER_COLUMN,
         image_root: str | None = None,
         max_length: int | None = None,
+        backbone_adapter: type[BackboneAdapter] | None = None,
     ):
         for attribute in ("image_processor", "tokenizer"):
             if getattr(processor, attribute, None) is None:
@@ -76,7 +81,8 @@ class CusaDataCollator:
         self.image_tower_column = image_tower_column
         self.text_tower_column = text_tower_column
         self.image_root = image_root
-        self.max_length = caption_max_length(processor.tokenizer, max_length)
+        self.max_length = max_length
+        self.backbone_adapter = backbone_adapter
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not rows:
@@ -108,9 +114,8 @@ class CusaDataCollator:
         if self.text_tower_column in rows[0]:
             batch["text_tower_features"] = _stack_column(rows, self.text_tower_column)
         else:
-            text = self.processor.tokenizer(
-                captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
+            tokenization = self.backbone_adapter or BackboneAdapter
+            text = tokenization.tokenize_captions(self.processor.tokenizer, captions, self.max_length)
             batch["input_ids"] = text["input_ids"]
             if "attention_mask" in text:
                 batch["attention_mask"] = text["attention_mask"]

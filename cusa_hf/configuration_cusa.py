@@ -119,7 +119,13 @@ class CusaConfig(PreTrainedConfig):
             [`csa_temperature_min`=0.10, `csa_temperature_max`=0.99].
         usa_image_temperature, usa_text_temperature (`float`, defaults to 0.45): initial USA temperatures, clamped
             to [`usa_temperature_min`=0.10, `usa_temperature_max`=1.00].
-        learnable_temperatures (`bool`, defaults to `True`): train the four temperatures (the authors do).
+        itc_loss (`str`, *optional*): the contrastive term beside CSA and USA (`cusa_hf.contrastive_terms`):
+            `"infonce"` (multi-positive InfoNCE, the authors') or `"sigmoid"` (SigLIP's pairwise sigmoid loss, with a
+            learnable log-scale and bias: the backbone's own `logit_scale` / `logit_bias` when it has them, else
+            fresh ones at log 10 and -10). `None` means the backbone's own: `"sigmoid"` for SigLIP and SigLIP 2,
+            `"infonce"` otherwise; the model records the resolved value.
+        learnable_temperatures (`bool`, defaults to `True`): train the four temperatures (the authors do) and the
+            sigmoid term's log-scale and bias.
         softlabel_temperature (`float`, defaults to 1.0): kappa, the frozen temperature of the teacher soft labels.
         softlabel_mode (`str`, defaults to `"each"`): `"each"`, `"add"` or `"dot"` (see `cusa_hf.losses`).
         softlabel_loss (`str`, defaults to `"kl"`): `"kl"` or `"contrastive"` (soft-target cross-entropy).
@@ -147,6 +153,7 @@ class CusaConfig(PreTrainedConfig):
     usa_weight: float = _field(0.5, RUN, LOSS, RESUME)
     use_csa: bool = _field(True, RUN, LOSS, RESUME)
     use_usa: bool = _field(True, RUN, LOSS, RESUME)
+    itc_loss: str | None = _field(None, RUN, LOSS, RESUME)
     itc_temperature: float = _field(0.05, RUN, LOSS, bounds=("itc_temperature_min", "itc_temperature_max"))
     itc_temperature_min: float = 0.01
     itc_temperature_max: float = 0.10
@@ -184,6 +191,8 @@ class CusaConfig(PreTrainedConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"CusaConfig.{name}={getattr(self, name)!r} is not supported; allowed: {list(allowed)}")
+        if self.itc_loss is not None and not isinstance(self.itc_loss, str):
+            raise ValueError(f"CusaConfig.itc_loss must be the name of a contrastive term, got {self.itc_loss!r}")
         for name in BOOLEAN_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(

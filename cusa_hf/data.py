@@ -99,15 +99,6 @@ class _RowBuilder:
         self.image_ids = normalize_image_ids(self.image_ids)
 
 
-def caption_max_length(tokenizer: Any, max_length: int | None = None) -> int:
-    """How many tokens a caption keeps: ``max_length`` when given, else the tokenizer's own limit, else 77 (CLIP's;
-    tokenizers without a real limit report a huge ``model_max_length``)."""
-    if max_length is not None:
-        return max_length
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if limit and limit < 100_000 else 77
-
-
 def _refuse_paths_outside_root(
     paths: Sequence[Any], image_root: str | os.PathLike | None, source: str, column: str
 ) -> None:

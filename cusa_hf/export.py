@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .backbones import adapter_class_of
 from .configuration_cusa import PACKAGE_ONLY_MODEL_TYPES, CusaConfig
 
 #: The model method that embeds each modality: ``get_text_features`` / ``get_image_features`` with their default
@@ -70,9 +71,23 @@ def save_sentence_transformer(model: Any, processor: Any, folder: str | os.PathL
     # Loaded back the way a user's SentenceTransformer(folder, trust_remote_code=True) will load it, then saved by
     # sentence-transformers itself, so its files are those of the installed version.
     remote_code = {"trust_remote_code": True}
+    # Inputs made as in training, saved in the folder's module config: captions tokenized as the backbone's adapter
+    # does (SigLIP: padded to 64 tokens), images by the image processor's own settings, where the processor class
+    # would override them with its defaults (Siglip2Processor's patch_size and max_num_patches).
+    tokenization = adapter_class_of(model)
+    text_kwargs = {
+        "padding": tokenization.text_padding, "truncation": True,
+        "max_length": tokenization.caption_length(processor.tokenizer),
+    }  # fmt: skip
+    image_processor = processor.image_processor
+    image_kwargs = {
+        name: getattr(image_processor, name)
+        for name in getattr(type(processor), "images_kwargs", None) or {}
+        if getattr(image_processor, name, None) is not None
+    }
     module = Transformer(
         str(folder), model_kwargs=remote_code, processor_kwargs=remote_code, config_kwargs=remote_code,
-        modality_config=MODALITY_CONFIG, module_output_name="sentence_embedding",
+        modality_config=MODALITY_CONFIG, module_output_name="sentence_embedding", processing_kwargs={"text": text_kwargs, "image": image_kwargs},
     )  # fmt: skip
     SentenceTransformer(modules=[module], device="cpu", similarity_fn_name="cosine").save(str(folder))
     return folder

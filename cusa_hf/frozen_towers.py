@@ -33,7 +33,6 @@ import datasets
 import torch
 
 from .backbones import TOWER_NAMES
-from .data import caption_max_length
 from .schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
 from .teachers.feature_cache import FeatureCacheOptions, FeatureColumns, FeatureSource, add_feature_columns
 from .teachers.training_split import FeatureSplit
@@ -204,7 +203,7 @@ def _text_settings(model: Any, tokenizer: Any, max_length: int | None) -> dict[s
     adapter = model.adapter
     return {
         "tokenizer": _tokenizer_description(tokenizer),
-        "max_length": caption_max_length(tokenizer, max_length),
+        "max_length": type(adapter).caption_length(tokenizer, max_length),
         "pooling": getattr(adapter, "text_pooling", "pooler"),
         "normalize": bool(getattr(adapter, "text_pooling_normalize", False)),
     }
@@ -257,8 +256,12 @@ def add_image_tower_features(
     """
 
     def preprocess(images: list) -> dict[str, torch.Tensor]:
-        pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values.contiguous(memory_format=torch.channels_last)}
+        # With every other input the tower takes (SigLIP 2's NaFlex pixel_attention_mask and spatial_shapes).
+        processed = image_processor(images=images, return_tensors="pt")
+        inputs = {name: processed[name] for name in ("pixel_values", *model.adapter.image_input_names)}
+        if inputs["pixel_values"].ndim == 4:
+            inputs["pixel_values"] = inputs["pixel_values"].contiguous(memory_format=torch.channels_last)
+        return inputs
 
     columns = FeatureColumns(
         image_column=image_column, image_id_column=image_id_column, image_root=image_root, image_feature_column=column
@@ -294,7 +297,7 @@ def add_text_tower_features(
             trainable parameter; the tower pools as the backbone is configured (e.g. sentence-transformers mean
             pooling, see ``cusa_hf.dual_encoder_from_towers``).
         tokenizer: the backbone's tokenizer (e.g. ``processor.tokenizer``).
-        max_length: truncation length; defaults to the tokenizer's limit (what ``CusaDataCollator`` uses).
+        max_length: truncation length; defaults to the backbone's caption length (what ``CusaDataCollator`` uses).
         column: the output column; ``CusaDataCollator`` batches it as ``text_tower_features``.
 
     Caching, sharding and the other arguments as in :func:`cusa_hf.teachers.features.add_teacher_features`.
@@ -303,11 +306,11 @@ def add_text_tower_features(
         the dataset plus ``column``: `(text_tower_dim,)` float32 features per row (after the tower's pooling and,
         where configured, its L2 normalisation; before the backbone's projection).
     """
-    limit = caption_max_length(tokenizer, max_length)
+    tokenization = type(model.adapter)
 
     def preprocess(captions: list[str]) -> dict[str, torch.Tensor]:
-        tokens = tokenizer(captions, padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        tokens = tokenization.tokenize_captions(tokenizer, captions, max_length)
+        return {key: tokens[key] for key in ("input_ids", "attention_mask") if key in tokens}
 
     columns = FeatureColumns(caption_column=caption_column, text_feature_column=column)
     options = FeatureCacheOptions(

@@ -16,7 +16,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import get_device_states, set_device_states
 from transformers import TrainingArguments
 
-from .configuration_cusa import TEMPERATURE_FIELDS
 from .distributed import is_distributed
 from .losses import CusaLossOutput
 from .modeling_cusa import CusaOutput
@@ -170,11 +169,8 @@ def cached_gradient_step(
     if on_loss is not None:
         on_loss(losses)
     loss = losses.loss
-    temperatures = [
-        parameter
-        for name, _, _ in TEMPERATURE_FIELDS
-        if (parameter := getattr(unwrapped, name, None)) is not None and parameter.requires_grad
-    ]
+    # The temperatures and the contrastive term's scalars (the backbone's own for SigLIP): used only in the loss.
+    temperatures = list(unwrapped.loss_parameters().values())
     # allow_unused: a term switched off by a zero weight leaves its embeddings and temperature without gradient,
     # as in the unchunked step.
     gradients = torch.autograd.grad(loss, [*embeddings.values(), *temperatures], allow_unused=True)

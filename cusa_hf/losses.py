@@ -3,12 +3,12 @@
 Nothing here knows about models or datasets, so every term can be checked against hand-computed values.
 Formulas and defaults follow ``docs/method.md`` (Huang et al., AAAI 2024, and the authors' released code):
 
-* multi-positive InfoNCE (``info_nce``),
 * teacher soft labels from uni-modal teacher features in modes ``each`` / ``add`` / ``dot`` (``teacher_soft_labels``),
 * soft-label alignment, KL or soft-target cross-entropy (``soft_label_loss``),
 * CSA (``csa_loss``) and USA (``usa_loss``), each returning both directional terms and their mean,
 * ``CusaLoss``, the module that assembles ``loss_itc + csa_weight * CSA + usa_weight * USA`` over the (gathered) batch,
   in the spirit of open_clip's ``ClipLoss``: the model hands it embeddings and temperatures, it returns the terms.
+  ``loss_itc`` is the contrastive term ``itc_loss`` names (``cusa_hf.contrastive_terms``: InfoNCE or SigLIP's sigmoid).
 
 All softmax / log-softmax / KL arithmetic runs in float32 with autocast disabled, whatever the input dtype, so bf16 or
 fp16 training cannot overflow them.
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_cusa import REDUCTIONS, SOFTLABEL_LOSSES, SOFTLABEL_MODES, CusaConfig, loss_term_active
+from .contrastive_terms import check_choice, contrastive_term_class, float32_log_softmax, soft_cross_entropy
 from .distributed import gather_with_grad, is_distributed
 
 
@@ -60,58 +61,6 @@ class TeacherSoftLabels(NamedTuple):
     text_to_image: torch.Tensor
 
 
-def _float32_log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        return F.log_softmax(logits.float(), dim=1)
-
-
-def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
-
-
-def multi_positive_targets(image_ids: torch.Tensor | None, batch_size: int, device: torch.device) -> torch.Tensor:
-    """`(batch_size, batch_size)` InfoNCE targets: identity, or uniform over every pair that shares an image id.
-
-    Args:
-        image_ids: `(batch_size,)` integer ids of each pair's image, or ``None`` when every pair is its own positive.
-    """
-    if image_ids is None:
-        return torch.eye(batch_size, device=device, dtype=torch.float32)
-    image_ids = image_ids.reshape(-1)
-    if image_ids.numel() != batch_size:
-        raise ValueError(f"image_ids has {image_ids.numel()} entries but the batch has {batch_size} pairs")
-    positives = (image_ids[:, None] == image_ids[None, :]).to(device=device, dtype=torch.float32)
-    return positives / positives.sum(dim=1, keepdim=True)
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "all_entries_mean") -> torch.Tensor:
-    """Cross-entropy of ``softmax(logits)`` (rows) against row-stochastic ``targets``, both `(rows, columns)`."""
-    _check_choice("reduction", reduction, REDUCTIONS)
-    weighted = _float32_log_softmax(logits) * targets.float()
-    if reduction == "all_entries_mean":
-        return -weighted.mean(dim=1).mean()
-    return -weighted.sum(dim=1).mean()
-
-
-def info_nce(
-    logits_per_image: torch.Tensor, image_ids: torch.Tensor | None = None, reduction: str = "all_entries_mean"
-) -> torch.Tensor:
-    """Symmetric multi-positive InfoNCE: ``1/2 [CE(i2t) + CE(t2i)]``.
-
-    Args:
-        logits_per_image: `(batch_size, batch_size)` image-by-text similarities already divided by the temperature.
-        image_ids: `(batch_size,)` image id of each pair; pairs sharing an id are all positives (uniform targets).
-        reduction: ``"all_entries_mean"`` (authors, the default scale of the published weights) or ``"row_mean"``.
-    """
-    if logits_per_image.shape[0] != logits_per_image.shape[1]:
-        raise ValueError(f"info_nce needs a square image-by-text matrix, got {tuple(logits_per_image.shape)}")
-    targets = multi_positive_targets(image_ids, logits_per_image.shape[0], logits_per_image.device)
-    image_to_text = soft_cross_entropy(logits_per_image, targets, reduction)
-    text_to_image = soft_cross_entropy(logits_per_image.t(), targets.t(), reduction)
-    return (image_to_text + text_to_image) / 2
-
-
 def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
     """`(n, n)` cosine similarities of the rows of a `(n, d)` feature matrix, in float32."""
     normalized = F.normalize(features.float(), dim=-1)
@@ -137,7 +86,7 @@ def teacher_soft_labels(
         teacher_image_embeds: `(batch_size, image_teacher_dim)`; teacher dims need not match the student's.
         teacher_text_embeds: `(batch_size, text_teacher_dim)`.
     """
-    _check_choice("softlabel_mode", mode, SOFTLABEL_MODES)
+    check_choice("softlabel_mode", mode, SOFTLABEL_MODES)
     if temperature <= 0:
         raise ValueError(f"softlabel temperature must be > 0, got {temperature}")
     with torch.autocast(device_type=teacher_image_embeds.device.type, enabled=False):
@@ -183,13 +132,13 @@ def soft_label_loss(
     ``loss="kl"``: ``KL(targets || softmax(logits))``, summed over each row and averaged over rows ("batchmean").
     ``loss="contrastive"``: soft-target cross-entropy with the given ``reduction`` (the authors' alternative).
     """
-    _check_choice("softlabel_loss", loss, SOFTLABEL_LOSSES)
+    check_choice("softlabel_loss", loss, SOFTLABEL_LOSSES)
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and soft-label targets {tuple(targets.shape)} differ in shape")
     if loss == "contrastive":
         return soft_cross_entropy(logits, targets, reduction)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        return F.kl_div(_float32_log_softmax(logits), targets.float(), reduction="batchmean")
+        return F.kl_div(float32_log_softmax(logits), targets.float(), reduction="batchmean")
 
 
 def csa_loss(
@@ -246,8 +195,8 @@ class CusaLossOutput:
     Attributes:
         loss: `()` ``loss_itc + csa_weight * loss_csa + usa_weight * loss_usa``.
         loss_itc, loss_csa, loss_usa: `()` each term (CSA/USA are 0 when inactive).
-        logits_per_image: `(global_batch, global_batch)` image-by-text similarities over the gathered batch, divided
-            by the InfoNCE temperature when there is one.
+        logits_per_image: `(global_batch, global_batch)` image-by-text logits of the contrastive term over the
+            gathered batch (for InfoNCE the similarities divided by its temperature when there is one).
         softlabel_stats: :func:`soft_label_diagnostics` of the teachers' soft labels (empty without teachers).
     """
 
@@ -286,17 +235,19 @@ class CusaLoss(nn.Module):
         softlabel_loss: str = CusaConfig.softlabel_loss,
         reduction: str = CusaConfig.itc_reduction,
         gather_features: bool = CusaConfig.gather_features,
+        itc_loss: str = "infonce",
     ):
         super().__init__()
-        _check_choice("softlabel_mode", softlabel_mode, SOFTLABEL_MODES)
-        _check_choice("softlabel_loss", softlabel_loss, SOFTLABEL_LOSSES)
-        _check_choice("itc_reduction", reduction, REDUCTIONS)
+        check_choice("softlabel_mode", softlabel_mode, SOFTLABEL_MODES)
+        check_choice("softlabel_loss", softlabel_loss, SOFTLABEL_LOSSES)
+        check_choice("itc_reduction", reduction, REDUCTIONS)
         self.csa_weight, self.usa_weight = float(csa_weight), float(usa_weight)
         self.csa_active = loss_term_active(use_csa, self.csa_weight)
         self.usa_active = loss_term_active(use_usa, self.usa_weight)
         self.softlabel_mode, self.softlabel_temperature = softlabel_mode, softlabel_temperature
         self.softlabel_loss, self.reduction = softlabel_loss, reduction
         self.gather_features = gather_features
+        self.itc_term = contrastive_term_class(itc_loss)(reduction)
 
     @classmethod
     def from_config(cls, config: Any) -> "CusaLoss":
@@ -311,6 +262,7 @@ class CusaLoss(nn.Module):
             softlabel_loss=config.softlabel_loss,
             reduction=config.itc_reduction,
             gather_features=config.gather_features,
+            itc_loss=config.itc_loss,
         )
 
     @property
@@ -328,6 +280,8 @@ class CusaLoss(nn.Module):
         text_embeds: torch.Tensor,
         *,
         itc_temperature: torch.Tensor | float | None = None,
+        itc_logit_scale: torch.Tensor | None = None,
+        itc_logit_bias: torch.Tensor | None = None,
         csa_temperature: torch.Tensor | float | None = None,
         usa_image_temperature: torch.Tensor | float | None = None,
         usa_text_temperature: torch.Tensor | float | None = None,
@@ -343,13 +297,15 @@ class CusaLoss(nn.Module):
         Args:
             image_embeds, text_embeds: `(batch_size, dim)` L2-normalised cross-modal embeddings of aligned pairs.
             itc_temperature: InfoNCE temperature (``None``: the similarities are already logits).
+            itc_logit_scale, itc_logit_bias: the sigmoid term's log-scale and bias (``itc_loss="sigmoid"``).
             csa_temperature, usa_image_temperature, usa_text_temperature: needed while CSA / USA are active.
             uni_image_embeds, uni_text_embeds: `(batch_size, feature_dim)` L2-normalised USA-head embeddings.
             image_ids: `(batch_size,)` image id per pair; pairs sharing one are all positives of each other.
             teacher_image_embeds, teacher_text_embeds: `(batch_size, teacher_dim)` frozen teacher features.
             pair_similarity: `(batch_size, batch_size)` scores of a backbone that scores pairs itself (SGRAF), used
                 instead of ``image_embeds @ text_embeds.T``; such scores cannot be gathered.
-            itc_terms: the backbone's own loss terms (X2VLM's ITC + ITM), summed into ``loss_itc`` instead of InfoNCE.
+            itc_terms: the backbone's own loss terms (X2VLM's ITC + ITM), summed into ``loss_itc`` instead of the
+                contrastive term.
         """
         batch_size = image_embeds.shape[0]
         if text_embeds.shape[0] != batch_size:
@@ -373,13 +329,13 @@ class CusaLoss(nn.Module):
             similarity = pair_similarity
         else:
             similarity = global_image_embeds @ global_text_embeds.t()
-        logits_per_image = similarity / itc_temperature if itc_temperature is not None else similarity
-
+        offered = {"itc_temperature": itc_temperature, "itc_logit_scale": itc_logit_scale, "itc_logit_bias": itc_logit_bias}
+        scalars = {name: offered[name] for name in self.itc_term.scalar_names}
         global_image_ids = self.gather(image_ids) if image_ids is not None else None
         if itc_terms is None:
-            loss_itc = info_nce(logits_per_image, global_image_ids, self.reduction)
+            loss_itc, logits_per_image = self.itc_term(similarity, global_image_ids, **scalars)
         else:
-            loss_itc = sum(itc_terms.values())
+            loss_itc, logits_per_image = sum(itc_terms.values()), self.itc_term.logits(similarity, **scalars)
         zero = similarity.new_zeros((), dtype=torch.float32)
         loss_csa = loss_usa = zero
         stats: dict[str, torch.Tensor] = {}

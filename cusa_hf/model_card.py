@@ -4,7 +4,7 @@ by a callback of ``CusaTrainer`` (as sentence-transformers fills its cards), so 
 The metadata is what the Hub indexes: ``base_model`` (the backbone, when it is a Hub model), ``datasets`` (the Hub
 datasets trained and evaluated on), ``license``, ``library_name``, ``tags`` and a ``model-index`` holding every
 retrieval metric (i2t / t2i R@1/5/10 and RSUM) of the validation and test splits as ``EvalResult`` entries. The text
-says what was trained (CUSA, or the InfoNCE baseline with no CSA, USA or teachers), on what, with which loss settings
+says what was trained (CUSA, or the baseline of its contrastive term alone, InfoNCE or sigmoid, with no CSA, USA or teachers), on what, with which loss settings
 and teachers, how well, how to use it, and the command that reproduces it.
 
 * :class:`CusaModelCardData`: what a run knows that the model does not (its backbone's name, its data, its command);
@@ -37,7 +37,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import TrainerCallback
 
 from .backbone_recipes import named_backbone_recipe
+from .backbones import BackboneAdapter, adapter_class_for
 from .configuration_cusa import LOSS, cusa_field_names
+from .contrastive_terms import contrastive_term_class
 from .evaluation.metric_registry import MetricInfo, metric_info, registered_metrics
 from .modeling_cusa import is_cusa_checkpoint
 
@@ -199,9 +201,17 @@ def metrics_from_eval_results(eval_results: Iterable[EvalResult]) -> dict[str, f
 
 
 def _objective(config: Any) -> str:
-    """What the model was trained with: ``CUSA``, ``CSA``, ``USA`` or the InfoNCE ``baseline``."""
+    """What the model was trained with: ``CUSA``, ``CSA``, ``USA`` or the contrastive term alone, ``baseline``."""
     terms = [name for name, active in (("CSA", config.csa_active), ("USA", config.usa_active)) if active]
     return "CUSA" if len(terms) == 2 else terms[0] if terms else "baseline"
+
+
+def _tokenizer_options(adapter_class: type[BackboneAdapter]) -> str:
+    """The usage snippet's tokenizer keywords: the backbone's padding (and its fixed caption length, SigLIP's 64)."""
+    options = f'padding="{adapter_class.text_padding}", truncation=True'
+    if adapter_class.trained_caption_length is not None:
+        options += f", max_length={adapter_class.trained_caption_length}"
+    return options
 
 
 def _backbone_text(backbone: str | None, model_type: str, fresh_heads: bool = False) -> str:
@@ -250,7 +260,7 @@ def render_model_card(
     card_data: CusaModelCardData | None = None,
     model_name: str | None = None,
 ) -> ModelCard:
-    """The model card of a CUSA checkpoint (or of the InfoNCE baseline, when ``config`` has no active CSA / USA).
+    """The model card of a CUSA checkpoint (or of the contrastive-term baseline, when ``config`` has no active CSA / USA).
 
     Args:
         config: the model's ``CusaConfig`` (loss settings, ``teacher_info``, the backbone's config).
@@ -269,6 +279,8 @@ def render_model_card(
     backbone = card_data.backbone or getattr(backbone_config, "_name_or_path", None) or None
     objective = _objective(config)
     model_type = backbone_config.model_type
+    adapter_class = adapter_class_for(model_type)
+    itc_label = contrastive_term_class(config.itc_loss or adapter_class.default_itc_loss).label
     data_args = card_data.data_args
     name = model_name or Path(repo_id).name
     hub_metadata = ModelCardData(
@@ -276,7 +288,7 @@ def render_model_card(
         datasets=(hub_datasets(data_args) or None) if data_args is not None else None,
         license=card_data.license,
         library_name="transformers",
-        tags=[CARD_TAG, "cusa" if objective != "baseline" else "infonce-baseline", "image-text-retrieval",
+        tags=[CARD_TAG, "cusa" if objective != "baseline" else f"{itc_label.lower()}-baseline", "image-text-retrieval",
               "cross-modal-retrieval", model_type],  # fmt: skip
         metrics=["recall"],
         model_name=name,
@@ -287,6 +299,8 @@ def render_model_card(
         template_path=TEMPLATE_PATH,
         model_name=name,  # the card data keeps it only inside the model-index
         objective=objective,
+        itc_label=itc_label,
+        tokenizer_options=_tokenizer_options(adapter_class),
         backbone_text=_backbone_text(backbone, model_type, card_data.fresh_heads),
         csa_active=config.csa_active,
         usa_active=config.usa_active,

@@ -18,7 +18,10 @@ from transformers.utils import ModelOutput
 
 from .backbones import TOWER_NAMES, BackboneAdapter, BackboneFeatures, adapter_class_for
 from .configuration_cusa import PROJECTOR, TEMPERATURE_FIELDS, CusaConfig, cusa_field_names
+from .contrastive_terms import contrastive_term_class
 from .losses import CusaLoss, CusaLossOutput
+# Imported to register the SigLIP adapters, here so that the code saved with every checkpoint has them.
+from .siglip_backbones import Siglip2Adapter, SiglipAdapter  # noqa: F401
 
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,12 @@ def is_cusa_checkpoint(name_or_path: str | os.PathLike, backbone_kwargs: dict | 
     return (_saved_config_dict(name_or_path, backbone_kwargs) or {}).get("model_type") == CusaConfig.model_type
 
 
+def _scalar_value(parameter: torch.Tensor) -> float:
+    """The value of a one-element parameter; under FSDP2 a sharded DTensor, gathered first (a collective)."""
+    parameter = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+    return float(parameter.detach().reshape(()))
+
+
 @dataclass
 class CusaOutput(ModelOutput):
     """Output of [`CusaModel.forward`].
@@ -87,8 +96,9 @@ class CusaOutput(ModelOutput):
             backbone brings its own, e.g. ITC + ITM for X2VLM).
         loss_csa (`torch.FloatTensor` of shape `()`): mean of the two CSA directions (0 when CSA is inactive).
         loss_usa (`torch.FloatTensor` of shape `()`): mean of the two USA terms (0 when USA is inactive).
-        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`): cross-modal
-            similarities divided by the InfoNCE temperature (the global batch when `gather_features` is on).
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`): the contrastive
+            term's logits: cross-modal similarities divided by the InfoNCE temperature, or scaled and shifted by the
+            sigmoid term's log-scale and bias (the global batch when `gather_features` is on).
         logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`): the transpose.
         image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`): L2-normalised cross-modal image
             embeddings of this process's batch.
@@ -194,10 +204,12 @@ class CusaPreTrainedModel(PreTrainedModel):
             init.ones_(module.layer_norm.weight)
             init.zeros_(module.layer_norm.bias)
         elif isinstance(module, CusaModel):
-            for name, _, _ in TEMPERATURE_FIELDS:
+            initial = {name: getattr(self.config, name) for name, _, _ in TEMPERATURE_FIELDS}
+            initial.update(module.cusa_loss.itc_term.initial_scalars(self.config))
+            for name, value in initial.items():
                 parameter = getattr(module, name, None)
                 if parameter is not None:
-                    init.constant_(parameter, getattr(self.config, name))
+                    init.constant_(parameter, value)
 
 
 class CusaModel(CusaPreTrainedModel):
@@ -213,6 +225,14 @@ class CusaModel(CusaPreTrainedModel):
         adapter_class = adapter_class_for(config.backbone_config.model_type)
         self.backbone = backbone if backbone is not None else adapter_class.build_backbone(config.backbone_config)
         self.adapter: BackboneAdapter = adapter_class(self.backbone)
+        if config.itc_loss is None:
+            config.itc_loss = self.adapter.default_itc_loss
+        itc_term_class = contrastive_term_class(config.itc_loss)
+        if self.adapter.has_original_loss and config.itc_loss != self.adapter.default_itc_loss:
+            raise ValueError(
+                f"itc_loss={config.itc_loss!r} cannot be used with a {config.backbone_config.model_type!r} backbone: it "
+                "trains with its own loss; leave itc_loss unset (None)"
+            )
 
         image_dim, text_dim = self.adapter.image_feature_dim, self.adapter.text_feature_dim
         self.uses_cross_projection = (
@@ -246,16 +266,18 @@ class CusaModel(CusaPreTrainedModel):
             self.usa_image_head = self._new_projection(image_dim, image_dim)
             self.usa_text_head = self._new_projection(text_dim, text_dim)
 
-        # Temperatures exist only where they are used, so DDP never sees a parameter without a gradient.
-        temperature_names = []
-        if not self.adapter.has_original_loss:
-            temperature_names.append("itc_temperature")
+        # Temperatures (and the contrastive term's scalars) exist only where they are used, so DDP never sees a
+        # parameter without a gradient. The term's scalars are the backbone's where it brings trained ones.
+        scalars = {} if self.adapter.has_original_loss else itc_term_class.initial_scalars(config)
+        for name, parameter in self.adapter.own_contrastive_scalars(config.itc_loss).items():
+            parameter.requires_grad_(config.learnable_temperatures)
+            scalars.pop(name)
         if config.use_csa:
-            temperature_names.append("csa_temperature")
+            scalars["csa_temperature"] = config.csa_temperature
         if config.use_usa:
-            temperature_names += ["usa_image_temperature", "usa_text_temperature"]
-        for name in temperature_names:
-            parameter = nn.Parameter(torch.tensor(float(getattr(config, name))))
+            scalars.update(usa_image_temperature=config.usa_image_temperature, usa_text_temperature=config.usa_text_temperature)
+        for name, value in scalars.items():
+            parameter = nn.Parameter(torch.tensor(float(value)))
             parameter.requires_grad_(config.learnable_temperatures)
             self.register_parameter(name, parameter)
         self.cusa_loss = CusaLoss.from_config(config)
@@ -423,13 +445,28 @@ class CusaModel(CusaPreTrainedModel):
     def temperatures(self) -> dict[str, float]:
         """Current values of the temperatures this model has, by config field name. Under FSDP2 a temperature is a
         sharded one-element DTensor whose value is gathered first (a collective: every process must call this)."""
-        values = {}
-        for name, _, _ in TEMPERATURE_FIELDS:
-            parameter = getattr(self, name, None)
-            if parameter is not None:
-                parameter = parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
-                values[name] = float(parameter.detach().reshape(()))
-        return values
+        parameters = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        return {name: _scalar_value(parameter) for name, parameter in parameters.items() if parameter is not None}
+
+    def itc_scalar_values(self) -> dict[str, float]:
+        """Current values of the contrastive term's learnable scalars (:meth:`itc_scalars`: ``itc_temperature``, or
+        the sigmoid term's ``itc_logit_scale`` and ``itc_logit_bias``, the backbone's own where it brings them), by
+        name; gathered under FSDP2 as :meth:`temperatures` (every process must call this)."""
+        return {name: _scalar_value(parameter) for name, parameter in self.itc_scalars().items() if parameter is not None}
+
+    def itc_scalars(self) -> dict[str, torch.Tensor | None]:
+        """The contrastive term's learnable scalars by name (``itc_temperature``, or ``itc_logit_scale`` and
+        ``itc_logit_bias``): the backbone's own where it brings them, else this model's; ``None`` for a backbone that
+        trains with its own loss."""
+        own = self.adapter.own_contrastive_scalars(self.config.itc_loss)
+        return {name: own.get(name, getattr(self, name, None)) for name in self.cusa_loss.itc_term.scalar_names}
+
+    def loss_parameters(self) -> dict[str, nn.Parameter]:
+        """Every learnable scalar of the loss (temperatures and the contrastive term's), by name, that this model
+        trains; the gradient-cached step computes their gradients from the loss itself."""
+        scalars = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        scalars.update(self.itc_scalars())
+        return {name: value for name, value in scalars.items() if value is not None and value.requires_grad}
 
     def get_input_embeddings(self) -> nn.Module | None:
         """The backbone's token embedding, or None (accelerate's FSDP2 wrapping asks for it)."""
@@ -454,6 +491,8 @@ class CusaModel(CusaPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         head: str = "cross",
         image_tower_features: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """L2-normalised image embeddings, `(batch_size, dim)`.
@@ -464,9 +503,13 @@ class CusaModel(CusaPreTrainedModel):
                 without USA heads returns its backbone's normalised pooled features).
             image_tower_features: `(batch_size, image_tower_dim)` cached output of the frozen vision tower
                 (``cusa_hf.add_image_tower_features``), given instead of ``pixel_values``.
+            pixel_attention_mask, spatial_shapes: SigLIP 2's NaFlex inputs, as its image processor gives them (named
+                here so that callers that pass only named inputs, as sentence-transformers does, can give them).
         """
         if (pixel_values is None) == (image_tower_features is None):
             raise ValueError("get_image_features needs exactly one of pixel_values or image_tower_features")
+        naflex = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
+        kwargs.update({name: value for name, value in naflex.items() if value is not None})
         features = self._image_features(pixel_values, image_tower_features, **kwargs)
         return self._select_head(head, features, "cross_image_projection", "usa_image_head")
 
@@ -494,7 +537,8 @@ class CusaModel(CusaPreTrainedModel):
         if image_tower_features is not None:
             return self._project_cached_tower("image", image_tower_features)
         if self.tower_dropout is not None:
-            tower_features = self.adapter.encode_image_tower(pixel_values)
+            image_inputs = {name: kwargs[name] for name in self.adapter.image_input_names if name in kwargs}
+            tower_features = self.adapter.encode_image_tower(pixel_values, **image_inputs)
             return self.adapter.project_image_tower(self.tower_dropout(tower_features))
         return self.adapter.encode_image(pixel_values, **kwargs)
 
@@ -599,8 +643,7 @@ class CusaModel(CusaPreTrainedModel):
                     "CusaModel.forward scores aligned pairs"
                 )
             similarity = features.similarity if features.similarity is not None else image_embeds @ text_embeds.t()
-            itc_temperature = getattr(self, "itc_temperature", None)
-            logits_per_image = similarity / itc_temperature if itc_temperature is not None else similarity
+            logits_per_image = self.cusa_loss.itc_term.logits(similarity, **self.itc_scalars())
         output.logits_per_image, output.logits_per_text = logits_per_image, logits_per_image.t()
         return output
 
@@ -612,7 +655,7 @@ class CusaModel(CusaPreTrainedModel):
         teacher_text_embeds: torch.Tensor | None = None,
         **loss_kwargs: Any,
     ) -> CusaLossOutput:
-        """InfoNCE + CSA + USA of a batch's embeddings with this model's temperatures and loss settings
+        """The contrastive term + CSA + USA of a batch's embeddings with this model's scalars and loss settings
         (``self.cusa_loss``, which gathers them across processes when ``gather_features`` is on).
 
         ``forward`` calls it with the embeddings it has just computed; ``CusaTrainer`` with ``loss_chunk_size`` calls it
@@ -625,11 +668,12 @@ class CusaModel(CusaPreTrainedModel):
             **loss_kwargs: ``pair_similarity`` / ``itc_terms`` of backbones that score pairs or bring their own loss
                 (see [`CusaLoss`]).
         """
-        temperatures = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        scalars = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        scalars.update(self.itc_scalars())
         return self.cusa_loss(
             embeddings.image_embeds,
             embeddings.text_embeds,
-            **temperatures,
+            **scalars,
             uni_image_embeds=embeddings.uni_image_embeds,
             uni_text_embeds=embeddings.uni_text_embeds,
             image_ids=image_ids,

@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
 
 from .arguments import CusaTrainingArguments
+from .backbones import adapter_class_of
 from .checkpoints import (
     RunOutputsCallback,
     check_resumable,
@@ -87,7 +88,7 @@ def _largest_weight(model: nn.Module) -> tuple[str, float]:
 
 
 class CusaTrainer(Trainer):
-    """``Trainer`` for [`CusaModel`]: batches carry teacher features, logs carry CUSA's terms and temperatures.
+    """``Trainer`` for [`CusaModel`]: batches carry teacher features, logs carry CUSA's terms, temperatures and the contrastive term's scalars.
 
     Everything else (optimiser, schedule, accelerate/DDP, checkpointing, ``push_to_hub``) is the stock Trainer.
     When ``data_collator`` is not given, a [`CusaDataCollator`] is built from ``processing_class`` and
@@ -145,6 +146,9 @@ class CusaTrainer(Trainer):
             if processing_class is None:
                 raise ValueError("CusaTrainer needs a data_collator or a processing_class (the backbone's processor)")
             data_collator = CusaDataCollator(processing_class, **(collator_kwargs or {}))
+        if isinstance(data_collator, CusaDataCollator) and data_collator.backbone_adapter is None:
+            # Captions are tokenized as the model's backbone expects (SigLIP: padded to 64 tokens).
+            data_collator.backbone_adapter = adapter_class_of(model) if model is not None else None
         if model is not None:
             check_loss_chunking(model, args)
             _copy_tokenizer_special_tokens(model.config, processing_class)
@@ -336,9 +340,10 @@ class CusaTrainer(Trainer):
             for name in sorted(self._component_sums):
                 mean = (self._component_sums[name] / steps).to(self.args.device)
                 logs[name] = round(float(self.accelerator.reduce(mean, reduction="mean")), 6)
-            logs.update(
-                {name: round(value, 6) for name, value in self.accelerator.unwrap_model(self.model).temperatures().items()}
-            )
+            model = self.accelerator.unwrap_model(self.model)
+            # The temperatures and the contrastive term's scalars (the sigmoid term's log-scale and bias).
+            scalars = {**model.temperatures(), **model.itc_scalar_values()}
+            logs.update({name: round(value, 6) for name, value in scalars.items()})
             self._component_sums.clear()
             self._component_steps = 0
         super().log(logs, start_time)

@@ -53,12 +53,34 @@ def test_step_cost_quick(tmp_path):
     for row in timing.values():
         assert row["steps"] == 3 and row["student"] == "tiny_clip"
         assert 0 < row["min_ms"] <= row["median_ms"] <= row["max_ms"] and math.isfinite(row["max_ms"])
-        assert row["ratio_to_infonce"] == pytest.approx(row["median_ms"] / timing[(row["batch_size"], "infonce")]["median_ms"])
+        assert row["ratio_to_baseline"] == pytest.approx(row["median_ms"] / timing[(row["batch_size"], "infonce")]["median_ms"])
     memory = {row["variant"]: row for row in report["memory"]}
     assert set(memory) == {"infonce", "cusa"}
     # CUSA's step does the baseline's work plus USA heads, soft labels and KL terms: strictly more tensor memory.
     assert 0 < memory["infonce"]["step_peak_tensor_mib"] < memory["cusa"]["step_peak_tensor_mib"]
     assert "| tiny_clip | 32 | cusa |" in step_cost.markdown(report)
+
+
+def test_step_cost_quick_times_the_sigmoid_term(tmp_path, monkeypatch):
+    built = []
+    original = step_cost.build_student
+
+    def recording_build_student(*args, **kwargs):
+        model, tokenizer = original(*args, **kwargs)
+        built.append((model.config.itc_loss, model.config.use_csa))
+        return model, tokenizer
+
+    monkeypatch.setattr(step_cost, "build_student", recording_build_student)
+    report = step_cost.main(["--quick", "--itc_loss", "sigmoid", "--parts", "timing"])
+    assert report["itc_loss"] == "sigmoid" and report["memory"] == []
+    assert built == [("sigmoid", False), ("sigmoid", True)]  # the baseline and CUSA, both with the sigmoid term
+    assert [(row["batch_size"], row["variant"]) for row in report["timing"]] == [
+        (8, "sigmoid"), (8, "cusa"), (32, "sigmoid"), (32, "cusa")
+    ]
+    baseline = {row["batch_size"]: row["median_ms"] for row in report["timing"] if row["variant"] == "sigmoid"}
+    for row in report["timing"]:
+        assert row["ratio_to_baseline"] == pytest.approx(row["median_ms"] / baseline[row["batch_size"]])
+    assert "| tiny_clip | 32 | sigmoid |" in step_cost.markdown(report)
 
 
 @pytest.mark.slow  # four tiny fine-tuning runs with the real pretrained student and teachers: about two minutes
@@ -119,3 +141,16 @@ def test_finetune_ablation_quick(tmp_path):
     assert finetune_ablation.main(argv) == table
     swapped = finetune_ablation.main([*argv, "--reference", '{"infonce": "cusa-headlr", "cusa-headlr": "cusa-headlr"}'])
     assert f"({-gain:+.1f})" in swapped and f"| cusa-headlr | 1 | {runs['cusa-headlr']['validation_rsum']:.1f} |" in swapped
+
+
+@pytest.mark.slow  # two tiny fine-tuning runs of the built-in student (frozen, cached towers) with the sigmoid term
+def test_cusa_gain_quick_with_the_sigmoid_term(tmp_path):
+    summary = cusa_gain.main(["--quick", "--itc_loss", "sigmoid", "--rows", "infonce", "cusa", "--references",
+                              "--output_dir", str(tmp_path)])  # fmt: skip
+    assert [entry["row"] for entry in summary.values()] == ["sigmoid", "CUSA"]
+    runs = json.loads((tmp_path / "gain_runs.json").read_text())
+    assert all("--itc_loss sigmoid" in run["command"] for run in runs.values())
+    for row in ("infonce", "cusa"):
+        config = json.loads((tmp_path / f"{row}-seed0" / "config.json").read_text())
+        assert config["itc_loss"] == "sigmoid" and config["use_csa"] == (row == "cusa")
+        assert 0 <= summary[row]["test_rsum"] <= 600

@@ -48,7 +48,12 @@ def train_one_step(output_dir, dataset, model_fields=None, **arg_overrides):
     return recorder.gradients, parameters, logs
 
 
-def assert_same_step(step, reference_step):
+#: The kinds of trainable parameter that must all get a gradient in a compared step.
+TRAINED_PARTS = ("vision_model", "text_model", "cross_image_projection", "usa_text_head", "itc_temperature",
+                 "csa_temperature", "usa_image_temperature")
+
+
+def assert_same_step(step, reference_step, parts=TRAINED_PARTS):
     """Same parameters after the step (1e-6 relative) and same gradients, to 1e-4 of each tensor's largest entry: the
     chunked step sums the same float32 terms in another order, and a temperature's gradient is a small difference of
     large terms (measured: 3e-5 relative for a USA temperature at chunks of 7). A wrong step is off by O(1)."""
@@ -57,8 +62,7 @@ def assert_same_step(step, reference_step):
     assert gradients.keys() == reference_gradients.keys()
     moved = [name for name, gradient in reference_gradients.items() if gradient.abs().max() > 0]
     # Every kind of trainable parameter has a gradient: towers, cross projections, USA heads, temperatures.
-    for part in ("vision_model", "text_model", "cross_image_projection", "usa_text_head", "itc_temperature",
-                 "csa_temperature", "usa_image_temperature"):
+    for part in parts:
         assert any(part in name for name in moved), part
     # The floor: gradients that are 0 in exact arithmetic (attention key biases) come out as float32 noise of the
     # model's largest gradients.

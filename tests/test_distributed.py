@@ -32,11 +32,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker(rank, world_size, port, split, result_path):
+def worker(rank, world_size, port, split, result_path, model_fields=None):
+    """One process of a DDP step of the tiny model (``model_fields``: more CusaConfig fields) on its share of
+    :func:`global_batch`; rank 0 saves the loss, logits shape, gathered ids and gradients."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    model = tiny_cusa_model(seed=0, gather_features=True)
+    model = tiny_cusa_model(seed=0, gather_features=True, **(model_fields or {}))
     model.train()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     start = sum(split[:rank])
@@ -48,6 +50,7 @@ def worker(rank, world_size, port, split, result_path):
         torch.save(
             {
                 "loss": output.loss.detach(),
+                "loss_itc": output.loss_itc.detach(),
                 "logits_shape": tuple(output.logits_per_image.shape),
                 "ids": gathered_ids,
                 "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},

@@ -4,12 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cusa_hf.contrastive_terms import info_nce, multi_positive_targets, soft_cross_entropy
 from cusa_hf.losses import (
     TeacherSoftLabels,
     csa_loss,
-    info_nce,
-    multi_positive_targets,
-    soft_cross_entropy,
     soft_label_diagnostics,
     soft_label_loss,
     teacher_soft_labels,

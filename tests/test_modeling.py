@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from tiny_models import tiny_clip_config, tiny_cusa_model
 
 from cusa_hf import CusaConfig, CusaModel
-from cusa_hf.losses import csa_loss, info_nce, teacher_soft_labels, usa_loss
+from cusa_hf.contrastive_terms import info_nce
+from cusa_hf.losses import csa_loss, teacher_soft_labels, usa_loss
 from cusa_hf.trainer import TemperatureClampCallback
 
 
@@ -263,28 +264,17 @@ def test_push_to_hub_uploads_the_checkpoint(monkeypatch):
 
 
 def test_checkpoint_loads_with_trust_remote_code_without_the_package(tmp_path):
-    import subprocess
-    import sys
-    import textwrap
+    from without_package import run_without_cusa_hf
 
     tiny_cusa_model().save_pretrained(tmp_path / "ckpt")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        class BlockCusa:
-            def find_spec(self, name, path=None, target=None):
-                if name == "cusa_hf" or name.startswith("cusa_hf."):
-                    raise ImportError("cusa_hf is blocked in this test")
-        sys.meta_path.insert(0, BlockCusa())
+    script = f"""
         import torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(tmp_path / "ckpt")!r}, trust_remote_code=True)
         assert type(model).__name__ == "CusaModel" and "cusa_hf" not in type(model).__module__
         print(model.get_image_features(torch.randn(1, 3, 32, 32)).shape)
         """
-    )
-    env = {**__import__("os").environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = run_without_cusa_hf(script, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "torch.Size([1, 16])" in result.stdout
 

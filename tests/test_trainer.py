@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from tiny_models import synthetic_dataset, tiny_clip_processor, tiny_cusa_model
@@ -40,6 +42,22 @@ def test_trainer_reduces_the_loss_and_logs_cusa_terms(tmp_path):
     temperatures = model.temperatures()
     assert 0.01 <= temperatures["itc_temperature"] <= 0.10
     assert 0.10 <= temperatures["csa_temperature"] <= 0.99
+
+
+def test_trainer_logs_the_sigmoid_terms_scale_and_bias_as_it_logs_temperatures(tmp_path):
+    dataset = synthetic_dataset(num_images=8, captions_per_image=2)
+    model = tiny_cusa_model(itc_loss="sigmoid")
+    args = training_args(tmp_path, num_train_epochs=2)  # 16 pairs in batches of 8: 4 steps, logged at steps 2 and 4
+    trainer = CusaTrainer(model=model, args=args, train_dataset=dataset, processing_class=tiny_clip_processor())
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    assert "itc_temperature" not in logs[-1] and "csa_temperature" in logs[-1]
+    # The last log is of the last step: the values the model ends with, trained away from log 10 and -10.
+    assert logs[-1]["itc_logit_scale"] == pytest.approx(float(model.itc_logit_scale.detach()), abs=1e-6)
+    assert logs[-1]["itc_logit_bias"] == pytest.approx(float(model.itc_logit_bias.detach()), abs=1e-6)
+    assert logs[0]["itc_logit_scale"] != pytest.approx(math.log(10), abs=1e-4)
+    assert logs[0]["itc_logit_bias"] != pytest.approx(-10.0, abs=1e-4)
 
 
 def test_authors_optimiser_settings(tmp_path):

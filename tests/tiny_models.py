@@ -129,3 +129,27 @@ def train_steps(model, pixels, ids, mask, image_ids, teacher_image, teacher_text
         optimizer.step()
         losses.append(out.loss.item())
     return losses
+
+
+def tiny_siglip_config(version: int = 1):
+    """A tiny random ``SiglipConfig`` (``version=1``) or ``Siglip2Config`` (``version=2``): 64 text positions, as SigLIP
+    pads every caption to 64 tokens; SigLIP 2's vision tower takes up to 16 NaFlex patches of 8 x 8 pixels."""
+    from transformers import Siglip2Config, SiglipConfig
+
+    text_config = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, vocab_size=len(WORDS) + 4,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    vision_config = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, patch_size=8)
+    if version == 1:
+        return SiglipConfig(text_config=text_config, vision_config=dict(vision_config, image_size=32))
+    return Siglip2Config(text_config=text_config, vision_config=dict(vision_config, num_patches=16))
+
+
+def tiny_siglip_processor(version: int = 1):
+    """The matching processor: SigLIP's fixed 32 x 32 images, or SigLIP 2's NaFlex patches (at most 16 of 8 x 8)."""
+    from transformers import Siglip2ImageProcessor, Siglip2Processor, SiglipImageProcessor, SiglipProcessor
+
+    if version == 1:
+        return SiglipProcessor(SiglipImageProcessor(size={"height": 32, "width": 32}), tiny_tokenizer())
+    return Siglip2Processor(Siglip2ImageProcessor(patch_size=8, max_num_patches=16), tiny_tokenizer())

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..backbones import RerankConfig
+from ..backbones import RerankConfig, adapter_class_of
 from .eval_view import RetrievalEvalView
 from ..images import load_image
 from .loaders import LabelledImages, StsData
@@ -133,15 +133,18 @@ def encode_images(
         num_workers: DataLoader workers decoding images.
     """
     unique, inverse = _unique(images)
+    # pixel_values and every other image input of the backbone (SigLIP 2's NaFlex pixel_attention_mask, spatial_shapes)
+    input_names = ("pixel_values", *adapter_class_of(model).image_input_names)
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
         pil_images = [load_image(unique[i], image_root, where=f"image {i}") for i in indices]
-        return {"pixel_values": image_processor(images=pil_images, return_tensors="pt")["pixel_values"]}
+        processed = image_processor(images=pil_images, return_tensors="pt")
+        return {name: processed[name] for name in input_names}
 
     kwargs = _head_kwargs(head, model.get_image_features)
 
-    def encode_batch(pixel_values: torch.Tensor) -> Any:
-        return model.get_image_features(pixel_values=pixel_values, **kwargs)
+    def encode_batch(**image_inputs: torch.Tensor) -> Any:
+        return model.get_image_features(**image_inputs, **kwargs)
 
     features = _encode(model, len(unique), collate, encode_batch, batch_size, accelerator, device, show_progress,
                        "encoding images")
@@ -161,22 +164,21 @@ def encode_texts(
 ) -> torch.Tensor:
     """L2-normalised `(len(captions), dim)` float32 text features; duplicate captions are encoded once.
 
-    Captions are truncated to ``max_length`` tokens (default: ``tokenizer.model_max_length``, 77 for CLIP).
+    Captions are tokenized as in training (the backbone adapter's ``tokenize_captions``), truncated to ``max_length``
+    tokens (default: the backbone's caption length, ``tokenizer.model_max_length`` or 77 for CLIP, 64 for SigLIP).
     Other arguments as in :func:`encode_images`.
     """
     unique, inverse = _unique([str(c) for c in captions])
-    if max_length is None and getattr(tokenizer, "model_max_length", None) is None:
-        raise ValueError("the tokenizer has no model_max_length; pass max_length")
+    tokenization = adapter_class_of(model)
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
-        tokens = tokenizer([unique[i] for i in indices], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt")
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        tokens = tokenization.tokenize_captions(tokenizer, [unique[i] for i in indices], max_length)
+        return {key: tokens[key] for key in ("input_ids", "attention_mask") if key in tokens}
 
     kwargs = _head_kwargs(head, model.get_text_features)
 
-    def encode_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
-        return model.get_text_features(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    def encode_batch(**text_inputs: torch.Tensor) -> Any:
+        return model.get_text_features(**text_inputs, **kwargs)
 
     features = _encode(model, len(unique), collate, encode_batch, batch_size, accelerator, device, show_progress,
                        "encoding texts")

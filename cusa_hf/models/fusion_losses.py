@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..losses import info_nce
+from ..contrastive_terms import info_nce
 
 
 def same_image_mask(batch_size: int, image_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:

@@ -34,6 +34,12 @@ class SgrafAdapter(BackboneAdapter):
 
     backbone: SgrafModel
 
+    @classmethod
+    def tokenize_captions(cls, tokenizer, captions, max_length=None):
+        """Word ids padded to the batch's longest caption, never truncated: the GRU reads captions of any length
+        (``max_length`` is not used)."""
+        return tokenizer(list(captions), padding=cls.text_padding, return_tensors="pt")
+
     def _pool_image(self, image_embeds: torch.Tensor, image_global: torch.Tensor | None = None) -> torch.Tensor:
         if self.backbone.config.usa_pooling == "mean":
             return image_embeds.mean(dim=1)

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ...evaluation.metrics import retrieval_metrics
 from ...evaluation.reranking import pairwise_similarity
+from .adapter import SgrafAdapter
 from .modeling_sgraf import SgrafModel
 
 PROTOCOLS = {"coco5k": 1, "f30k": 1, "coco1k": 5}  # protocol -> number of folds
@@ -138,7 +139,7 @@ def evaluate_sgraf(
     """Metrics of one model (SGR or SAF) or an ensemble (SGRAF) on a split, under ``protocol`` (see module doc)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}: expected one of {sorted(PROTOCOLS)}")
-    text = tokenizer(list(captions), padding=True, return_tensors="pt")
+    text = SgrafAdapter.tokenize_captions(tokenizer, captions)
     scorer = SgrafPairwiseScorer(models, region_features, text["input_ids"], text["attention_mask"], batch_size)
     return fold_metrics(scorer, text_to_image, PROTOCOLS[protocol], image_chunk, text_chunk, show_progress)
 
@@ -151,7 +152,7 @@ def sgraf_pairwise_scorer(region_features: np.ndarray | torch.Tensor, tokenizer,
         backbone = getattr(model, "backbone", model)
         rows = [int(row) for row in eval_view.images]
         features = region_features if rows == list(range(len(region_features))) else region_features[rows]
-        text = tokenizer(list(eval_view.captions), padding=True, return_tensors="pt")
+        text = SgrafAdapter.tokenize_captions(tokenizer, eval_view.captions)
         return SgrafPairwiseScorer(backbone, features, text["input_ids"], text["attention_mask"], batch_size)
 
     return scorer

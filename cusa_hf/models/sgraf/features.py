@@ -37,6 +37,7 @@ from ...evaluation.eval_view import RetrievalEvalView
 from ...images import load_image
 from ...offline_models import efficientnet_lite_timm
 from ...schema import TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN, stable_image_id
+from .adapter import SgrafAdapter
 
 SCAN_CAPTIONS_PER_IMAGE = 5
 
@@ -242,7 +243,7 @@ class SgrafDataCollator:
                 f"column {self.image_column!r} must hold feature row indices in [0, {len(self.features)}), got {bad[:5]}"
             )
         batch = {"pixel_values": torch.from_numpy(np.stack([np.asarray(self.features[i], dtype=np.float32) for i in indices]))}
-        text = self.tokenizer([row[self.caption_column] for row in rows], padding=True, return_tensors="pt")
+        text = SgrafAdapter.tokenize_captions(self.tokenizer, [row[self.caption_column] for row in rows])
         batch["input_ids"], batch["attention_mask"] = text["input_ids"], text["attention_mask"]
         if self.image_id_column in rows[0]:
             batch["image_ids"] = torch.tensor([stable_image_id(row[self.image_id_column]) for row in rows])
