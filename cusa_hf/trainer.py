@@ -3,8 +3,8 @@ evaluates through evaluator objects (a ``RetrievalEvaluator`` by default) and, w
 gradients over large batches.
 
 The collator lives in ``cusa_hf.collator``, the training split's preparation in ``cusa_hf.teachers.training_split``,
-the once-only checks in ``cusa_hf.training_checks`` and ``cusa_hf.frozen_towers``, output folders and checkpoints in ``cusa_hf.checkpoints``, the gradient-cache pieces in
-``cusa_hf.gradient_cache``."""
+the frozen towers' column check in ``cusa_hf.frozen_towers``, output folders and checkpoints in
+``cusa_hf.checkpoints``, the gradient-cache pieces in ``cusa_hf.gradient_cache``; the batch-size check is here."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Sequence
 
+import datasets
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -37,7 +38,7 @@ from .model_card import CusaModelCardCallback, CusaModelCardData
 from .optimization import parameter_groups
 from .schema import TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
 from .teachers.training_split import TrainingSplit, prepare_training_split
-from .training_checks import NonFiniteTrainingError, check_contrastive_batches
+from .training_checks import NonFiniteTrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class CusaTrainer(Trainer):
         if model is not None and train_dataset is not None:
             split = _prepare_training_split(model.config, train_dataset, data_collator)
             split = check_tower_columns(model, split, data_collator, processing_class)
-            check_contrastive_batches(args, split.dataset, getattr(model.config, "gather_features", False))
+            _check_contrastive_batches(args, split.dataset, getattr(model.config, "gather_features", False))
             train_dataset, data_collator = split.dataset, split.collate_with(data_collator)
         if evaluator is None and eval_dataset is not None:
             evaluator = _evaluator_for(eval_dataset, None, data_collator, args)
@@ -391,6 +392,41 @@ class CusaTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """The authors' rule (timm's ``add_weight_decay``): no weight decay on biases and 1-d parameters."""
         return [name for name, parameter in model.named_parameters() if parameter.ndim != 1 and not name.endswith(".bias")]
+
+
+def _check_contrastive_batches(args: TrainingArguments | None, dataset: Any, gather_features: bool) -> None:
+    """Refuse, before training, settings that certainly give a contrastive batch of one pair (whose loss and
+    gradients are exactly 0): a per-device batch of 1 (unless features are gathered across processes), a training
+    set of one row, or a last batch of one row; and a stream (``IterableDataset``) without ``max_steps``."""
+    if args is None:
+        return
+    if isinstance(dataset, datasets.IterableDataset) and args.max_steps <= 0:
+        raise ValueError(
+            "the training set is a stream (IterableDataset): it has no length, so num_train_epochs cannot say how long "
+            "to train. Set max_steps, the number of optimiser steps (e.g. epochs x training rows / "
+            "(per_device_train_batch_size x processes x gradient_accumulation_steps))"
+        )
+    processes = args.world_size if gather_features else 1
+    batch = args.per_device_train_batch_size
+    if batch * processes < 2:
+        raise ValueError(
+            f"per_device_train_batch_size={batch} gives contrastive batches of {batch * processes} pair: InfoNCE, CSA "
+            "and USA compare the pairs of a batch with each other, so every loss and gradient would be 0. Use 2 or more"
+        )
+    rows = len(dataset) if hasattr(dataset, "__len__") else None
+    if rows is None:
+        return
+    if rows < 2:
+        raise ValueError(f"the training set has {rows} row(s); a contrastive batch needs at least two image-text pairs")
+    if args.world_size == 1 and rows % batch == 1 and not args.dataloader_drop_last:
+        batches_per_epoch = -(-rows // batch)
+        # Under max_steps the epochs repeat until the step count is reached: the last batch comes once it is passed.
+        if args.max_steps <= 0 or args.max_steps * args.gradient_accumulation_steps >= batches_per_epoch:
+            reached = f" (max_steps={args.max_steps} reaches it)" if args.max_steps > 0 else ""
+            raise ValueError(
+                f"{rows} training rows in batches of {batch} leave a last batch of one pair{reached}, whose loss is 0 "
+                "and which the model refuses; pass dataloader_drop_last=True or change the batch size"
+            )
 
 
 def _prepare_training_split(config: Any, dataset: Any, collator: Any) -> TrainingSplit:
