@@ -8,6 +8,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    import torch
+
+    # pytest.ini runs the suite in pytest-xdist workers, each a process of its own: each computes on its share of the
+    # cores, since two workers with a thread per core each fight over the cores instead of sharing them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
