@@ -29,3 +29,10 @@ def coco_mini() -> Path:
     if path is None:
         pytest.skip("coco_mini not found at ../shared/data/coco_mini; set CUSA_COCO_MINI to its folder to run this test")
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """Files with a test marked slow first, the others after them in their order: pytest.ini hands whole files to the
+    workers in this order, and a long file handed out last would leave one worker running it alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
