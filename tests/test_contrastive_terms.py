@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_distributed import GLOBAL_BATCH, free_port, global_batch, worker
+from test_distributed import GLOBAL_BATCH, free_port, global_batch, result_name, worker
 from tiny_models import tiny_clip_config, tiny_cusa_model, tiny_siglip_config, tiny_siglip_processor
 
 from cusa_hf import CusaConfig, CusaModel
@@ -113,9 +113,8 @@ def test_unknown_itc_loss_is_refused_with_the_choices():
 
 
 def test_two_processes_with_gathered_features_equal_one_process_over_the_global_batch(tmp_path):
-    result_path = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, free_port(), (3, 5), str(result_path), {"itc_loss": "sigmoid"}), nprocs=2, join=True)
-    distributed = torch.load(result_path)
+    mp.spawn(worker, args=(2, free_port(), [(3, 5)], str(tmp_path), {"itc_loss": "sigmoid"}), nprocs=2, join=True)
+    distributed = torch.load(tmp_path / result_name((3, 5)))
 
     model = tiny_cusa_model(seed=0, itc_loss="sigmoid")
     model.train()

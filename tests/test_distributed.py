@@ -32,39 +32,53 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker(rank, world_size, port, split, result_path, model_fields=None):
-    """One process of a DDP step of the tiny model (``model_fields``: more CusaConfig fields) on its share of
-    :func:`global_batch`; rank 0 saves the loss, logits shape, gathered ids and gradients."""
+def worker(rank, world_size, port, splits, result_dir, model_fields=None):
+    """One process of a DDP step of the tiny model (``model_fields``: more CusaConfig fields) for each of ``splits``
+    of :func:`global_batch`; rank 0 saves the loss, logits shape, gathered ids and gradients of each."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    model = tiny_cusa_model(seed=0, gather_features=True, **(model_fields or {}))
-    model.train()
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    start = sum(split[:rank])
-    local = {key: value[start : start + split[rank]] for key, value in global_batch().items()}
-    output = ddp(**local, return_loss=True)
-    output.loss.backward()
-    gathered_ids = gather_with_grad(local["image_ids"])
-    if rank == 0:
-        torch.save(
-            {
-                "loss": output.loss.detach(),
-                "loss_itc": output.loss_itc.detach(),
-                "logits_shape": tuple(output.logits_per_image.shape),
-                "ids": gathered_ids,
-                "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
-            },
-            result_path,
-        )
+    for split in splits:  # one process group for every split: each spawn spends most of its time importing
+        model = tiny_cusa_model(seed=0, gather_features=True, **(model_fields or {}))
+        model.train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        start = sum(split[:rank])
+        local = {key: value[start : start + split[rank]] for key, value in global_batch().items()}
+        output = ddp(**local, return_loss=True)
+        output.loss.backward()
+        gathered_ids = gather_with_grad(local["image_ids"])
+        if rank == 0:
+            torch.save(
+                {
+                    "loss": output.loss.detach(),
+                    "loss_itc": output.loss_itc.detach(),
+                    "logits_shape": tuple(output.logits_per_image.shape),
+                    "ids": gathered_ids,
+                    "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+                },
+                os.path.join(result_dir, result_name(split)),
+            )
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("split", [(4, 4), (3, 5)])
-def test_two_process_gather_equals_one_process(tmp_path, split):
-    result_path = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, free_port(), split, str(result_path)), nprocs=2, join=True)
-    distributed = torch.load(result_path)
+SPLITS = [(4, 4), (3, 5)]
+
+
+def result_name(split) -> str:
+    return "rank0_" + "_".join(map(str, split)) + ".pt"
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    """Rank 0's loss, logits shape, gathered ids and gradients for each split of the global batch, from one spawn."""
+    result_dir = tmp_path_factory.mktemp("two_process")
+    mp.spawn(worker, args=(2, free_port(), SPLITS, str(result_dir)), nprocs=2, join=True)
+    return {split: torch.load(result_dir / result_name(split)) for split in SPLITS}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_two_process_gather_equals_one_process(two_process_results, split):
+    distributed = two_process_results[split]
 
     model = tiny_cusa_model(seed=0)
     model.train()
