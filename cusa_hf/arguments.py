@@ -201,20 +201,25 @@ class CusaTrainingArguments(TrainingArguments):
             "other parameter uses learning_rate. Each group follows the run's schedule from its own peak."
         },
     )
-    # The CusaConfig fields a run may set (cusa_field_names(RUN)), with CusaConfig's types.
+    # The CusaConfig fields a run may set (cusa_field_names(RUN)), with CusaConfig's types, in its order.
+    # Which terms are on, and their weights:
     csa_weight: float = _cusa_field("csa_weight")
     usa_weight: float = _cusa_field("usa_weight")
     use_csa: bool = _cusa_field("use_csa")
     use_usa: bool = _cusa_field("use_usa")
+    # The contrastive term and its temperature:
     itc_loss: str | None = _cusa_field("itc_loss")
     itc_temperature: float = _cusa_field("itc_temperature")
+    # The student's temperatures in CSA and USA:
     csa_temperature: float = _cusa_field("csa_temperature")
     usa_image_temperature: float = _cusa_field("usa_image_temperature")
     usa_text_temperature: float = _cusa_field("usa_text_temperature")
     learnable_temperatures: bool = _cusa_field("learnable_temperatures")
+    # The teachers' soft labels and how the student meets them:
     softlabel_temperature: float = _cusa_field("softlabel_temperature")
     softlabel_mode: str = _cusa_field("softlabel_mode")
     softlabel_loss: str = _cusa_field("softlabel_loss")
+    # The contrastive term's reduction, the model's projection and dropout, the cross-process exchange:
     itc_reduction: str = _cusa_field("itc_reduction")
     cross_projection: bool | None = _cusa_field("cross_projection")
     tower_dropout: float = _cusa_field("tower_dropout")

@@ -240,13 +240,9 @@ def evaluate_retrieval(
     model: torch.nn.Module,
     processor: Any,
     eval_view: RetrievalEvalView,
-    batch_size: int = 64,
-    text_batch_size: int = 256,
-    accelerator: Any = None,
-    head: str | None = "cross",
     rerank: RerankConfig | None = None,
-    device: torch.device | str | None = None,
     show_progress: bool = True,
+    **encoding: Any,
 ) -> dict[str, float]:
     """Encode an evaluation split once and compute the COCO/Flickr retrieval metrics.
 
@@ -256,14 +252,14 @@ def evaluate_retrieval(
         eval_view: the split's unique images, captions and caption -> image map (``RetrievalEvalView``).
         rerank: optional :class:`RerankConfig`; its ``itm_score`` takes indices into ``eval_view.images`` /
             ``eval_view.captions``.
+        encoding: how the split is encoded, as :func:`split_similarity` takes it (``batch_size``,
+            ``text_batch_size``, ``accelerator``, ``head``, ``device``).
 
     Returns:
         ``{"i2t_r1", ..., "t2i_r10", "rsum"}`` (percent); with ``rerank`` these are the reranked numbers and the
         dual-encoder ones are added with an ``itc_`` prefix. ``CusaTrainer`` reports them as ``eval_*``.
     """
-    similarity = split_similarity(
-        model, processor, eval_view, batch_size, text_batch_size, accelerator, head, device, show_progress
-    )
+    similarity = split_similarity(model, processor, eval_view, show_progress=show_progress, **encoding)
     metrics = retrieval_metrics(similarity, eval_view.text_to_image)
     if rerank is None:
         return metrics
