@@ -29,10 +29,10 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def grid_splits(tmp_path_factory):
-    """The first 1000 training captions (~200 images) and 500 test captions (~100 images) as grid features."""
+    """The first 500 training captions (~100 images) and 250 test captions (~50 images) as grid features."""
     folder = tmp_path_factory.mktemp("sgraf_grid")
     splits = {}
-    for split, count in (("train", 1000), ("test", 500)):
+    for split, count in (("train", 500), ("test", 250)):
         records = json.loads((COCO_MINI / f"{split}.json").read_text())[:count]
         subset = folder / f"{split}.json"
         subset.write_text(json.dumps(records))
