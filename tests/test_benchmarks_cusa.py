@@ -24,6 +24,12 @@ step_cost = load_benchmark("step_cost")
 cusa_gain = load_benchmark("cusa_gain")
 
 
+@pytest.fixture(scope="module")
+def quick_teacher_cache(tmp_path_factory) -> str:
+    """One teacher-feature cache for the quick gain runs: they share the quick data, so the teachers run once."""
+    return str(tmp_path_factory.mktemp("quick_teacher_cache"))
+
+
 def test_peak_tensor_memory_counts_new_storages_until_freed():
     features = torch.randn(1024, 256)
     with step_cost.PeakTensorMemory() as tracker:
@@ -84,10 +90,11 @@ def test_step_cost_quick_times_the_sigmoid_term(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow  # four tiny fine-tuning runs with the real pretrained student and teachers
-def test_cusa_gain_quick(tmp_path):
+def test_cusa_gain_quick(tmp_path, quick_teacher_cache):
     # One epoch per row instead of the default config's 50 (flags after "--" apply to every row): the rows, their
     # commands, summary and references are what is checked, not what 50 epochs learn.
-    argv = ["--quick", "--output_dir", str(tmp_path), "--", "--num_train_epochs", "1"]
+    argv = ["--quick", "--output_dir", str(tmp_path), "--teacher_cache_dir", quick_teacher_cache, "--",
+            "--num_train_epochs", "1"]
     summary = cusa_gain.main(argv)
     assert list(summary) == ["infonce", "csa", "usa", "cusa"]
     assert [entry["row"] for entry in summary.values()] == ["InfoNCE", "+CSA", "+USA", "CUSA"]
@@ -154,12 +161,14 @@ def test_finetune_ablation_quick(tmp_path):
 
 
 @pytest.mark.slow  # two tiny fine-tuning runs of the built-in student (frozen, cached towers) with the sigmoid term
-def test_cusa_gain_quick_with_the_sigmoid_term(tmp_path):
+def test_cusa_gain_quick_with_the_sigmoid_term(tmp_path, quick_teacher_cache):
     summary = cusa_gain.main(["--quick", "--itc_loss", "sigmoid", "--rows", "infonce", "cusa", "--references",
-                              "--output_dir", str(tmp_path)])  # fmt: skip
+                              "--output_dir", str(tmp_path), "--teacher_cache_dir", quick_teacher_cache,
+                              "--", "--num_train_epochs", "1"])  # fmt: skip
     assert [entry["row"] for entry in summary.values()] == ["sigmoid", "CUSA"]
     runs = json.loads((tmp_path / "gain_runs.json").read_text())
-    assert all("--itc_loss sigmoid" in run["command"] for run in runs.values())
+    assert all("--itc_loss sigmoid" in run["command"] and run["command"].endswith("--num_train_epochs 1")
+               for run in runs.values())
     for row in ("infonce", "cusa"):
         config = json.loads((tmp_path / f"{row}-seed0" / "config.json").read_text())
         assert config["itc_loss"] == "sigmoid" and config["use_csa"] == (row == "cusa")
