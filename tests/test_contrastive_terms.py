@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_distributed import GLOBAL_BATCH, free_port, global_batch, result_name, worker
+from test_distributed import GLOBAL_BATCH, global_batch, result_name, worker
 from tiny_models import tiny_clip_config, tiny_cusa_model, tiny_siglip_config, tiny_siglip_processor
+from two_process import free_port, start_processes
 
 from cusa_hf import CusaConfig, CusaModel
 from cusa_hf.contrastive_terms import SigmoidTerm, contrastive_term_class, info_nce
@@ -113,7 +113,7 @@ def test_unknown_itc_loss_is_refused_with_the_choices():
 
 
 def test_two_processes_with_gathered_features_equal_one_process_over_the_global_batch(tmp_path):
-    mp.spawn(worker, args=(2, free_port(), [(3, 5)], str(tmp_path), {"itc_loss": "sigmoid"}), nprocs=2, join=True)
+    start_processes(worker, args=(2, free_port(), [(3, 5)], str(tmp_path), {"itc_loss": "sigmoid"}))
     distributed = torch.load(tmp_path / result_name((3, 5)))
 
     model = tiny_cusa_model(seed=0, itc_loss="sigmoid")

@@ -1,13 +1,12 @@
 """Two CPU processes (gloo) with gathered features give the loss and gradients of one process on the global batch."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from tiny_models import tiny_cusa_model
+from two_process import free_port, start_processes
 
 from cusa_hf.distributed import gather_with_grad
 
@@ -24,12 +23,6 @@ def global_batch():
         teacher_image_embeds=torch.randn(GLOBAL_BATCH, 12, generator=generator),
         teacher_text_embeds=torch.randn(GLOBAL_BATCH, 10, generator=generator),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def worker(rank, world_size, port, splits, result_dir, model_fields=None):
@@ -72,7 +65,7 @@ def result_name(split) -> str:
 def two_process_results(tmp_path_factory):
     """Rank 0's loss, logits shape, gathered ids and gradients for each split of the global batch, from one spawn."""
     result_dir = tmp_path_factory.mktemp("two_process")
-    mp.spawn(worker, args=(2, free_port(), SPLITS, str(result_dir)), nprocs=2, join=True)
+    start_processes(worker, args=(2, free_port(), SPLITS, str(result_dir)))
     return {split: torch.load(result_dir / result_name(split)) for split in SPLITS}
 
 
