@@ -10,27 +10,21 @@ from pathlib import Path
 
 import pytest
 from tiny_models import tiny_cusa_model
+from two_process import call_in_another_process
 
 from cusa_hf.checkpoints import LOCK_FILE, RUN_MANIFEST, check_resumable, claim_output_dir
 
-CLAIM_IN_ANOTHER_PROCESS = r"""
-import sys
-from cusa_hf.checkpoints import claim_output_dir
-try:
-    claim_output_dir(sys.argv[1]).release()
-except ValueError as error:
-    print("REFUSED", error)
-else:
-    print("CLAIMED")
-"""
+def claim_and_release(folder: str) -> str:
+    try:
+        claim_output_dir(folder).release()
+    except ValueError as error:
+        return f"REFUSED {error}"
+    return "CLAIMED"
 
 
 def claim_elsewhere(folder) -> str:
     """What ``claim_output_dir(folder)`` says in another Python process."""
-    process = subprocess.run([sys.executable, "-c", CLAIM_IN_ANOTHER_PROCESS, str(folder)], capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-    assert process.returncode == 0, process.stderr[-2000:]
-    return process.stdout.strip()
+    return call_in_another_process(claim_and_release, str(folder))
 
 
 def finished_run(folder: Path) -> Path:

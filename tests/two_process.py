@@ -28,11 +28,24 @@ def free_port() -> int:
 PRELOADED_MODULES = ["torch", "torch.distributed", "accelerate", "transformers", "cusa_hf", "tiny_models"]
 
 
-def _in_environment(environment: dict[str, str], function: Callable, index: int, *args) -> None:
+def _in_environment(environment: dict[str, str], function: Callable, *args):
     # A fork server's child inherits the server's environment from when it started: give it the caller's of now.
     os.environ.clear()
     os.environ.update(environment)
-    function(index, *args)
+    return function(*args)
+
+
+def _fork_server() -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOADED_MODULES)
+    return context
+
+
+def call_in_another_process(function: Callable, *args):
+    """``function(*args)`` in another process (a child of the fork server, with this process's environment); returns
+    its result."""
+    with _fork_server().Pool(1) as pool:
+        return pool.apply(functools.partial(_in_environment, dict(os.environ), function), args)
 
 
 def start_processes(function: Callable, args: tuple = (), num_processes: int = 2) -> None:
@@ -40,7 +53,7 @@ def start_processes(function: Callable, args: tuple = (), num_processes: int = 2
     child, joined) with children forked from a fork server that has imported ``PRELOADED_MODULES``."""
     from torch.multiprocessing import start_processes as torch_start_processes
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOADED_MODULES)
+    _fork_server()
     torch_start_processes(functools.partial(_in_environment, dict(os.environ), function), args=args,
                           nprocs=num_processes, start_method="forkserver")  # fmt: skip
 
