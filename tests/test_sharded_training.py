@@ -120,11 +120,12 @@ def accelerate_launch(tmp_path, config_file, backbone, data, num_processes, *ext
     return output, result.stdout + result.stderr
 
 
-def check_like_one_process(tmp_path, backbone, data, output, num_processes, log):
-    """Weights and metrics of the sharded run equal one process on the same global batches; the sharded run
-    trained (the loss was logged from every step), only rank 0 uploaded, and its upload holds the checkpoint."""
+def check_like_one_process(tmp_path, backbone, data, output, num_processes, log, *extra):
+    """Weights and metrics of the sharded run equal one process on the same global batches (``extra``: the sharded
+    run's further flags); the sharded run trained (the loss was logged from every step), only rank 0 uploaded, and
+    its upload holds the checkpoint."""
     single = run_cusa.main(tiny_run_args(backbone, data, tmp_path / "one", *COMMON, "--per_device_train_batch_size", "8",
-                                         "--teacher_cache_dir", str(tmp_path / "cache_one")))  # fmt: skip
+                                         "--teacher_cache_dir", str(tmp_path / "cache_one"), *extra))  # fmt: skip
     assert "'loss'" in log and "'loss_csa'" in log
     one = CusaModel.from_pretrained(tmp_path / "one").state_dict()
     sharded = CusaModel.from_pretrained(output).state_dict()
@@ -206,14 +207,18 @@ def test_a_fully_sharded_model_saves_the_checkpoint_of_an_unwrapped_one(tmp_path
 
 
 @pytest.mark.slow
-def test_fsdp_two_cpu_processes_train_save_and_push_like_one(tiny_backbone, shapes, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("itc_loss", ["infonce", "sigmoid"])
+def test_fsdp_two_cpu_processes_train_save_and_push_like_one(tiny_backbone, shapes, tmp_path, itc_loss):  # noqa: F811
     """FSDP2 full shard in two gloo processes, features gathered: the checkpoint (full state dict gathered on rank 0,
     safetensors) loads with CusaModel.from_pretrained and equals one process trained on the same global batches;
-    validation and test metrics match; push_to_hub has every rank join the save and rank 0 alone upload."""
-    output, log = accelerate_launch(tmp_path, fsdp_cpu_config(tmp_path), tiny_backbone, shapes, 2, *PUSH, cpu=True,
-                                    per_device_batch=4)  # fmt: skip
+    validation and test metrics match; push_to_hub has every rank join the save and rank 0 alone upload. With either
+    contrastive term (the sigmoid term's two scalars are sharded as InfoNCE's temperature is)."""
+    term = ["--itc_loss", itc_loss]
+    output, log = accelerate_launch(tmp_path, fsdp_cpu_config(tmp_path), tiny_backbone, shapes, 2, *PUSH, *term,
+                                    cpu=True, per_device_batch=4)  # fmt: skip
     assert "trained with fsdp=True as FSDPCusaModel" in log  # accelerate wrapped the model with fully_shard
-    check_like_one_process(tmp_path, tiny_backbone, shapes, output, 2, log)
+    assert json.loads((output / "config.json").read_text())["itc_loss"] == itc_loss
+    check_like_one_process(tmp_path, tiny_backbone, shapes, output, 2, log, *term)
 
 
 @pytest.mark.slow
