@@ -63,6 +63,11 @@ def test_run_cusa_trains_from_shards_and_needs_max_steps(coco_shards, tiny_backb
     metrics = results["cusa"]
     assert 0 <= metrics["test_rsum"] <= 600 and "validation_rsum" in metrics
     assert (tmp_path / "run" / "model.safetensors").is_file() and "cusa-hf" in (tmp_path / "run" / "README.md").read_text()
+    # The sigmoid term trains from the stream too (its positives by image id, as the stream's batches hold them).
+    sigmoid = run_cusa.main(tiny_run_args(tiny_backbone, folder, tmp_path / "sigmoid", *settings, "--max_steps", "3",
+                                          "--itc_loss", "sigmoid"))["cusa"]  # fmt: skip
+    assert 0 <= sigmoid["test_rsum"] <= 600
+    assert json.loads((tmp_path / "sigmoid" / "config.json").read_text())["itc_loss"] == "sigmoid"
 
 
 # ------------------------------------------------------------------------------------------------------- damaged shards
