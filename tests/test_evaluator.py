@@ -19,9 +19,9 @@ from cusa_hf.evaluation.eccv import eccv_metrics
 from cusa_hf.evaluation.eccv_evaluator import EccvEvaluator
 from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_retrieval, split_similarity
 from cusa_hf.evaluation.evaluator import Evaluator, SequentialEvaluator
-from cusa_hf.evaluation.loaders import StsData
-from cusa_hf.evaluation.unimodal import sts_spearman
-from cusa_hf.evaluation.unimodal_evaluators import StsEvaluator
+from cusa_hf.evaluation.loaders import LabelledImages, StsData
+from cusa_hf.evaluation.unimodal import image_retrieval_r1, sts_spearman
+from cusa_hf.evaluation.unimodal_evaluators import ImageRetrievalEvaluator, StsEvaluator
 from cusa_hf.model_card import metrics_from_eval_results, render_model_card
 from cusa_hf.trainer import CusaTrainer, cusa_training_arguments
 
@@ -253,6 +253,17 @@ def test_sts_and_eccv_evaluators_compute_their_metrics(setup):
     features = encode_texts(model, data.sentences1 + data.sentences2, processor.tokenizer, 8, "uni", show_progress=False)
     expected = sts_spearman(features[:4], features[4:], data.scores)
     assert StsEvaluator(data, show_progress=False)(model, processor) == {"eval_sts_spearman": pytest.approx(expected)}
+    # Image retrieval R@1 of the USA image head: leave-one-out, and queries against a gallery, under a prefix given.
+    view = build_eval_view(dataset)
+    images = LabelledImages(view.images, [index % 2 for index in range(len(view.images))])
+    features = encode_images(model, images.images, processor.image_processor, 4, "uni", show_progress=False)
+    evaluator = ImageRetrievalEvaluator(images, batch_size=4, show_progress=False)
+    assert evaluator(model, processor) == {"eval_image_r1": pytest.approx(image_retrieval_r1(features, images.labels))}
+    queries, gallery = LabelledImages(images.images[:2], [0, 1]), LabelledImages(images.images[2:], images.labels[2:])
+    against = ImageRetrievalEvaluator(queries, gallery=gallery, head="cross", show_progress=False)
+    cross = encode_images(model, images.images, processor.image_processor, 4, "cross", show_progress=False)
+    expected = image_retrieval_r1(cross[:2], [0, 1], cross[2:], images.labels[2:])
+    assert against(model, processor, metric_key_prefix="test") == {"test_image_r1": pytest.approx(expected)}
 
     # COCO ids are integers.
     coco_ids = [int(image_id.removeprefix("img")) for image_id in dataset["image_id"]]
