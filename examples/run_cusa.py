@@ -11,8 +11,9 @@ Settings come from three dataclasses (``cusa_hf.arguments``: model, data, ``Cusa
 YAML/JSON file given as the first argument, or both (flags override the file). Without a config file and without
 ``--backbone`` the script starts from ``examples/configs/builtin_default.yaml``: a dual encoder of frozen pretrained
 EfficientNet-Lite0 + MiniLM towers trained on coco_mini (else the CUSA authors' example data, fetched once; offline,
-generated shapes) as the InfoNCE baseline and with CUSA, on CPU. ``--backbone sgraf`` (or a saved SGR/SAF folder)
-trains on precomputed region features (``--features_dir``) and tests under ``--eval_protocol`` (docs/sgraf.md).
+generated shapes) as the baseline (its contrastive term alone: InfoNCE, or ``--itc_loss sigmoid``) and with CUSA, on
+CPU. ``--backbone sgraf`` (or a saved SGR/SAF folder) trains on precomputed region features (``--features_dir``) and
+tests under ``--eval_protocol`` (docs/sgraf.md).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Run:
 
 
 def train_one(name: str, cusa_on: bool, run: Run) -> dict[str, float]:
-    """Train one model (CUSA when ``cusa_on``, else the InfoNCE baseline), evaluate it on validation and test, save it
+    """Train one model (CUSA when ``cusa_on``, else the baseline: the contrastive term alone), evaluate it on validation and test, save it
     with its model card and push it; returns its metrics."""
     model_args, data_args, training_args, splits = run.model_args, run.data_args, run.training_args, run.data.splits
     processor = run.data.processor
@@ -68,12 +69,12 @@ def train_one(name: str, cusa_on: bool, run: Run) -> dict[str, float]:
         splits = cache_frozen_towers(model, splits, processor, model_args, data_args, not training_args.disable_tqdm)
     run_args = dataclasses.replace(training_args)
     if not cusa_on and run_args.learning_rate_mapping:
-        # The InfoNCE model has no USA heads and no CSA temperature: patterns naming only those apply to CUSA runs.
+        # The baseline has no USA heads and no CSA temperature: patterns naming only those apply to CUSA runs.
         unused = unmatched_patterns(model, run_args.learning_rate_mapping)
         if unused:
             kept = {pattern: rate for pattern, rate in run_args.learning_rate_mapping.items() if pattern not in unused}
             run_args.learning_rate_mapping = kept or None
-            logger.warning("learning_rate_mapping pattern(s) %s match no trainable parameter of the InfoNCE model "
+            logger.warning("learning_rate_mapping pattern(s) %s match no trainable parameter of the baseline model "
                            "(no USA heads or CSA temperature): they apply to the CUSA run only", unused)  # fmt: skip
     if name != "single":  # each run of a comparison has its own folder and Hub repo (me/x and me/x-baseline)
         run_args.output_dir, run_args.run_name = os.path.join(training_args.output_dir, name), name

@@ -484,7 +484,7 @@ def test_a_comparison_with_a_learning_rate_mapping_for_the_usa_heads(tiny_backbo
         results = run_cusa.main(tiny_run_args(tiny_backbone, shapes, tmp_path / "run", *mapping))
     assert set(results) == {"baseline", "cusa"}
     warnings = [record.getMessage() for record in caplog.records if "learning_rate_mapping" in record.getMessage()]
-    assert warnings == ["learning_rate_mapping pattern(s) ['^usa_'] match no trainable parameter of the InfoNCE model "
+    assert warnings == ["learning_rate_mapping pattern(s) ['^usa_'] match no trainable parameter of the baseline model "
                         "(no USA heads or CSA temperature): they apply to the CUSA run only"]  # fmt: skip
     cusa = CusaModel.from_pretrained(tmp_path / "run" / "cusa")
     # At 1e-30 the backbone does not move; the USA heads, at 0.5 (Adam's first step moves each weight by about the
