@@ -44,7 +44,8 @@ LOGGED = ("loss_itc", "loss_csa", "loss_usa", "softlabel_entropy_image", "softla
           "csa_temperature", "usa_image_temperature", "usa_text_temperature")  # fmt: skip
 TAIL_LOGS = 3
 SUMMARY_COLUMNS = ("validation_rsum", "test_rsum", "tt_map_uni", "tt_map_cross", "loss_itc", "loss_csa", "loss_usa",
-                   "softlabel_entropy_image", "usa_head_norm", "wall_s")  # fmt: skip
+                   "softlabel_entropy_image", "itc_temperature", "csa_temperature", "usa_image_temperature",
+                   "usa_text_temperature", "usa_head_norm", "wall_s")  # fmt: skip
 
 
 def logged_values(run_dir: Path) -> dict[str, float]:
@@ -105,7 +106,8 @@ def summarize(runs: list[dict], variants: list[str], references: dict[str, str])
         return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
     header = ["variant", "seeds", "val RSUM", "test RSUM", "val gain", "test gain (per seed)", "tt mAP uni",
-              "tt mAP cross", "loss_itc", "loss_csa", "loss_usa", "soft-label entropy", "USA head norm", "run s"]  # fmt: skip
+              "tt mAP cross", "loss_itc", "loss_csa", "loss_usa", "soft-label entropy", "τ_itc end", "τ_c end",
+              "τ_u end (image / text)", "USA head norm", "run s"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in variants:
         seeds = sorted(seed for (name, seed) in by_key if name == variant)
@@ -121,12 +123,15 @@ def summarize(runs: list[dict], variants: list[str], references: dict[str, str])
                     for name in gains:
                         gains[name].append(row[name] - by_key[(reference, seed)][name])
         per_seed = ", ".join(f"{gain:+.1f}" for gain in gains["test_rsum"])
+        usa_temperatures = (f"{cell(column['usa_image_temperature'], 3)} / {cell(column['usa_text_temperature'], 3)}"
+                            if column["usa_image_temperature"] else "-")  # fmt: skip
         lines.append("| " + " | ".join([
             variant, str(len(seeds)), cell(column["validation_rsum"]), cell(column["test_rsum"]),
             cell(gains["validation_rsum"]), f"{cell(gains['test_rsum'])} ({per_seed})" if per_seed else "-",
             cell(column["tt_map_uni"]), cell(column["tt_map_cross"]), cell(column["loss_itc"], 4),
             cell(column["loss_csa"], 3), cell(column["loss_usa"], 3), cell(column["softlabel_entropy_image"], 2),
-            cell(column["usa_head_norm"], 1), cell(column["wall_s"], 0),
+            cell(column["itc_temperature"], 3), cell(column["csa_temperature"], 3),
+            usa_temperatures, cell(column["usa_head_norm"], 1), cell(column["wall_s"], 0),
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
 

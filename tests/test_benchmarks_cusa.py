@@ -158,6 +158,11 @@ def test_finetune_ablation_quick(tmp_path):
     assert "| - | - |" in variant_row(table, "infonce")
     assert f"({swapped_gain:+.1f})" in variant_row(swapped, "infonce")  # now a gain over the CUSA run
     assert "| - | - |" in variant_row(swapped, "cusa-headlr")  # its own reference: no gain
+    # The temperatures each run ended at: InfoNCE's for both, CSA's and USA's only where CUSA trained them.
+    cusa_row = variant_row(table, "cusa-headlr")
+    for name in ("itc_temperature", "csa_temperature", "usa_image_temperature", "usa_text_temperature"):
+        assert f"{runs['cusa-headlr'][name]:.3f}" in cusa_row
+    assert f"| {runs['infonce']['itc_temperature']:.3f} | - | - |" in variant_row(table, "infonce")
 
 
 @pytest.mark.slow  # two tiny fine-tuning runs of the built-in student (frozen, cached towers) with the sigmoid term
