@@ -1,4 +1,4 @@
-"""Time `cusa_hf.evaluation.retrieval_metrics` against the authors' per-query argsort loop, in one run.
+"""Time `cusa_hf.evaluation.metrics.retrieval_metrics` against the authors' per-query argsort loop, in one run.
 
 The CUSA authors' `itm_eval` sorts every query's scores (`np.argsort(score)[::-1]`) and searches the positives in
 the order: 5000 sorts of 25000 scores plus 25000 sorts of 5000 scores at COCO 5K. `retrieval_metrics` counts, per

@@ -24,6 +24,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .backbone_recipes import named_backbone_recipe
 from .configuration_cusa import RUN, CusaConfig, cusa_field_names
 from .contrastive_terms import contrastive_term_class
 from .offline_models import BUILTIN_BACKBONE
@@ -291,11 +292,12 @@ def parse_arguments(
 def _check_builtin_only_flags(argv: Sequence[str], model_args: ModelArguments) -> None:
     """Refuse ``--projection_dim`` with a backbone it does not apply to, rather than ignore it."""
     given = _flag_value(argv, "projection_dim")
-    if given is not None and model_args.backbone != BUILTIN_BACKBONE:
+    recipe = named_backbone_recipe(model_args.backbone)
+    if given is not None and not (recipe is not None and recipe.takes_projection_dim):
         raise ValueError(
-            f"--projection_dim {given} sets the projection width of the built-in dual encoder ({BUILTIN_BACKBONE}) "
-            f"only; --backbone {model_args.backbone} keeps its own width (a CUSA checkpoint its trained projectors). "
-            "Leave --projection_dim out"
+            f"projection_dim={given} sets the projection width of the built-in dual encoder ({BUILTIN_BACKBONE}) "
+            f"only; backbone={model_args.backbone!r} keeps its own width (a CUSA checkpoint its trained projectors). "
+            "Leave projection_dim out"
         )
 
 

@@ -68,9 +68,12 @@ class BackboneRecipe:
 
     Attributes:
         card_text: how a model card names a backbone of this recipe's registered names (``None``: by its name).
+        takes_projection_dim: the recipe builds the backbone's projections itself, ``ModelArguments.projection_dim``
+            wide; other backbones keep their own width, and a run that sets it for them is refused.
     """
 
     card_text: str | None = None
+    takes_projection_dim: bool = False
 
     def check(self, model_args: Any) -> None:
         """Refuse settings this family cannot run, before anything slow."""

@@ -33,12 +33,11 @@ import datasets
 import torch
 
 from .backbones import TOWER_NAMES
-from .schema import IMAGE_TOWER_COLUMN, TEXT_TOWER_COLUMN
+from .schema import IMAGE_TOWER_COLUMN, MODALITIES, TEXT_TOWER_COLUMN
 from .teachers.feature_cache import FeatureCacheOptions, FeatureColumns, FeatureSource, add_feature_columns
 from .teachers.training_split import FeatureSplit
 from .teachers.registry import processor_json, weights_sha256
 
-MODALITIES = tuple(TOWER_NAMES)
 
 
 def _separable_adapter(model: Any, modality: str = "image"):

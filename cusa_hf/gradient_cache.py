@@ -19,10 +19,11 @@ from transformers import TrainingArguments
 from .distributed import is_distributed
 from .losses import CusaLossOutput
 from .modeling_cusa import CusaOutput
+from .schema import TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
 
 #: Batch entries that only the loss reads, for the whole batch at once; every other tensor of a batch is a per-pair
 #: model input, which a chunked step cuts into chunks.
-LOSS_INPUTS = ("image_ids", "teacher_image_embeds", "teacher_text_embeds")
+LOSS_INPUTS = ("image_ids", TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN)
 #: The outputs of ``CusaModel.forward(return_loss=False)`` that the loss reads (the USA ones are None without heads).
 EMBEDDING_FIELDS = ("image_embeds", "text_embeds", "uni_image_embeds", "uni_text_embeds")
 

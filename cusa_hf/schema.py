@@ -30,6 +30,8 @@ TEACHER_TEXT_COLUMN = "teacher_text_embeds"
 #: The cached pooled output of a frozen vision / text tower (``cusa_hf.frozen_towers``).
 IMAGE_TOWER_COLUMN = "image_tower_features"
 TEXT_TOWER_COLUMN = "text_tower_features"
+#: The two modalities, which name feature sources and towers.
+MODALITIES = ("image", "text")
 #: What made each feature column above, teachers and frozen towers alike (``cusa_hf.teachers.provenance``). Its name
 #: predates the frozen towers; it is kept because saved datasets and the feature caches carry it.
 PROVENANCE_COLUMN = "teacher_provenance"

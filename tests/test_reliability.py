@@ -201,10 +201,16 @@ def test_a_setting_given_twice_in_a_config_file_is_refused_naming_key_and_lines(
 
 def test_projection_dim_with_a_backbone_it_does_not_shape_is_refused(tmp_path):
     from cusa_hf.arguments import parse_arguments
+    from cusa_hf.backbone_recipes import backbone_recipe
 
-    with pytest.raises(ValueError, match=r"--projection_dim 8 sets the projection width of the built-in dual encoder .*"
-                                         r"--backbone .*ckpt keeps its own width"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"projection_dim=8 sets the projection width of the built-in dual encoder .*"
+                                         r"backbone='.*ckpt' keeps its own width"):  # fmt: skip
         parse_arguments(["--backbone", str(tmp_path / "ckpt"), "--projection_dim", "8", "--output_dir", str(tmp_path)])
+    # SGR/SAF builds no projections either; the built-in student's recipe builds them projection_dim wide.
+    with pytest.raises(ValueError, match=r"projection_dim=8 .* backbone='sgraf' keeps its own width"):
+        parse_arguments(["--backbone", "sgraf", "--projection_dim", "8", "--output_dir", str(tmp_path)])
+    model_args, _, _ = parse_arguments(["--projection_dim", "8", "--output_dir", str(tmp_path)])
+    assert model_args.projection_dim == 8 and backbone_recipe(model_args.backbone).new_backbone(model_args).projection_dim == 8
 
 
 def test_from_backbone_names_a_comparison_folder_and_an_unloadable_hub_id(tmp_path):

@@ -13,7 +13,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..images import load_image
-from ..schema import first_row_per_image, is_caption, normalize_image_ids
+from ..schema import (
+    CAPTION_COLUMN,
+    IMAGE_COLUMN,
+    IMAGE_ID_COLUMN,
+    IMAGE_TOWER_COLUMN,
+    TEXT_TOWER_COLUMN,
+    first_row_per_image,
+    is_caption,
+    normalize_image_ids,
+)
 from ..teachers.image_tables import image_feature_tables
 
 
@@ -87,12 +96,12 @@ class RetrievalEvalView:
 
 def build_eval_view(
     dataset: datasets.Dataset,
-    image_column: str = "image",
-    caption_column: str = "caption",
-    image_id_column: str = "image_id",
+    image_column: str = IMAGE_COLUMN,
+    caption_column: str = CAPTION_COLUMN,
+    image_id_column: str = IMAGE_ID_COLUMN,
     image_root: str | os.PathLike | None = None,
-    image_tower_column: str | None = "image_tower_features",
-    text_tower_column: str | None = "text_tower_features",
+    image_tower_column: str | None = IMAGE_TOWER_COLUMN,
+    text_tower_column: str | None = TEXT_TOWER_COLUMN,
 ) -> RetrievalEvalView:
     """The evaluation view (unique images, all captions, caption->image and image->captions maps), built once.
 

@@ -45,6 +45,7 @@ def builtin_processor() -> VisionTextDualEncoderProcessor:
 class BuiltinStudentRecipe(BackboneRecipe):
     """The built-in student on image-caption data: its towers and processor built here, not loaded by name."""
 
+    takes_projection_dim = True
     card_text = (
         f"the built-in dual encoder (`{BUILTIN_BACKBONE}`: pretrained EfficientNet-Lite0 image tower and all-MiniLM-L6-v2 "
         "text tower, installed from PyPI, with new projections)"

@@ -50,13 +50,12 @@ from tqdm.auto import tqdm
 from ..images import BadImageError, load_image
 from ..schema import first_row_per_image, is_caption
 from .image_tables import index_column
-from ..schema import PROVENANCE_COLUMN, TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
+from ..schema import MODALITIES, PROVENANCE_COLUMN, TEACHER_IMAGE_COLUMN, TEACHER_TEXT_COLUMN
 from .provenance import PER_IMAGE_LAYOUT, PROVENANCE_FORMAT, read_feature_provenance
 
 logger = logging.getLogger(__name__)
 
 STORAGE_DTYPES = ("float32", "float16")
-MODALITIES = ("image", "text")
 # Cached-table column naming why a row's image failed (null when it did not); never part of the returned dataset.
 _ERROR_COLUMN = "_cusa_image_error"
 # A loader of batch inputs: indices -> (inputs, the indices they belong to, {index: error} for inputs that failed).
