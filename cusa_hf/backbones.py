@@ -99,8 +99,21 @@ class BackboneAdapter:
     #: the tokenizer's own limit.
     trained_caption_length: int | None = None
 
+    #: The backbone's own contrastive scalars (CLIP's ``logit_scale``, SigLIP's ``logit_scale`` / ``logit_bias``).
+    #: CUSA's loss does not read them unless its contrastive term takes them (:meth:`own_contrastive_scalars`), so
+    #: they are frozen (:meth:`freeze_backbone_scalars`): DDP refuses a parameter without a gradient.
+    backbone_scalar_names: tuple[str, ...] = ()
+
     def __init__(self, backbone: PreTrainedModel):
         self.backbone = backbone
+        self.freeze_backbone_scalars()
+
+    def freeze_backbone_scalars(self) -> None:
+        """Freeze the backbone's own contrastive scalars (:attr:`backbone_scalar_names`) that it has."""
+        for name in self.backbone_scalar_names:
+            parameter = getattr(self.backbone, name, None)
+            if parameter is not None:
+                parameter.requires_grad_(False)
 
     @classmethod
     def build_backbone(cls, config: PreTrainedConfig) -> PreTrainedModel:
@@ -386,13 +399,11 @@ class ClipAdapter(BackboneAdapter):
     has_separable_text_tower = True
     #: The pooling of ``get_text_features`` for this backbone family.
     default_text_pooling = "pooler"
+    # CUSA scores with its own learnable InfoNCE temperature, not CLIP's logit_scale.
+    backbone_scalar_names = ("logit_scale",)
 
     def __init__(self, backbone: PreTrainedModel):
         super().__init__(backbone)
-        # CUSA scores with its own learnable InfoNCE temperature; the backbone's logit_scale would be a parameter
-        # without gradient, which DDP rejects, so it is frozen.
-        if getattr(backbone, "logit_scale", None) is not None:
-            backbone.logit_scale.requires_grad_(False)
         self.text_pooling = getattr(backbone.config, "text_pooling", None) or self.default_text_pooling
         if self.text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"backbone config text_pooling={self.text_pooling!r} is not one of {list(TEXT_POOLINGS)}")

@@ -279,9 +279,6 @@ class CusaLoss(nn.Module):
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         *,
-        itc_temperature: torch.Tensor | float | None = None,
-        itc_logit_scale: torch.Tensor | None = None,
-        itc_logit_bias: torch.Tensor | None = None,
         csa_temperature: torch.Tensor | float | None = None,
         usa_image_temperature: torch.Tensor | float | None = None,
         usa_text_temperature: torch.Tensor | float | None = None,
@@ -292,12 +289,11 @@ class CusaLoss(nn.Module):
         teacher_text_embeds: torch.Tensor | None = None,
         pair_similarity: torch.Tensor | None = None,
         itc_terms: dict[str, torch.Tensor] | None = None,
+        **itc_scalars: torch.Tensor | float | None,
     ) -> CusaLossOutput:
         """
         Args:
             image_embeds, text_embeds: `(batch_size, dim)` L2-normalised cross-modal embeddings of aligned pairs.
-            itc_temperature: InfoNCE temperature (``None``: the similarities are already logits).
-            itc_logit_scale, itc_logit_bias: the sigmoid term's log-scale and bias (``itc_loss="sigmoid"``).
             csa_temperature, usa_image_temperature, usa_text_temperature: needed while CSA / USA are active.
             uni_image_embeds, uni_text_embeds: `(batch_size, feature_dim)` L2-normalised USA-head embeddings.
             image_ids: `(batch_size,)` image id per pair; pairs sharing one are all positives of each other.
@@ -306,6 +302,9 @@ class CusaLoss(nn.Module):
                 instead of ``image_embeds @ text_embeds.T``; such scores cannot be gathered.
             itc_terms: the backbone's own loss terms (X2VLM's ITC + ITM), summed into ``loss_itc`` instead of the
                 contrastive term.
+            **itc_scalars: the contrastive term's learnable scalars, by the names it declares
+                (``ContrastiveTerm.scalar_names``): InfoNCE's ``itc_temperature`` (``None``: the similarities are
+                already logits), the sigmoid term's ``itc_logit_scale`` and ``itc_logit_bias``.
         """
         batch_size = image_embeds.shape[0]
         if text_embeds.shape[0] != batch_size:
@@ -329,8 +328,16 @@ class CusaLoss(nn.Module):
             similarity = pair_similarity
         else:
             similarity = global_image_embeds @ global_text_embeds.t()
-        offered = {"itc_temperature": itc_temperature, "itc_logit_scale": itc_logit_scale, "itc_logit_bias": itc_logit_bias}
-        scalars = {name: offered[name] for name in self.itc_term.scalar_names}
+        # A scalar given as None is absent (a model passes every temperature field it may have); a value for a scalar
+        # the term does not read would be dropped unnoticed.
+        given = [name for name, value in itc_scalars.items() if value is not None]
+        unknown = sorted(set(given) - set(self.itc_term.scalar_names))
+        if unknown:
+            raise TypeError(
+                f"CusaLoss got {unknown}, which the {self.itc_term.name!r} contrastive term does not take; its scalars "
+                f"are {list(self.itc_term.scalar_names)}"
+            )
+        scalars = {name: itc_scalars.get(name) for name in self.itc_term.scalar_names}
         global_image_ids = self.gather(image_ids) if image_ids is not None else None
         if itc_terms is None:
             loss_itc, logits_per_image = self.itc_term(similarity, global_image_ids, **scalars)

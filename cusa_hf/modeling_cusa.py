@@ -166,7 +166,7 @@ class CusaPreTrainedModel(PreTrainedModel):
                     f"CusaModel.from_backbone({str(pretrained_model_name_or_path)!r})"
                 )
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         except SafetensorError as error:
             if not os.path.isdir(pretrained_model_name_or_path):
                 raise OSError(
@@ -177,6 +177,10 @@ class CusaPreTrainedModel(PreTrainedModel):
             if damaged is None:
                 raise
             raise damaged from None
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
+        if isinstance(model, CusaModel):
+            model.set_scalars_trainable()
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
         """``PreTrainedModel.save_pretrained``, also of a model that FSDP2's ``fully_shard`` has re-classed as torch's
@@ -269,19 +273,27 @@ class CusaModel(CusaPreTrainedModel):
         # Temperatures (and the contrastive term's scalars) exist only where they are used, so DDP never sees a
         # parameter without a gradient. The term's scalars are the backbone's where it brings trained ones.
         scalars = {} if self.adapter.has_original_loss else itc_term_class.initial_scalars(config)
-        for name, parameter in self.adapter.own_contrastive_scalars(config.itc_loss).items():
-            parameter.requires_grad_(config.learnable_temperatures)
+        for name in self.adapter.own_contrastive_scalars(config.itc_loss):
             scalars.pop(name)
         if config.use_csa:
             scalars["csa_temperature"] = config.csa_temperature
         if config.use_usa:
             scalars.update(usa_image_temperature=config.usa_image_temperature, usa_text_temperature=config.usa_text_temperature)
         for name, value in scalars.items():
-            parameter = nn.Parameter(torch.tensor(float(value)))
-            parameter.requires_grad_(config.learnable_temperatures)
-            self.register_parameter(name, parameter)
+            self.register_parameter(name, nn.Parameter(torch.tensor(float(value))))
+        self.set_scalars_trainable()
         self.cusa_loss = CusaLoss.from_config(config)
         self.post_init()
+
+    def set_scalars_trainable(self) -> None:
+        """Train the loss's scalars (this model's temperatures and contrastive-term scalars, and the backbone's own
+        where the term takes them) as ``config.learnable_temperatures`` says, and freeze the backbone's scalars that
+        the loss does not read. ``from_pretrained`` calls it again: transformers loads every weight as a trainable
+        parameter."""
+        self.adapter.freeze_backbone_scalars()
+        own = self.adapter.own_contrastive_scalars(self.config.itc_loss).values()
+        for parameter in [*own, *self.parameters(recurse=False)]:
+            parameter.requires_grad_(self.config.learnable_temperatures)
 
     def _new_projection(self, input_dim: int, output_dim: int) -> CusaProjection:
         """A projector drawn as the authors draw theirs. transformers 5 runs ``_init_weights`` only on weights that

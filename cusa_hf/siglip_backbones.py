@@ -32,12 +32,8 @@ class SiglipAdapter(BackboneAdapter):
     has_separable_image_tower = True
     has_separable_text_tower = True
 
-    def __init__(self, backbone: Any):
-        super().__init__(backbone)
-        # Used (and trained) only by the sigmoid term, which CusaModel unfreezes; frozen otherwise so DDP sees no
-        # parameter without a gradient.
-        for name in ("logit_scale", "logit_bias"):
-            getattr(backbone, name).requires_grad_(False)
+    # Used (and trained) only by the sigmoid term, which CusaModel unfreezes.
+    backbone_scalar_names = ("logit_scale", "logit_bias")
 
     @property
     def image_feature_dim(self) -> int:

@@ -163,3 +163,75 @@ def test_a_chunked_trainer_step_with_the_sigmoid_term_equals_the_unchunked_step(
     whole = train_one_step(tmp_path / "whole", dataset, fields, per_device_train_batch_size=16)
     parts = [part for part in TRAINED_PARTS if part != "itc_temperature"] + ["itc_logit_scale", "itc_logit_bias"]
     assert_same_step(chunked, whole, parts)
+
+
+def test_a_new_term_is_one_class_and_one_registration(monkeypatch, tmp_path):
+    """The seam as docs/architecture.md states it: a term with a scalar of its own name, registered in a test, trains
+    (its scalar gets a gradient), logs and saves through CusaModel and CusaLoss without another change; a value for
+    a scalar the term does not read is refused rather than dropped."""
+    from cusa_hf import contrastive_terms
+    from cusa_hf.contrastive_terms import ContrastiveTerm, ContrastiveTermOutput, register_contrastive_term
+    from cusa_hf.losses import CusaLoss
+
+    monkeypatch.setattr(contrastive_terms, "_TERMS", dict(contrastive_terms._TERMS))  # the registration ends here
+
+    @register_contrastive_term
+    class ScaledInfoNce(ContrastiveTerm):
+        name, scalar_names, label = "scaled", ("itc_log_scale",), "scaled InfoNCE"
+
+        @classmethod
+        def initial_scalars(cls, config):
+            return {"itc_log_scale": math.log(20.0)}
+
+        def logits(self, similarity, itc_log_scale=None):
+            return similarity if itc_log_scale is None else similarity * itc_log_scale.exp()
+
+        def forward(self, similarity, image_ids=None, itc_log_scale=None):
+            logits = self.logits(similarity, itc_log_scale)
+            return ContrastiveTermOutput(info_nce(logits, image_ids, self.reduction), logits)
+
+    model = tiny_cusa_model(0, itc_loss="scaled")
+    assert "itc_temperature" not in dict(model.named_parameters())
+    output = model(**global_batch(), return_loss=True)
+    output.loss.backward()
+    assert model.itc_log_scale.grad is not None and model.itc_log_scale.grad.abs().item() > 0
+    assert model.itc_scalar_values() == {"itc_log_scale": pytest.approx(math.log(20.0))}
+    model.save_pretrained(tmp_path)
+    reloaded = CusaModel.from_pretrained(tmp_path)
+    assert reloaded.config.itc_loss == "scaled" and torch.equal(reloaded.itc_log_scale, model.itc_log_scale)
+
+    embeds = F.normalize(torch.randn(4, 8), dim=-1)
+    with pytest.raises(TypeError, match=r"CusaLoss got \['itc_temperature'\], which the 'scaled' contrastive term "
+                                        r"does not take; its scalars are \['itc_log_scale'\]"):  # fmt: skip
+        CusaLoss(use_csa=False, use_usa=False, itc_loss="scaled")(embeds, embeds, itc_temperature=0.05)
+
+
+USA_AND_CSA_TEMPERATURES = {"csa_temperature", "usa_image_temperature", "usa_text_temperature"}
+
+
+@pytest.mark.parametrize(
+    "backbone, itc_loss, learnable, trained",
+    [
+        ("clip", "infonce", True, {"itc_temperature", *USA_AND_CSA_TEMPERATURES}),  # CLIP's logit_scale frozen
+        ("clip", "infonce", False, set()),
+        ("siglip", "infonce", True, {"itc_temperature", *USA_AND_CSA_TEMPERATURES}),  # its logit_scale / bias frozen
+        ("siglip", "sigmoid", True, {"backbone.logit_scale", "backbone.logit_bias", *USA_AND_CSA_TEMPERATURES}),
+        ("siglip", "sigmoid", False, set()),
+    ],
+)
+def test_which_scalars_train_is_the_configs_after_from_pretrained_too(backbone, itc_loss, learnable, trained, tmp_path):
+    """transformers loads every weight as a trainable parameter; CusaModel.from_pretrained trains the same scalars as
+    the model that was saved: the config's ``learnable_temperatures``, the backbone's own only where the term reads
+    them (else DDP would see parameters without a gradient)."""
+    backbone_config = tiny_clip_config() if backbone == "clip" else tiny_siglip_config(1)
+    model = CusaModel(CusaConfig(backbone_config=backbone_config, itc_loss=itc_loss, learnable_temperatures=learnable))
+    scalars = {name for name, parameter in model.named_parameters() if parameter.numel() == 1}
+
+    def trainable_scalars(model):
+        return {name for name, parameter in model.named_parameters() if name in scalars and parameter.requires_grad}
+
+    assert trainable_scalars(model) == trained
+    model.save_pretrained(tmp_path)
+    assert trainable_scalars(CusaModel.from_pretrained(tmp_path)) == trained
+    reloaded, loading_info = CusaModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert trainable_scalars(reloaded) == trained and not loading_info["missing_keys"]
