@@ -39,7 +39,6 @@ from .teachers.training_split import FeatureSplit
 from .teachers.registry import processor_json, weights_sha256
 
 
-
 def _separable_adapter(model: Any, modality: str = "image"):
     adapter = getattr(model, "adapter", None)
     if adapter is None or not getattr(adapter, f"has_separable_{modality}_tower"):

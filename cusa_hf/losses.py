@@ -328,14 +328,11 @@ class CusaLoss(nn.Module):
             similarity = pair_similarity
         else:
             similarity = global_image_embeds @ global_text_embeds.t()
-        # A scalar given as None is absent (a model passes every temperature field it may have); a value for a scalar
-        # the term does not read would be dropped unnoticed.
-        given = [name for name, value in itc_scalars.items() if value is not None]
-        unknown = sorted(set(given) - set(self.itc_term.scalar_names))
+        unknown = sorted(set(itc_scalars) - set(self.itc_term.scalar_names))
         if unknown:
             raise TypeError(
-                f"CusaLoss got {unknown}, which the {self.itc_term.name!r} contrastive term does not take; its scalars "
-                f"are {list(self.itc_term.scalar_names)}"
+                f"CusaLoss.forward got unexpected keyword(s) {unknown}: neither its own parameters nor scalars of the "
+                f"{self.itc_term.name!r} contrastive term, which takes {list(self.itc_term.scalar_names)}"
             )
         scalars = {name: itc_scalars.get(name) for name in self.itc_term.scalar_names}
         global_image_ids = self.gather(image_ids) if image_ids is not None else None

@@ -681,6 +681,7 @@ class CusaModel(CusaPreTrainedModel):
                 (see [`CusaLoss`]).
         """
         scalars = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        scalars = {name: value for name, value in scalars.items() if value is not None}  # the temperatures it has
         scalars.update(self.itc_scalars())
         return self.cusa_loss(
             embeddings.image_embeds,

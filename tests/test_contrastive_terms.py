@@ -201,9 +201,12 @@ def test_a_new_term_is_one_class_and_one_registration(monkeypatch, tmp_path):
     assert reloaded.config.itc_loss == "scaled" and torch.equal(reloaded.itc_log_scale, model.itc_log_scale)
 
     embeds = F.normalize(torch.randn(4, 8), dim=-1)
-    with pytest.raises(TypeError, match=r"CusaLoss got \['itc_temperature'\], which the 'scaled' contrastive term "
-                                        r"does not take; its scalars are \['itc_log_scale'\]"):  # fmt: skip
-        CusaLoss(use_csa=False, use_usa=False, itc_loss="scaled")(embeds, embeds, itc_temperature=0.05)
+    loss = CusaLoss(use_csa=False, use_usa=False, itc_loss="scaled")
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['itc_temperature'\]: neither its own parameters nor "
+                                        r"scalars of the 'scaled' contrastive term, which takes \['itc_log_scale'\]"):  # fmt: skip
+        loss(embeds, embeds, itc_temperature=0.05)
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['teacher_image_embed'\]"):  # a misspelling, even as None
+        loss(embeds, embeds, itc_log_scale=torch.tensor(1.0), teacher_image_embed=None)
 
 
 USA_AND_CSA_TEMPERATURES = {"csa_temperature", "usa_image_temperature", "usa_text_temperature"}

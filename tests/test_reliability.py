@@ -209,6 +209,11 @@ def test_projection_dim_with_a_backbone_it_does_not_shape_is_refused(tmp_path):
     # SGR/SAF builds no projections either; the built-in student's recipe builds them projection_dim wide.
     with pytest.raises(ValueError, match=r"projection_dim=8 .* backbone='sgraf' keeps its own width"):
         parse_arguments(["--backbone", "sgraf", "--projection_dim", "8", "--output_dir", str(tmp_path)])
+    (tmp_path / "narrow.yaml").write_text("backbone: sgraf\nprojection_dim: 8\n")  # from a config file too
+    with pytest.raises(ValueError, match=r"projection_dim=8 .* backbone='sgraf' keeps its own width"):
+        parse_arguments([str(tmp_path / "narrow.yaml"), "--output_dir", str(tmp_path)])
+    (tmp_path / "default_width.yaml").write_text("backbone: sgraf\nprojection_dim: 256\n")  # as builtin_default.yaml
+    assert parse_arguments([str(tmp_path / "default_width.yaml"), "--output_dir", str(tmp_path)])[0].backbone == "sgraf"
     model_args, _, _ = parse_arguments(["--projection_dim", "8", "--output_dir", str(tmp_path)])
     assert model_args.projection_dim == 8 and backbone_recipe(model_args.backbone).new_backbone(model_args).projection_dim == 8
 
