@@ -31,9 +31,10 @@ from cusa_hf.modeling_cusa import check_model_folder
 from cusa_hf.schema import InvalidRecordError
 from cusa_hf.evaluation.eval_view import build_eval_view
 from cusa_hf.images import load_image
-from cusa_hf.evaluation.encoding import encode_images, encode_texts, evaluate_image_retrieval, evaluate_sts
+from cusa_hf.evaluation.encoding import encode_images, encode_texts
 from cusa_hf.evaluation.loaders import load_labelled_images, load_sts
 from cusa_hf.evaluation.metrics import RECALL_KS, RETRIEVAL_METRIC_NAMES, retrieval_metrics
+from cusa_hf.evaluation.unimodal_evaluators import ImageRetrievalEvaluator, StsEvaluator
 
 THUMBNAIL = 160
 
@@ -238,14 +239,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"only {view.num_images} image(s): text->image R@K with K >= {view.num_images} is 100 whatever the model "
             "(and image->text R@K is generous), so these numbers say little about retrieval; evaluate on more images"
         )
+    unimodal = []  # the model sits on args.device, where the evaluators encode
     if args.sts:
-        metrics["sts_spearman"] = evaluate_sts(model, processor.tokenizer, load_sts(args.sts, args.sts_split),
-                                               head=uni_head, device=args.device, show_progress=show_progress)
+        unimodal.append(StsEvaluator(load_sts(args.sts, args.sts_split), head=uni_head, show_progress=show_progress))
     if args.labelled_images:
         images = load_labelled_images(args.labelled_images, args.labelled_split)
-        metrics["image_r1"] = evaluate_image_retrieval(model, processor.image_processor, images, head=uni_head,
-                                                       batch_size=args.batch_size, device=args.device,
-                                                       show_progress=show_progress)
+        unimodal.append(ImageRetrievalEvaluator(images, batch_size=args.batch_size, head=uni_head,
+                                                show_progress=show_progress))  # fmt: skip
+    for evaluator in unimodal:
+        metrics[evaluator.primary_metric] = evaluator.measure(model, processor, accelerator=None)
 
     print(f"model: {args.model}\ndata: {args.data} [{args.split}]\nprotocol: {protocol}")
     for note in notes:

@@ -51,6 +51,18 @@ def test_example_writes_table_json_and_picture(checkpoint_and_data, picture, cap
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["metrics"] == result["metrics"]
     assert set(saved["metrics"]) >= {"i2t_r1", "t2i_r10", "rsum", "sts_spearman", "image_r1"}
+    # The uni-modal extras are the evaluators' numbers with the USA heads, as during training.
+    from transformers import AutoProcessor
+
+    from cusa_hf import CusaModel
+    from cusa_hf.evaluation.encoding import evaluate_image_retrieval, evaluate_sts
+    from cusa_hf.evaluation.loaders import load_labelled_images, load_sts
+
+    model, processor = CusaModel.from_pretrained(folder / "model").eval(), AutoProcessor.from_pretrained(folder / "model")
+    sts = evaluate_sts(model, processor.tokenizer, load_sts(str(FIXTURES / "sts_tiny.csv")), head="uni", show_progress=False)
+    images = load_labelled_images(str(FIXTURES / "labelled_images"))
+    image_r1 = evaluate_image_retrieval(model, processor.image_processor, images, head="uni", show_progress=False)
+    assert saved["metrics"]["sts_spearman"] == pytest.approx(sts) and saved["metrics"]["image_r1"] == pytest.approx(image_r1)
     if picture.endswith(".png"):
         with Image.open(folder / picture) as grid:
             assert grid.size == (5 * 168, 3 * (168 + 28))
