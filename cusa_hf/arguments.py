@@ -281,7 +281,7 @@ def parse_arguments(
     if _flag_value(argv, "output_dir") is None and parser.get_default("output_dir") is None:
         parser.set_defaults(output_dir=default_output_dir)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    _check_builtin_only_flags(argv, model_args, parser.get_default("projection_dim"))
+    _check_builtin_only_flags(argv, model_args)
     CusaConfig(**training_args.cusa_config_fields(True))  # invalid CUSA settings stop here, before teacher extraction
     if training_args.itc_loss is not None:
         contrastive_term_class(training_args.itc_loss)
@@ -289,17 +289,15 @@ def parse_arguments(
     return model_args, data_args, training_args
 
 
-def _check_builtin_only_flags(argv: Sequence[str], model_args: ModelArguments, file_projection_dim: Any) -> None:
+def _check_builtin_only_flags(argv: Sequence[str], model_args: ModelArguments) -> None:
     """Refuse ``projection_dim`` with a backbone it does not apply to, rather than ignore it: given as a flag, or set by
     a config file to another width than the field's default (the built-in default's file sets that default, and may
     be read with another backbone)."""
-    given = _flag_value(argv, "projection_dim")
-    if given is None and file_projection_dim != ModelArguments.projection_dim:
-        given = file_projection_dim
+    is_set = _flag_value(argv, "projection_dim") is not None or model_args.projection_dim != ModelArguments.projection_dim
     recipe = named_backbone_recipe(model_args.backbone)
-    if given is not None and not (recipe is not None and recipe.takes_projection_dim):
+    if is_set and not (recipe is not None and recipe.takes_projection_dim):
         raise ValueError(
-            f"projection_dim={given} sets the projection width of the built-in dual encoder ({BUILTIN_BACKBONE}) "
+            f"projection_dim={model_args.projection_dim} sets the projection width of the built-in dual encoder ({BUILTIN_BACKBONE}) "
             f"only; backbone={model_args.backbone!r} keeps its own width (a CUSA checkpoint its trained projectors). "
             "Leave projection_dim out"
         )

@@ -473,12 +473,18 @@ class CusaModel(CusaPreTrainedModel):
         own = self.adapter.own_contrastive_scalars(self.config.itc_loss)
         return {name: own.get(name, getattr(self, name, None)) for name in self.cusa_loss.itc_term.scalar_names}
 
+    def loss_scalars(self) -> dict[str, torch.Tensor | None]:
+        """The scalars ``CusaLoss`` reads, by its keyword names: the temperatures this model has, and the contrastive
+        term's (:meth:`itc_scalars`)."""
+        scalars = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
+        scalars = {name: value for name, value in scalars.items() if value is not None}
+        scalars.update(self.itc_scalars())
+        return scalars
+
     def loss_parameters(self) -> dict[str, nn.Parameter]:
         """Every learnable scalar of the loss (temperatures and the contrastive term's), by name, that this model
         trains; the gradient-cached step computes their gradients from the loss itself."""
-        scalars = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
-        scalars.update(self.itc_scalars())
-        return {name: value for name, value in scalars.items() if value is not None and value.requires_grad}
+        return {name: value for name, value in self.loss_scalars().items() if value is not None and value.requires_grad}
 
     def get_input_embeddings(self) -> nn.Module | None:
         """The backbone's token embedding, or None (accelerate's FSDP2 wrapping asks for it)."""
@@ -680,13 +686,10 @@ class CusaModel(CusaPreTrainedModel):
             **loss_kwargs: ``pair_similarity`` / ``itc_terms`` of backbones that score pairs or bring their own loss
                 (see [`CusaLoss`]).
         """
-        scalars = {name: getattr(self, name, None) for name, _, _ in TEMPERATURE_FIELDS}
-        scalars = {name: value for name, value in scalars.items() if value is not None}  # the temperatures it has
-        scalars.update(self.itc_scalars())
         return self.cusa_loss(
             embeddings.image_embeds,
             embeddings.text_embeds,
-            **scalars,
+            **self.loss_scalars(),
             uni_image_embeds=embeddings.uni_image_embeds,
             uni_text_embeds=embeddings.uni_text_embeds,
             image_ids=image_ids,
